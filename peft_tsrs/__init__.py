@@ -1,0 +1,17 @@
+"""peft_tsrs: regularized fine-tuning for HuggingFace PEFT.
+
+Importing the package registers the ``RLRR`` and ``PACE`` PEFT types, so ``get_peft_model`` and
+``PeftModel.from_pretrained`` work with them like with any built-in PEFT method.
+"""
+
+from .registration import ensure_peft_types, register_all
+
+ensure_peft_types()
+
+from .tuners.rlrr import RLRRConfig, RLRRModel  # noqa: E402
+
+register_all()
+
+__version__ = "0.1.0"
+
+__all__ = ["RLRRConfig", "RLRRModel", "__version__"]

@@ -1,0 +1,102 @@
+"""Configuration of the RLRR tuner (residual low-rank rescaling, Dong et al., CVPR 2024)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+from ...registration import ensure_peft_types
+from ..tuners_utils import check_rank
+
+ensure_peft_types()
+
+RLRR_INITS = ("identity", "kaiming", "random")
+
+
+@dataclass
+class RLRRConfig(PeftConfig):
+    """Configuration of an :class:`RLRRModel`.
+
+    Every targeted ``nn.Linear`` computes ``y = x (W0 + W0 ⊙ (L R))ᵀ + b0 + shift`` with ``L ∈ R^{out×r}``,
+    ``R ∈ R^{r×in}``; ``r=1`` is the paper's outer product ``s_out s_inᵀ``.
+
+    Args:
+        r: Rank of the rescaling matrix ``L R`` (1 reproduces the paper).
+        target_modules: Linear modules to adapt (PEFT matching rules). ``None`` uses the defaults of the model type
+            (ViT/BERT-style: query, key, value, attention output, MLP in, MLP out).
+        exclude_modules: Modules never to adapt.
+        layers_to_transform: Only adapt blocks with these indices.
+        layers_pattern: Name of the block list used with ``layers_to_transform``.
+        init_weights: ``True`` / ``"identity"`` (default): ``L = 0``, ``R`` Kaiming-uniform, ``shift = 0``, so the
+            model starts exactly at the pretrained one. ``"kaiming"``: the official initialization (``L`` and ``R``
+            Kaiming-uniform, ``shift = 0``; step 0 is *not* the pretrained model). ``False`` / ``"random"``: a random
+            non-identity adapter (for tests).
+        ssf: Also add SSF scale/shift (``y * γ + β``) after the modules in ``ssf_modules`` (LayerNorms and the
+            patch embedding, as in the official ViT code). ``γ = 1, β = 0`` with the identity init;
+            ``γ ~ N(1, .02), β ~ N(0, .02)`` with ``"kaiming"``.
+        ssf_modules: LayerNorm / Conv2d modules that get SSF (``None``: defaults of the model type).
+        modules_to_save: Extra modules trained in full and saved with the adapter (e.g. the classifier head).
+        tsrs: An optional training recipe (a ``TSRSConfig`` or its dict) saved with the adapter and picked up by
+            ``TSRSTrainer`` when no recipe is passed to it.
+    """
+
+    r: int = field(default=1, metadata={"help": "Rank of the rescaling matrix L R (1 = the paper)."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "nn.Linear modules to adapt (list of names/suffixes or a regex)."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules never to adapt (list of names/suffixes or a regex)."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the blocks with these indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the block list, used with layers_to_transform."}
+    )
+    init_weights: Union[bool, Literal["identity", "kaiming", "random"]] = field(
+        default=True,
+        metadata={"help": "True/'identity': start at the pretrained model; 'kaiming': official init; False/'random'."},
+    )
+    ssf: bool = field(default=False, metadata={"help": "Add SSF scale/shift after LayerNorms and the patch embedding."})
+    ssf_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules (LayerNorm/Conv2d) that get SSF; None = model-type defaults."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter, e.g. ['classifier']."}
+    )
+    tsrs: Optional[dict] = field(
+        default=None, metadata={"help": "Training recipe (TSRSConfig fields) saved with the adapter."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.RLRR
+        check_rank(self.r, "RLRRConfig")
+        if self.init_weights not in (True, False) + RLRR_INITS:
+            raise ValueError(
+                f"RLRRConfig: unknown init_weights {self.init_weights!r}; use True/'identity', 'kaiming' "
+                f"(official) or False/'random'."
+            )
+        for name in ("target_modules", "exclude_modules", "ssf_modules"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, set(value))
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("RLRRConfig: `layers_pattern` only makes sense together with `layers_to_transform`.")
+        if self.tsrs is not None and not isinstance(self.tsrs, dict):
+            to_dict = getattr(self.tsrs, "to_dict", None)
+            if to_dict is None:
+                raise TypeError("RLRRConfig: `tsrs` must be a TSRSConfig or a dict of its fields.")
+            self.tsrs = to_dict()
+
+    @property
+    def init_mode(self) -> str:
+        """The initialization as one of ``identity``, ``kaiming``, ``random``."""
+        if self.init_weights is True:
+            return "identity"
+        if self.init_weights is False:
+            return "random"
+        return str(self.init_weights)

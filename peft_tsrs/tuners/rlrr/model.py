@@ -1,0 +1,67 @@
+"""The RLRR tuner: injects :class:`~peft_tsrs.tuners.rlrr.layer.Linear` (and SSF) layers into a model."""
+
+from __future__ import annotations
+
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from torch import nn
+
+from ..defaults import LINEAR_TARGETS, SSF_TARGETS, default_targets
+from ..tuners_utils import matches_module_name
+from .config import RLRRConfig
+from .layer import Linear, RLRRLayer, ScaleShift
+
+
+class RLRRModel(BaseTuner):
+    """Residual low-rank rescaling (Dong et al., CVPR 2024) as a PEFT tuner.
+
+    Example::
+
+        >>> import peft_tsrs
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_tsrs.RLRRConfig(modules_to_save=["classifier"]))
+    """
+
+    prefix: str = "rlrr_"
+    tuner_layer_cls = (RLRRLayer, ScaleShift)
+    target_module_mapping = LINEAR_TARGETS
+
+    def _prepare_adapter_config(self, peft_config: RLRRConfig, model_config: dict) -> RLRRConfig:
+        model_type = model_config.get("model_type")
+        if peft_config.target_modules is None:
+            peft_config.target_modules = default_targets(LINEAR_TARGETS, model_type, "target_modules", "RLRR")
+        if peft_config.ssf and peft_config.ssf_modules is None:
+            peft_config.ssf_modules = default_targets(SSF_TARGETS, model_type, "ssf_modules", "RLRR")
+        return peft_config
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: RLRRConfig, key: str):
+        result = check_target_module_exists(peft_config, key)
+        if result or not peft_config.ssf:
+            return result
+        if matches_module_name(peft_config.exclude_modules, key):
+            return result
+        return matches_module_name(peft_config.ssf_modules, key)
+
+    def _create_and_replace(self, config: RLRRConfig, adapter_name, target, target_name, parent, current_key,
+                            **kwargs) -> None:
+        is_ssf = config.ssf and matches_module_name(config.ssf_modules, current_key) and not isinstance(
+            target, (nn.Linear, RLRRLayer)
+        )
+        if isinstance(target, RLRRLayer):
+            target.update_layer(adapter_name, config.r, config.init_mode, inference_mode=config.inference_mode)
+            return
+        if isinstance(target, ScaleShift):
+            target.update_layer(adapter_name, config.init_mode, inference_mode=config.inference_mode)
+            return
+        if is_ssf:
+            new_module = ScaleShift(target, adapter_name, init_mode=config.init_mode)
+        elif isinstance(target, nn.Linear):
+            new_module = Linear(target, adapter_name, r=config.r, init_mode=config.init_mode)
+        else:
+            raise ValueError(
+                f"RLRR: target module {current_key!r} is a {type(target).__name__}; RLRR adapts nn.Linear layers "
+                f"(LayerNorm/Conv2d only through `ssf=True, ssf_modules=[...]`). Remove it from `target_modules`."
+            )
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)

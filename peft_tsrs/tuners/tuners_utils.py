@@ -1,0 +1,145 @@
+"""Shared machinery of the RLRR and PACE tuners.
+
+Both methods re-parametrize a frozen module's weight and bias as a function of the *original* weight
+(``W0 ⊙ (L R)`` for RLRR, ``W0 ⊙ (A B)`` for PACE). Merging therefore cannot be undone by subtracting a delta computed
+from the merged weight. :class:`ComposedWeightLayer` keeps a copy of the original tensors while an adapter is merged,
+so ``unmerge`` restores them bit for bit, and every merge recomputes the weight from the original.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Iterable, Optional, Union
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+Patterns = Optional[Union[str, Iterable[str]]]
+
+
+def matches_module_name(patterns: Patterns, key: str) -> bool:
+    """PEFT's matching rule: a string is a full regex match, a list matches a name exactly or as a dotted suffix."""
+    if not patterns:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, key) is not None
+    return any(key == p or key.endswith(f".{p}") for p in patterns)
+
+
+def block_index(key: str) -> Optional[int]:
+    """The index of the transformer block a module name lives in (``...layer.3.attention...`` -> 3), if any."""
+    found = re.search(r"\.(\d+)\.", f".{key}.")
+    return int(found.group(1)) if found else None
+
+
+def check_rank(r: int, method: str) -> None:
+    """Reject a rank that is not a positive integer with a message that says what to change."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{method}: `r` must be a positive integer (rank of the adapter), got {r!r}.")
+
+
+class ComposedWeightLayer(BaseTunerLayer):
+    """A tuner layer whose adapters act by rewriting the wrapped module's ``weight`` and ``bias``.
+
+    Subclasses implement :meth:`compose`, which maps the original ``(weight, bias)`` and a list of adapter names to the
+    effective ``(weight, bias)``. Merging writes the composition into the base module (keeping the originals);
+    unmerging restores the originals exactly.
+    """
+
+    def _init_composed(self, base_layer: nn.Module) -> None:
+        self.base_layer = base_layer
+        self._disable_adapters = False
+        self.merged_adapters = []
+        # Originals kept only while merged; non-persistent, so they never enter a state dict.
+        self.register_buffer("_original_weight", None, persistent=False)
+        self.register_buffer("_original_bias", None, persistent=False)
+        self._had_bias = getattr(base_layer, "bias", None) is not None
+
+    # ------------------------------------------------------------------ the method-specific part
+    def compose(
+        self, weight: torch.Tensor, bias: Optional[torch.Tensor], adapter_names: list[str]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Effective ``(weight, bias)`` of the given adapters applied to the original ``(weight, bias)``."""
+        raise TypeError(f"{type(self).__name__} must implement compose()")
+
+    def available_adapters(self) -> set[str]:
+        """Names of the adapters this layer holds."""
+        return set(getattr(self, self.adapter_layer_names[0]).keys())
+
+    # ------------------------------------------------------------------ originals
+    def original_weight(self) -> torch.Tensor:
+        """The frozen pretrained weight, also while adapters are merged into the base module."""
+        return self._original_weight if self.merged else self.get_base_layer().weight
+
+    def original_bias(self) -> Optional[torch.Tensor]:
+        """The frozen pretrained bias (``None`` if the base module has none)."""
+        if self.merged:
+            return self._original_bias
+        return getattr(self.get_base_layer(), "bias", None)
+
+    def composed_weight_and_bias(
+        self, adapter_names: Optional[list[str]] = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Effective weight and bias for ``adapter_names`` (default: the active adapters) from the originals."""
+        names = [a for a in (adapter_names or self.active_adapters) if a in self.available_adapters()]
+        return self.compose(self.original_weight(), self.original_bias(), names)
+
+    # ------------------------------------------------------------------ merge / unmerge
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold the adapters into the base module's weight and bias (exactly reversible by :meth:`unmerge`)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [a for a in adapter_names if a in self.available_adapters()]
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        names = list(self.merged_adapters) + adapter_names
+        with torch.no_grad():
+            weight, bias = self.compose(self.original_weight(), self.original_bias(), names)
+            if safe_merge and not (
+                torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())
+            ):
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter(s) {adapter_names} seem to be broken."
+                )
+            if not self.merged:
+                self._original_weight = base.weight.detach().clone()
+                self._original_bias = None if base.bias is None else base.bias.detach().clone()
+            base.weight.data = weight.to(base.weight.dtype)
+            if bias is not None:
+                if base.bias is None:
+                    base.bias = nn.Parameter(bias.to(base.weight.dtype), requires_grad=False)
+                else:
+                    base.bias.data = bias.to(base.bias.dtype)
+        self.merged_adapters = names
+
+    def unmerge(self) -> None:
+        """Restore the original weight and bias bit for bit."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        with torch.no_grad():
+            base.weight.data = self._original_weight
+            if self._original_bias is None:
+                if base.bias is not None:
+                    base.bias = None
+            else:
+                base.bias.data = self._original_bias
+        self._original_weight = None
+        self._original_bias = None
+        self.merged_adapters = []
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def _base_forward_or_none(self, x: torch.Tensor, *args, **kwargs) -> Optional[torch.Tensor]:
+        """The base module's output when adapters are off or merged; ``None`` when the adapters must run."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        if not any(a in self.available_adapters() for a in self.active_adapters):
+            return self.base_layer(x, *args, **kwargs)
+        return None
