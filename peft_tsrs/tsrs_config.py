@@ -1,0 +1,183 @@
+"""`TSRSConfig`: the training recipe of the regularizers composed by :class:`~peft_tsrs.TSRSTrainer`.
+
+Every term is off by default (zero weight or ``None``) and switched on independently; the other fields carry the
+papers' defaults, so ``TSRSConfig(tsrs_weight=1.0)`` is TSRS as published. The dataclass is plain (no torch), so it
+can be stored inside an adapter config, parsed from the command line by ``HfArgumentParser`` (through
+:class:`~peft_tsrs.TSRSTrainingArguments`) and loaded from YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+PACE_MODES = ("full", "lazy", "fast")
+DISTANCE_NORMS = ("frob", "inf-op")
+DISTANCE_MODES = ("project", "penalty")
+TASK_LOSS_PATHS = ("noisy", "clean")
+
+
+@dataclass
+class TSRSConfig:
+    """Which regularizers to apply during fine-tuning, and how.
+
+    TSRS noise stability (Shen et al., CVPR 2024):
+        tsrs_weight: λ of the noise-stability term (paper default 1.0; 0 disables).
+        tsrs_noise_std: std σ of the Gaussian noise added to the input of block ``tsrs_inject_layer`` (paper 0.2).
+        tsrs_inject_layer: block I receiving the noise (``None``: the middle block).
+        tsrs_measure_from: first block N whose output perturbation is penalized (``None``: = I).
+        tsrs_task_loss_path: ``"noisy"`` (official code) or ``"clean"``: which pass the task loss is computed on.
+        tsrs_block_path: dotted path of the block ``ModuleList`` when it cannot be found automatically.
+    PACE consistency (Ni et al., NeurIPS 2024):
+        pace_weight: λ of ``mean_batch Σ_classes (logits₁ − logits₂)²`` (official grid 0.02–1; 0 disables).
+        pace_mode: ``"full"`` (batch duplicated in one forward), ``"lazy"`` (every ``pace_lazy_every`` steps on half
+            a batch) or ``"fast"`` (against the logits stored at the example's previous visit).
+    Layer-wise distance constraint (Li & Zhang, NeurIPS 2021):
+        distance_norm: ``"frob"`` or ``"inf-op"`` (``None`` disables).
+        distance_radius: absolute radius D of the first stages (grows by ``distance_depth_scale`` per later stage).
+        distance_ratio: relative radius, ``D_l = ratio · ‖W0_l‖`` (instead of ``distance_radius``).
+        distance_head_radius: radius of the new head around zero (``None``: head unconstrained).
+        distance_mode: ``"project"`` after every optimizer step, or ``"penalty"`` (``λ‖W − W0‖²`` added to the loss).
+    Regularized self-labeling (Li & Zhang, NeurIPS 2021):
+        label_correction_threshold: confidence above which a disagreeing stored label is overwritten (paper 0.9;
+            ``None`` disables).
+        label_correction_start_epoch: first epoch of label correction (paper 10).
+        reweight_start_epoch: first epoch of loss reweighting (paper 5; ``None`` disables).
+        reweight_temperature: T0 of ``softmax(−l_i / T)``, ``T = T0·max(0.5, exp(−0.1(epoch − start)))``.
+        index_column: dataset column holding a stable per-example index (needed by self-labeling and PACE-fast).
+    """
+
+    tsrs_weight: float = field(default=0.0, metadata={"help": "TSRS noise-stability weight λ (paper: 1.0; 0 = off)."})
+    tsrs_noise_std: float = field(default=0.2, metadata={"help": "TSRS noise std σ (paper: 0.2)."})
+    tsrs_inject_layer: Optional[int] = field(
+        default=None, metadata={"help": "Block receiving the noise (default: the middle block)."}
+    )
+    tsrs_measure_from: Optional[int] = field(
+        default=None, metadata={"help": "First block whose perturbation is penalized (default: inject layer)."}
+    )
+    tsrs_task_loss_path: str = field(
+        default="noisy", metadata={"help": "Task loss on the 'noisy' (official) or 'clean' pass.",
+                                   "choices": list(TASK_LOSS_PATHS)}
+    )
+    tsrs_block_path: Optional[str] = field(
+        default=None, metadata={"help": "Dotted path of the encoder's block ModuleList, if not found automatically."}
+    )
+    pace_weight: float = field(default=0.0, metadata={"help": "PACE consistency weight λ (0 = off)."})
+    pace_mode: str = field(
+        default="full", metadata={"help": "PACE consistency variant.", "choices": list(PACE_MODES)}
+    )
+    pace_lazy_every: int = field(default=2, metadata={"help": "PACE-lazy: apply every k steps."})
+    distance_norm: Optional[str] = field(
+        default=None, metadata={"help": "Distance constraint norm: 'frob' or 'inf-op' (None = off)."}
+    )
+    distance_radius: Optional[float] = field(default=None, metadata={"help": "Absolute radius D of the first stages."})
+    distance_ratio: Optional[float] = field(default=None, metadata={"help": "Relative radius: D_l = ratio * ||W0_l||."})
+    distance_depth_scale: float = field(default=1.0, metadata={"help": "Radius growth per later stage (D, D, Ds, Ds²)."})
+    distance_head_radius: Optional[float] = field(
+        default=None, metadata={"help": "Radius of the new head around zero (None = unconstrained)."}
+    )
+    distance_mode: str = field(
+        default="project", metadata={"help": "'project' after each step or soft 'penalty'.",
+                                     "choices": list(DISTANCE_MODES)}
+    )
+    distance_penalty_weight: float = field(default=1e-3, metadata={"help": "λ of the soft penalty λ||W - W0||²."})
+    label_correction_threshold: Optional[float] = field(
+        default=None, metadata={"help": "Self label-correction confidence threshold (paper: 0.9; None = off)."}
+    )
+    label_correction_start_epoch: int = field(default=10, metadata={"help": "First epoch of label correction."})
+    reweight_start_epoch: Optional[int] = field(
+        default=None, metadata={"help": "First epoch of loss reweighting (paper: 5; None = off)."}
+    )
+    reweight_temperature: float = field(default=1.0, metadata={"help": "Reweighting temperature T0."})
+    index_column: str = field(default="index", metadata={"help": "Dataset column with a stable example index."})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field to change."""
+        for name in ("tsrs_weight", "tsrs_noise_std", "pace_weight", "distance_penalty_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TSRSConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("distance_radius", "distance_ratio", "distance_head_radius"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"TSRSConfig.{name} must be > 0 (or None), got {value}.")
+        if self.reweight_temperature <= 0:
+            raise ValueError(f"TSRSConfig.reweight_temperature must be > 0, got {self.reweight_temperature}.")
+        if self.distance_depth_scale <= 0:
+            raise ValueError(f"TSRSConfig.distance_depth_scale must be > 0, got {self.distance_depth_scale}.")
+        for name, allowed in (("pace_mode", PACE_MODES), ("distance_mode", DISTANCE_MODES),
+                              ("tsrs_task_loss_path", TASK_LOSS_PATHS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TSRSConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if self.distance_norm is not None:
+            if self.distance_norm not in DISTANCE_NORMS:
+                raise ValueError(f"TSRSConfig.distance_norm must be one of {DISTANCE_NORMS} or None, "
+                                 f"got {self.distance_norm!r}.")
+            if (self.distance_radius is None) == (self.distance_ratio is None):
+                raise ValueError("TSRSConfig: with distance_norm set, give exactly one of distance_radius "
+                                 "(absolute) or distance_ratio (relative to ||W0||).")
+        if self.pace_lazy_every < 1:
+            raise ValueError(f"TSRSConfig.pace_lazy_every must be >= 1, got {self.pace_lazy_every}.")
+        if self.label_correction_threshold is not None and not 0 < self.label_correction_threshold <= 1:
+            raise ValueError("TSRSConfig.label_correction_threshold must be in (0, 1] or None, "
+                             f"got {self.label_correction_threshold}.")
+        for name in ("tsrs_inject_layer", "tsrs_measure_from"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"TSRSConfig.{name} must be >= 0 (or None), got {value}.")
+
+    # ------------------------------------------------------------------ what is on
+    @property
+    def uses_tsrs(self) -> bool:
+        return self.tsrs_weight > 0
+
+    @property
+    def uses_pace(self) -> bool:
+        return self.pace_weight > 0
+
+    @property
+    def uses_distance(self) -> bool:
+        return self.distance_norm is not None
+
+    @property
+    def uses_label_correction(self) -> bool:
+        return self.label_correction_threshold is not None
+
+    @property
+    def uses_reweighting(self) -> bool:
+        return self.reweight_start_epoch is not None
+
+    @property
+    def needs_index(self) -> bool:
+        """Whether the training set must carry ``index_column``."""
+        return self.uses_label_correction or (self.uses_pace and self.pace_mode == "fast")
+
+    @property
+    def is_noop(self) -> bool:
+        return not (self.uses_tsrs or self.uses_pace or self.uses_distance or self.uses_label_correction
+                    or self.uses_reweighting)
+
+    # ------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TSRSConfig":
+        """Build from a dict, rejecting unknown keys with the list of valid ones."""
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown TSRSConfig key(s) {unknown}; valid keys: {', '.join(cls.field_names())}")
+        return cls(**data)
+
+    @classmethod
+    def from_object(cls, obj: Any) -> "TSRSConfig":
+        """Pick the TSRSConfig fields off any object that has them (e.g. TSRSTrainingArguments)."""
+        return cls(**{name: getattr(obj, name) for name in cls.field_names()})
