@@ -12,6 +12,17 @@ from .tuners.rlrr import RLRRConfig, RLRRModel  # noqa: E402
 
 register_all()
 
+from .trainer import TSRSTrainer  # noqa: E402
+from .training_args import TSRSTrainingArguments  # noqa: E402
+from .tsrs_config import TSRSConfig  # noqa: E402
+
 __version__ = "0.1.0"
 
-__all__ = ["RLRRConfig", "RLRRModel", "__version__"]
+__all__ = [
+    "RLRRConfig",
+    "RLRRModel",
+    "TSRSConfig",
+    "TSRSTrainer",
+    "TSRSTrainingArguments",
+    "__version__",
+]

@@ -1,0 +1,116 @@
+"""Locate the list of encoder blocks of a (possibly PEFT-wrapped) model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["find_blocks", "unwrap_model"]
+
+# Exact paths of the models this package is tested on (transformers 5.x names).
+_KNOWN_PATHS = ("vit.layers", "bert.encoder.layer")
+# Generic paths, tried as-is and below any single attribute (``roberta.``, ``deit.``, ...).
+_GENERIC_PATHS = (
+    "encoder.layer",
+    "encoder.layers",
+    "layers",
+    "blocks",
+    "h",
+    "transformer.h",
+    "model.layers",
+)
+
+
+def _is_peft_wrapper(module: nn.Module) -> bool:
+    return any(c.__module__.split(".")[0] == "peft" for c in type(module).__mro__ if c is not nn.Module)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip PEFT wrappers (``PeftModel`` via ``get_base_model()``, tuner models via ``.model``), DDP/DataParallel
+    and ``torch.compile`` wrappers.
+
+    Only classes defined in the ``peft`` package (or subclassing them) are unwrapped, so a
+    transformers model's own ``.model`` / ``.base_model`` attributes are never followed.
+    """
+    for _ in range(8):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+            continue
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+            continue
+        if not _is_peft_wrapper(model):
+            break
+        get_base = getattr(model, "get_base_model", None)
+        if callable(get_base):
+            inner = get_base()
+        elif isinstance(getattr(model, "model", None), nn.Module):
+            inner = model.model  # a BaseTuner (LoraModel, RLRRModel, ...) used directly
+        elif isinstance(getattr(model, "base_model", None), nn.Module):
+            inner = model.base_model
+        else:
+            break
+        if not isinstance(inner, nn.Module) or inner is model:
+            break
+        model = inner
+    return model
+
+
+def _resolve(root: nn.Module, path: str) -> nn.Module | None:
+    module: object = root
+    for part in path.split("."):
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and part.isdigit():
+            idx = int(part)
+            module = module[idx] if idx < len(module) else None
+        else:
+            module = getattr(module, part, None) if isinstance(module, nn.Module) else None
+        if module is None:
+            return None
+    return module if isinstance(module, nn.Module) else None
+
+
+def _module_lists(root: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    return [(name, mod) for name, mod in root.named_modules() if isinstance(mod, nn.ModuleList) and name]
+
+
+def _homogeneous(mods: nn.ModuleList) -> bool:
+    return len(mods) >= 2 and len({type(m) for m in mods}) == 1
+
+
+def find_blocks(model: nn.Module, block_path: str | None = None) -> tuple[str, nn.ModuleList]:
+    """Return ``(path, blocks)``: the encoder's ``nn.ModuleList`` of blocks.
+
+    ``path`` is relative to the unwrapped base model (PEFT wrappers are seen through). A given
+    ``block_path`` may be relative to the base model or to ``model`` itself.
+    """
+    base = unwrap_model(model)
+    if block_path is not None:
+        for root in (base, model):
+            found = _resolve(root, block_path)
+            if isinstance(found, nn.ModuleList):
+                return block_path, found
+        candidates = [name for name, _ in _module_lists(base)]
+        shown = ", ".join(repr(c) for c in candidates[:10]) or "none"
+        more = f" (and {len(candidates) - 10} more)" if len(candidates) > 10 else ""
+        raise ValueError(
+            f"block_path={block_path!r} does not resolve to an nn.ModuleList in {type(base).__name__}. "
+            f"ModuleList paths in the model: {shown}{more}."
+        )
+
+    prefixes = [""] + [f"{name}." for name, _ in base.named_children()]
+    candidates = list(_KNOWN_PATHS)
+    candidates += [p + g for p in prefixes for g in _GENERIC_PATHS]
+    for path in candidates:
+        found = _resolve(base, path)
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            return path, found
+
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mods in _module_lists(base):
+        if _homogeneous(mods) and (best is None or len(mods) > len(best[1])):
+            best = (name, mods)
+    if best is not None:
+        return best
+    raise ValueError(
+        f"Could not locate the list of encoder blocks in {type(base).__name__}. Pass block_path='...', the "
+        "dotted path of the nn.ModuleList holding the blocks (e.g. 'bert.encoder.layer')."
+    )

@@ -1,0 +1,148 @@
+"""PACE consistency regularization (Ni et al., NeurIPS 2024): the loss, shared dropout, the fast-variant store."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["FastConsistencyStore", "consistency_mse", "lazy_should_apply", "shared_dropout"]
+
+
+def consistency_mse(logits_a: Tensor, logits_b: Tensor) -> Tensor:
+    """``mean_batch Σ_classes (a − b)²``; leading dimensions are flattened into the batch."""
+    if logits_a.shape != logits_b.shape:
+        raise ValueError(f"logits shapes differ: {tuple(logits_a.shape)} vs {tuple(logits_b.shape)}")
+    diff = (logits_a - logits_b).reshape(-1, logits_a.shape[-1])
+    return (diff**2).sum(-1).mean()
+
+
+def _shared_mask_dropout(module: nn.Dropout, x: Tensor) -> Tensor:
+    p = module.p
+    half = x.shape[0] // 2
+    if p >= 1.0:
+        return x * 0.0
+    mask = torch.empty_like(x[:half]).bernoulli_(1.0 - p) / (1.0 - p)
+    return x * torch.cat([mask, mask], 0)
+
+
+@contextlib.contextmanager
+def shared_dropout(model: nn.Module) -> Iterator[nn.Module]:
+    """Make every ``nn.Dropout`` draw one mask for the first half of an even batch and reuse it for the second.
+
+    Use it around the forward of a duplicated batch ``cat([x, x])`` so both copies see identical dropout.
+    Only ``nn.Dropout`` modules are affected (in training mode, ``p > 0``, even batch; otherwise the
+    original forward runs). Dropout applied functionally inside attention kernels
+    (``scaled_dot_product_attention(dropout_p=...)``) cannot be shared: set the attention dropout to 0
+    for exact consistency. Original forwards are restored on exit.
+    """
+    patched: list[tuple[nn.Dropout, Any]] = []
+    _missing = object()
+
+    def make_forward(module: nn.Dropout, original: Any):
+        def forward(x: Tensor) -> Tensor:
+            if module.training and module.p > 0 and x.ndim >= 1 and x.shape[0] % 2 == 0 and x.shape[0] > 0:
+                return _shared_mask_dropout(module, x)
+            return original(x)
+
+        return forward
+
+    try:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                previous = module.__dict__.get("forward", _missing)
+                original = module.forward
+                module.forward = make_forward(module, original)  # type: ignore[method-assign]
+                patched.append((module, previous))
+        yield model
+    finally:
+        for module, previous in reversed(patched):
+            if previous is _missing:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous  # type: ignore[method-assign]
+
+
+def lazy_should_apply(step: int, every: int) -> bool:
+    """PACE-lazy: apply the consistency term every ``every`` steps (step 0 included)."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1 (apply every k steps), got {every}.")
+    return step % every == 0
+
+
+class FastConsistencyStore:
+    """PACE-fast: logits stored per example index; the loss compares with the previous visit's logits.
+
+    The store starts at zero, so a first visit contributes ``mean Σ logits²`` (the paper's behaviour).
+    In multi-process training, gather ``(indices, logits)`` from all processes before ``update`` so every
+    process holds the same store.
+    """
+
+    def __init__(self, num_examples: int, num_classes: int, index_column: str = "idx") -> None:
+        if num_examples < 1 or num_classes < 1:
+            raise ValueError(f"num_examples and num_classes must be >= 1, got {num_examples}, {num_classes}.")
+        self.num_examples = int(num_examples)
+        self.num_classes = int(num_classes)
+        self.index_column = index_column
+        self.stored = torch.zeros(self.num_examples, self.num_classes)
+
+    def _check(self, indices: Tensor, logits: Tensor) -> Tensor:
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"PACE-fast store expects logits of shape (batch, {self.num_classes}), got {tuple(logits.shape)}."
+            )
+        indices = torch.as_tensor(indices).reshape(-1).long()
+        if indices.numel() != logits.shape[0]:
+            raise ValueError(
+                f"got {indices.numel()} indices for {logits.shape[0]} logits rows; the {self.index_column!r} "
+                "column must give one example index per row."
+            )
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_examples):
+            bad = int(indices.min()) if int(indices.min()) < 0 else int(indices.max())
+            raise ValueError(
+                f"example index {bad} from column {self.index_column!r} is outside [0, {self.num_examples}); "
+                "the column must hold each training example's position in the training set."
+            )
+        if self.stored.device != logits.device:
+            self.stored = self.stored.to(logits.device)
+        return indices.to(logits.device)
+
+    def loss(self, indices: Tensor, logits: Tensor) -> Tensor:
+        """``consistency_mse(logits, stored[indices])`` with the stored logits detached."""
+        idx = self._check(indices, logits)
+        return consistency_mse(logits, self.stored[idx].to(logits.dtype))
+
+    @torch.no_grad()
+    def update(self, indices: Tensor, logits: Tensor) -> None:
+        """Store ``logits.detach()`` at ``indices`` (last write wins for repeated indices)."""
+        idx = self._check(indices, logits)
+        self.stored[idx] = logits.detach().to(self.stored.dtype)
+
+    def loss_and_update(self, indices: Tensor, logits: Tensor) -> Tensor:
+        """The consistency term against the previous visit, then store the current logits."""
+        out = self.loss(indices, logits)
+        self.update(indices, logits)
+        return out
+
+    def check_size(self, n: int) -> None:
+        """Raise if the training set no longer has the size the store was built for."""
+        if n != self.num_examples:
+            raise ValueError(
+                f"PACE-fast store holds {self.num_examples} examples but the dataset has {n}; rebuild the store "
+                "(or start training from scratch) when the training set changes."
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stored": self.stored.detach().cpu().clone(), "index_column": self.index_column}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        stored = state["stored"]
+        if tuple(stored.shape) != (self.num_examples, self.num_classes):
+            raise ValueError(
+                f"PACE-fast checkpoint holds logits of shape {tuple(stored.shape)} but this store expects "
+                f"({self.num_examples}, {self.num_classes}); the dataset size or number of classes changed."
+            )
+        self.stored = stored.detach().to(self.stored.device, self.stored.dtype).clone()

@@ -1,0 +1,376 @@
+"""Layer-wise distance constraint around the pretrained weights (Li & Zhang, NeurIPS 2021)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import find_blocks
+
+__all__ = ["DistanceConstraint", "project_frobenius_", "project_inf_op_"]
+
+Norm = Literal["frob", "inf-op"]
+# Relative slack on the radius: a tensor just projected onto the sphere may come out a rounding error
+# outside; without the slack every later projection would rescale it again by ~1 - 1e-7.
+_SLACK = 1e-6
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1) if t.ndim >= 2 else t.reshape(1, -1)
+
+
+def _norm(t: Tensor, norm: Norm) -> float:
+    """Frobenius norm, or the max-row L1 norm (the ∞→∞ operator norm) for ``inf-op``."""
+    if norm == "frob":
+        return float(torch.linalg.vector_norm(t.detach().float()))
+    return float(_rows(t.detach().float()).abs().sum(1).max())
+
+
+def _l1_factors(l1: Tensor, radius: float) -> Tensor:
+    """``1 / max(1, l1 / D)`` per row (``0`` for a non-zero row when ``D = 0``)."""
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.where(l1 > radius * (1 + _SLACK), radius / l1.clamp_min(tiny), torch.ones_like(l1))
+
+
+def project_frobenius_(delta: Tensor, radius: float) -> float:
+    """``Δ ← Δ / max(1, ‖Δ‖_F / D)`` in place; returns the factor applied (1.0 when already inside, up to a
+    relative slack of 1e-6 that absorbs float rounding)."""
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}.")
+    with torch.no_grad():
+        n = float(torch.linalg.vector_norm(delta.float()))
+        if n <= radius * (1 + _SLACK):
+            return 1.0
+        factor = radius / n
+        delta.mul_(factor)
+    return factor
+
+
+def project_inf_op_(delta: Tensor, radius: float) -> Tensor:
+    """Scale each row (dim 0; other dims flattened) by ``1 / max(1, ‖Δ_row‖₁ / D)`` in place; returns the factors."""
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}.")
+    with torch.no_grad():
+        l1 = _rows(delta.float()).abs().sum(1)
+        factors = _l1_factors(l1, radius)
+        if bool((factors < 1).any()):
+            delta.mul_(factors.to(delta.dtype).reshape(-1, *([1] * (delta.ndim - 1))))
+    return factors
+
+
+def _row_factors(t: Tensor, radius: float, norm: Norm) -> Tensor:
+    """Per-row factors that bring ``t`` inside the ball, without modifying it."""
+    if norm == "frob":
+        n = float(torch.linalg.vector_norm(t.float()))
+        f = 1.0 if n <= radius * (1 + _SLACK) else radius / n
+        return torch.full((t.shape[0],), f, device=t.device)
+    l1 = _rows(t.float()).abs().sum(1)
+    return _l1_factors(l1, radius)
+
+
+@dataclass
+class _Item:
+    name: str
+    kind: Literal["weight", "head", "adapter", "lora"]
+    radius: float
+    param: nn.Parameter | None = None
+    anchor: Tensor | None = None  # None: constrained around zero
+    module: nn.Module | None = None
+    adapter: str | None = None
+    stage: str = ""
+
+
+def _is_generic_adapter(m: nn.Module) -> bool:
+    return (
+        callable(getattr(m, "get_delta_weight", None))
+        and callable(getattr(m, "scale_delta_weight_rows_", None))
+        and hasattr(m, "active_adapters")
+    )
+
+
+def _is_lora(m: nn.Module) -> bool:
+    return (
+        isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
+        and isinstance(getattr(m, "lora_B", None), nn.ModuleDict)
+        and isinstance(getattr(m, "scaling", None), dict)
+        and hasattr(m, "active_adapters")
+    )
+
+
+def _active(m: nn.Module) -> list[str]:
+    act = m.active_adapters
+    return [act] if isinstance(act, str) else list(act)
+
+
+def _base_layer(m: nn.Module) -> nn.Module | None:
+    get = getattr(m, "get_base_layer", None)
+    base = get() if callable(get) else getattr(m, "base_layer", None)
+    return base if isinstance(base, nn.Module) and base is not m else None
+
+
+def _own_adapter_params(m: nn.Module) -> list[nn.Parameter]:
+    base = _base_layer(m)
+    skip = {id(p) for p in base.parameters()} if base is not None else set()
+    return [p for p in m.parameters() if id(p) not in skip]
+
+
+_WRAPPER_PARTS = frozenset({"modules_to_save", "original_module", "base_layer"})
+
+
+class DistanceConstraint:
+    """Keep every trainable weight (ndim ≥ 2) within a ball around its value at construction.
+
+    * Plain weights ``W``: ``‖W − W0‖ ≤ D_l`` (``norm='frob'``: Frobenius; ``'inf-op'``: every row's L1 norm).
+      Biases and norm vectors are skipped. ``radius`` gives ``D`` for the first two of four consecutive
+      stages of blocks, ``D·s`` and ``D·s²`` for stages 3 and 4 (``s = depth_scale``); weights before the
+      blocks get ``D``, non-head weights after them ``D·s²``. ``ratio`` gives ``D_l = ratio·‖W0‖`` instead.
+    * Head (a module path component in ``head_names``, PEFT ``ModulesToSaveWrapper`` copies included):
+      constrained around **zero** with ``head_radius`` (``None``: unconstrained, also in penalty mode).
+    * Adapters (duck typed): a module with ``get_delta_weight(name)``, ``scale_delta_weight_rows_(name,
+      factors)`` and ``active_adapters`` (this package's RLRR/PACE layers), and PEFT LoRA layers (``lora_A``,
+      ``lora_B``, ``scaling``; ΔW = scaling·B@A, projected through the rows of B). The constrained quantity is
+      the adapter's effective update ΔW, anchored at 0, so the radius bounds the adapter's update to the
+      frozen weight (ratio mode: ``ratio·‖W_base‖``). Their raw parameters are not constrained again. LoRA
+      with DoRA and LoRA on embeddings are not supported: their raw parameters fall back to plain weights
+      (with a warning for DoRA).
+
+    ``mode='project'``: call ``project()`` after every optimizer step. ``mode='penalty'``: add ``penalty()``
+    (``penalty_weight·Σ‖W − W0‖²_F``; ``Σ‖ΔW‖²`` for adapters) to the loss; radii are then optional.
+    ``loss()`` / ``after_step()`` do the right thing for the chosen mode. Anchors are training state:
+    save ``state_dict()`` with checkpoints and ``load_state_dict()`` it on resume.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        norm: Norm = "frob",
+        radius: float | None = None,
+        ratio: float | None = None,
+        depth_scale: float = 1.0,
+        head_radius: float | None = None,
+        head_names: tuple[str, ...] = ("classifier", "score", "head", "fc"),
+        mode: Literal["project", "penalty"] = "project",
+        penalty_weight: float = 1.0,
+        block_path: str | None = None,
+    ) -> None:
+        if norm not in ("frob", "inf-op"):
+            raise ValueError(f"norm must be 'frob' or 'inf-op', got {norm!r}.")
+        if mode not in ("project", "penalty"):
+            raise ValueError(f"mode must be 'project' or 'penalty', got {mode!r}.")
+        if radius is not None and ratio is not None:
+            raise ValueError("give exactly one of radius (absolute D) or ratio (D_l = ratio·‖W0‖), not both.")
+        if radius is None and ratio is None and mode == "project":
+            raise ValueError("mode='project' needs a radius: give exactly one of radius=... or ratio=....")
+        for label, val in (("radius", radius), ("ratio", ratio), ("head_radius", head_radius)):
+            if val is not None and val < 0:
+                raise ValueError(f"{label} must be >= 0, got {val}.")
+        if depth_scale <= 0 or penalty_weight < 0:
+            raise ValueError(f"depth_scale must be > 0 and penalty_weight >= 0, got {depth_scale}, {penalty_weight}.")
+        self.model, self.norm, self.mode = model, norm, mode
+        self.radius, self.ratio, self.depth_scale = radius, ratio, float(depth_scale)
+        self.head_radius, self.head_names = head_radius, tuple(head_names)
+        self.penalty_weight = float(penalty_weight)
+        self.items: list[_Item] = []
+        self._build(block_path)
+
+    # -- construction --------------------------------------------------------------------------------
+    def _positions(self, block_path: str | None) -> tuple[dict[int, str], dict[int, int]]:
+        """Map module id -> 'before'/'after'/'block' and module id -> block index."""
+        try:
+            _, blocks = find_blocks(self.model, block_path)
+        except ValueError:
+            if block_path is not None or (self.radius is not None and self.depth_scale != 1.0):
+                raise
+            blocks = nn.ModuleList()
+        block_of: dict[int, int] = {}
+        for i, block in enumerate(blocks):
+            for m in block.modules():
+                block_of[id(m)] = i
+        where: dict[int, str] = {}
+        seen_blocks = False
+        for _, m in self.model.named_modules():
+            if m is blocks:
+                seen_blocks = True
+            where[id(m)] = "block" if id(m) in block_of else ("after" if seen_blocks else "before")
+        self._n_blocks = len(blocks)
+        return where, block_of
+
+    def _stage_radius(self, module: nn.Module, where: dict[int, str], block_of: dict[int, int]) -> tuple[float, str]:
+        s = self.depth_scale
+        pos = where.get(id(module), "before")
+        if pos == "block":
+            stage = (4 * block_of[id(module)]) // self._n_blocks
+        else:
+            stage = 0 if pos == "before" else 3
+        factor = (1.0, 1.0, s, s * s)[stage]
+        return (self.radius if self.radius is not None else math.inf) * factor, f"stage{stage}"
+
+    def _ratio_radius(self, reference: Tensor | None) -> float:
+        assert self.ratio is not None
+        if reference is None:
+            raise ValueError("ratio mode needs the frozen base weight of every adapter layer; use radius=... instead.")
+        return self.ratio * _norm(reference, self.norm)
+
+    def _is_head(self, name: str, module: nn.Module, where: dict[int, str]) -> bool:
+        if where.get(id(module)) == "block":
+            return False
+        parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
+        return any(p in self.head_names for p in parts)
+
+    def _build(self, block_path: str | None) -> None:
+        where, block_of = self._positions(block_path)
+        handled: set[int] = set()
+        modules = list(self.model.named_modules())
+        for mname, m in modules:  # adapters first, so their raw parameters are not taken as plain weights
+            kind = "adapter" if _is_generic_adapter(m) else ("lora" if _is_lora(m) else None)
+            if kind is None:
+                continue
+            own = _own_adapter_params(m)
+            if not any(p.requires_grad for p in own):
+                continue
+            made = False
+            for a in _active(m):
+                if kind == "lora":
+                    if a not in m.lora_A or a not in m.lora_B:
+                        continue
+                    if getattr(m, "use_dora", {}).get(a, False):
+                        warnings.warn(
+                            f"DistanceConstraint: {mname} uses DoRA, which is not supported as an adapter; its "
+                            "raw parameters are constrained as plain weights instead.",
+                            stacklevel=3,
+                        )
+                        continue
+                base = _base_layer(m)
+                ref = getattr(base, "weight", None) if base is not None else getattr(m, "weight", None)
+                if self._is_head(mname, m, where):
+                    if self.head_radius is None:
+                        made = True
+                        continue
+                    radius, stage = self.head_radius, "head"
+                elif self.ratio is not None:
+                    radius, stage = self._ratio_radius(ref), "ratio"
+                else:
+                    radius, stage = self._stage_radius(m, where, block_of)
+                self.items.append(_Item(f"{mname}.delta_weight.{a}", kind, radius, module=m, adapter=a, stage=stage))
+                made = True
+            if made:
+                handled.update(id(p) for p in own)
+
+        for mname, m in modules:
+            for pname, p in m.named_parameters(recurse=False):
+                if id(p) in handled or not p.requires_grad or p.ndim < 2:
+                    continue
+                handled.add(id(p))
+                full = f"{mname}.{pname}" if mname else pname
+                if self._is_head(mname, m, where):
+                    if self.head_radius is not None:
+                        self.items.append(_Item(full, "head", self.head_radius, param=p, stage="head"))
+                    continue
+                anchor = p.detach().clone()
+                if self.ratio is not None:
+                    radius, stage = self._ratio_radius(anchor), "ratio"
+                else:
+                    radius, stage = self._stage_radius(m, where, block_of)
+                self.items.append(_Item(full, "weight", radius, param=p, anchor=anchor, stage=stage))
+
+    # -- the constrained quantity ----------------------------------------------------------------------
+    def _delta(self, it: _Item) -> Tensor:
+        if it.kind == "adapter":
+            return it.module.get_delta_weight(it.adapter)  # type: ignore[union-attr]
+        if it.kind == "lora":
+            m, a = it.module, it.adapter
+            A, B = m.lora_A[a].weight, m.lora_B[a].weight  # type: ignore[union-attr,index]
+            if A.ndim == 2 and B.ndim == 2:
+                return m.scaling[a] * (B @ A)  # type: ignore[union-attr,index]
+            return m.get_delta_weight(a)  # type: ignore[union-attr]  # convolutions: rows = output channels
+        assert it.param is not None
+        return it.param if it.anchor is None else it.param - it.anchor
+
+    @torch.no_grad()
+    def project(self) -> int:
+        """Project every constrained tensor back into its ball (in place); returns how many were rescaled."""
+        rescaled = 0
+        for it in self.items:
+            if math.isinf(it.radius):
+                continue
+            if it.kind in ("weight", "head"):
+                assert it.param is not None
+                delta = self._delta(it).detach().clone()
+                if self.norm == "frob":
+                    changed = project_frobenius_(delta, it.radius) < 1.0
+                else:
+                    changed = bool((project_inf_op_(delta, it.radius) < 1).any())
+                if changed:
+                    it.param.copy_(delta if it.anchor is None else it.anchor + delta)
+                    rescaled += 1
+                continue
+            factors = _row_factors(self._delta(it).detach(), it.radius, self.norm)
+            if not bool((factors < 1).any()):
+                continue
+            rescaled += 1
+            if it.kind == "adapter":
+                it.module.scale_delta_weight_rows_(it.adapter, factors)  # type: ignore[union-attr]
+            else:  # LoRA: row i of ΔW = scaling · B[i] @ A
+                w = it.module.lora_B[it.adapter].weight  # type: ignore[union-attr,index]
+                w.mul_(factors.to(w.dtype).reshape(-1, *([1] * (w.ndim - 1))))
+        return rescaled
+
+    def penalty(self) -> Tensor:
+        """``penalty_weight · Σ ‖W − W0‖²_F`` (``‖W‖²`` for the head, ``‖ΔW‖²`` for adapters); differentiable."""
+        terms = [self._delta(it).float().pow(2).sum() for it in self.items]
+        if not terms:
+            p = next(self.model.parameters(), None)
+            return torch.zeros((), device=p.device if p is not None else None)
+        return self.penalty_weight * torch.stack(terms).sum()
+
+    def loss(self) -> Tensor:
+        """``penalty()`` in penalty mode, else a zero tensor (for adding to the training loss)."""
+        if self.mode == "penalty":
+            return self.penalty()
+        p = next(self.model.parameters(), None)
+        return torch.zeros((), device=p.device if p is not None else None)
+
+    def after_step(self) -> int:
+        """``project()`` in project mode, else nothing; call after every optimizer step."""
+        return self.project() if self.mode == "project" else 0
+
+    # -- reporting -----------------------------------------------------------------------------------
+    def radii(self) -> dict[str, float]:
+        return {it.name: it.radius for it in self.items}
+
+    @torch.no_grad()
+    def distances(self) -> dict[str, float]:
+        """Current distance of every constrained tensor from its anchor, in the chosen norm."""
+        return {it.name: _norm(self._delta(it), self.norm) for it in self.items}
+
+    def max_violation(self) -> float:
+        """``max(0, max_l (distance_l − D_l))``."""
+        dist = self.distances()
+        return max([0.0] + [dist[it.name] - it.radius for it in self.items if not math.isinf(it.radius)])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The anchors ``W0`` (needed to resume: a new constraint would anchor at the resumed weights)."""
+        return {"anchors": {it.name: it.anchor.detach().cpu().clone() for it in self.items if it.anchor is not None}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        anchors = state["anchors"]
+        mine = {it.name: it for it in self.items if it.anchor is not None}
+        if set(anchors) != set(mine):
+            missing, extra = sorted(set(mine) - set(anchors)), sorted(set(anchors) - set(mine))
+            raise ValueError(
+                f"DistanceConstraint checkpoint does not match the model's constrained weights "
+                f"(missing: {missing[:5]}, unexpected: {extra[:5]}); build the constraint with the same settings."
+            )
+        for name, it in mine.items():
+            src = anchors[name]
+            if tuple(src.shape) != tuple(it.anchor.shape):  # type: ignore[union-attr]
+                raise ValueError(f"anchor {name!r} has shape {tuple(src.shape)} in the checkpoint, "
+                                 f"{tuple(it.anchor.shape)} in the model.")  # type: ignore[union-attr]
+            it.anchor = src.to(it.anchor.device, it.anchor.dtype).clone()  # type: ignore[union-attr]
+            if self.ratio is not None and it.kind == "weight":
+                it.radius = self.ratio * _norm(it.anchor, self.norm)

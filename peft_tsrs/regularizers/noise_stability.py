@@ -1,0 +1,181 @@
+"""TSRS noise-stability regularizer (Shen et al., CVPR 2024), implemented with forward hooks only.
+
+Inside ``with ns.capture():`` and in training mode, the input ``h`` of block ``I`` becomes
+``cat([h, h + σ·ε], 0)``: blocks below ``I`` run once on the clean batch ``B``, every later block and
+the head run on ``2B`` rows (clean first, noisy second). The loss is
+``weight · mean_{i ≥ N} ‖h̃_i − h_i‖₂ / ‖h_i‖₂`` over the recorded block outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import find_blocks
+
+__all__ = ["NoiseStability", "relative_perturbation"]
+
+_EPS = 1e-12
+# Keyword arguments that never carry a batch dimension even when their length happens to equal B.
+_NO_BATCH_KWARGS = frozenset({"cache_position"})
+
+
+def relative_perturbation(clean: Tensor, noisy: Tensor, eps: float = _EPS) -> Tensor:
+    """``‖noisy − clean‖_F / max(‖clean‖_F, eps)``, computed in float32 (safe for fp16/bf16 inputs)."""
+    if clean.shape != noisy.shape:
+        raise ValueError(f"clean and noisy activations differ in shape: {tuple(clean.shape)} vs {tuple(noisy.shape)}")
+    num = torch.linalg.vector_norm((noisy - clean).float())
+    den = torch.linalg.vector_norm(clean.float()).clamp_min(eps)
+    return num / den
+
+
+def _first_tensor(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict):  # ModelOutput is an OrderedDict
+        output = tuple(output.values())
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"cannot read the hidden states from a block output of type {type(output).__name__}")
+
+
+def _dup(value: Any, batch: int) -> Any:
+    """Duplicate along dim 0 every tensor (also inside tuples/lists) whose first dimension is ``batch``."""
+    if isinstance(value, Tensor):
+        return torch.cat([value, value], 0) if value.ndim >= 1 and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)) and any(isinstance(v, Tensor) for v in value):
+        return type(value)(_dup(v, batch) for v in value)
+    return value
+
+
+class NoiseStability:
+    """Noise-stability loss over blocks ``measure_from .. n-1`` with Gaussian noise injected before block
+    ``inject_layer``.
+
+    Use ``with ns.capture(): out = model(**inputs)`` for exactly one forward; then ``ns.split(out.logits)``
+    gives ``(clean, noisy)`` logits (task loss on either half) and ``ns.loss()`` the regularizer; call
+    backward after leaving the context. Labels must not be passed to the model (its logits have ``2B``
+    rows), and the head must depend only on the block outputs (per-batch tensors given to later blocks,
+    such as attention masks, are duplicated; tensors used after the blocks are not). Nothing happens in
+    eval mode. Works with transformers' gradient checkpointing (hooks run outside the checkpoint).
+    Weight-shared blocks (ALBERT) are not supported.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inject_layer: int,
+        measure_from: int | None = None,
+        noise_std: float = 0.2,
+        weight: float = 1.0,
+        block_path: str | None = None,
+    ) -> None:
+        self.model = model
+        self.block_path, self.blocks = find_blocks(model, block_path)
+        n = len(self.blocks)
+        if not 0 <= inject_layer < n:
+            raise ValueError(
+                f"inject_layer={inject_layer} is out of range: the model has {n} blocks at "
+                f"{self.block_path!r}, so inject_layer must be in [0, {n - 1}]."
+            )
+        measure_from = inject_layer if measure_from is None else measure_from
+        if not inject_layer <= measure_from < n:
+            raise ValueError(
+                f"measure_from={measure_from} is out of range: it must be in [inject_layer={inject_layer}, {n - 1}] "
+                f"(the model has {n} blocks)."
+            )
+        if noise_std < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
+        if weight < 0:
+            raise ValueError(f"weight must be >= 0, got {weight}.")
+        self.inject_layer = inject_layer
+        self.measure_from = measure_from
+        self.noise_std = float(noise_std)
+        self.weight = float(weight)
+        self.active_batch: int | None = None
+        self._records: list[Tensor] = []
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not self.model.training:
+            return None
+        if args and isinstance(args[0], Tensor):
+            h = args[0]
+        elif isinstance(kwargs.get("hidden_states"), Tensor):
+            h = kwargs["hidden_states"]
+        else:
+            raise RuntimeError(
+                f"NoiseStability: block {self.inject_layer} received no hidden states (first positional "
+                "argument or `hidden_states=` keyword); pass block_path to point at the right blocks."
+            )
+        batch = h.shape[0]
+        self.active_batch = batch
+        self._records = []  # one forward per capture: a new injection starts a new record
+        noisy = torch.cat([h, h + self.noise_std * torch.randn_like(h)], 0)
+        if args and args[0] is h:
+            new_args = (noisy,) + tuple(_dup(a, batch) for a in args[1:])
+            new_kwargs = {k: v if k in _NO_BATCH_KWARGS else _dup(v, batch) for k, v in kwargs.items()}
+        else:
+            new_args = tuple(_dup(a, batch) for a in args)
+            new_kwargs = {
+                k: noisy if k == "hidden_states" else (v if k in _NO_BATCH_KWARGS else _dup(v, batch))
+                for k, v in kwargs.items()
+            }
+        return new_args, new_kwargs
+
+    def _later_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Blocks after ``I`` get the same per-batch tensors (masks, position embeddings) from the encoder
+        loop: duplicate those still at batch ``B`` (the hidden states already have ``2B`` rows)."""
+        if self.active_batch is None or not self.model.training:
+            return None
+        batch = self.active_batch
+        new_args = tuple(_dup(a, batch) for a in args)
+        new_kwargs = {k: v if k in _NO_BATCH_KWARGS else _dup(v, batch) for k, v in kwargs.items()}
+        return new_args, new_kwargs
+
+    def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.active_batch is not None and self.model.training:
+            self._records.append(_first_tensor(output))
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator["NoiseStability"]:
+        """Install the hooks for one forward pass; they are removed on exit, also on exceptions."""
+        self.active_batch = None
+        self._records = []
+        handles = [self.blocks[self.inject_layer].register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
+        try:
+            for i in range(self.inject_layer + 1, len(self.blocks)):
+                handles.append(self.blocks[i].register_forward_pre_hook(self._later_pre_hook, with_kwargs=True))
+            for i in range(self.measure_from, len(self.blocks)):
+                handles.append(self.blocks[i].register_forward_hook(self._forward_hook))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # -- results -----------------------------------------------------------------------------------
+    def split(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Split a ``2B``-row tensor (e.g. logits) into its ``(clean, noisy)`` halves."""
+        if self.active_batch is None:
+            raise RuntimeError(
+                "NoiseStability.split: no noisy forward was captured; run the model in training mode "
+                "inside `with ns.capture():` first."
+            )
+        b = self.active_batch
+        if t.shape[0] != 2 * b:
+            raise ValueError(f"expected a tensor with 2*B={2 * b} rows, got shape {tuple(t.shape)}")
+        return t[:b], t[b:]
+
+    def loss(self) -> Tensor:
+        """``weight · mean_i ‖h̃_i − h_i‖ / ‖h_i‖`` over the blocks recorded by the last capture (float32)."""
+        if self.active_batch is None or not self._records:
+            raise RuntimeError(
+                "NoiseStability.loss: nothing was recorded; call the model in training mode inside "
+                "`with ns.capture():` before asking for the loss."
+            )
+        terms = [relative_perturbation(*self.split(out)) for out in self._records]
+        return self.weight * torch.stack(terms).mean()
