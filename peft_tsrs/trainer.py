@@ -174,7 +174,7 @@ class TSRSTrainer(Trainer):
     # ------------------------------------------------------------------ loss
     def _scales(self, local_batch: int, num_items_in_batch) -> tuple[float, float]:
         """(scale of per-example-mean terms, scale of per-batch terms) so that accumulation and processes average."""
-        ga = self.current_gradient_accumulation_steps or 1
+        ga = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
         if num_items_in_batch is None:
             return 1.0 / ga, 1.0 / ga
         total = float(num_items_in_batch)

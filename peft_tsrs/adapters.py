@@ -1,0 +1,55 @@
+"""Build the PEFT config named by a recipe's ``adapter`` section (``full`` means no adapter)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from peft import LoraConfig, PeftConfig
+
+from .recipes import AdapterSpec
+from .tuners.defaults import LINEAR_TARGETS, default_targets
+HEAD = ["classifier"]
+
+
+def config_class(adapter_type: str) -> type[PeftConfig]:
+    """The PEFT config class of an adapter type name."""
+    if adapter_type == "lora":
+        return LoraConfig
+    if adapter_type == "rlrr":
+        from .tuners.rlrr import RLRRConfig
+
+        return RLRRConfig
+    if adapter_type == "pace":
+        from .tuners.pace import PACEConfig
+
+        return PACEConfig
+    raise ValueError(f"unknown adapter type {adapter_type!r}; use one of full, lora, rlrr, pace.")
+
+
+def adapter_config(spec: AdapterSpec, model_type: Optional[str], recipe: Optional[dict[str, Any]] = None
+                   ) -> Optional[PeftConfig]:
+    """The PEFT config for ``spec`` (``None`` for full fine-tuning); the new head is always trained and saved.
+
+    ``recipe`` (the TSRSConfig fields) is stored in RLRR/PACE configs so the adapter folder carries its recipe.
+    """
+    spec.validate()
+    if spec.type == "full":
+        if spec.options:
+            raise ValueError(f"adapter.type 'full' takes no options, got {sorted(spec.options)}.")
+        return None
+    cls = config_class(spec.type)
+    options = dict(spec.options)
+    options.setdefault("modules_to_save", HEAD)
+    if spec.type == "lora":
+        options.setdefault("target_modules", sorted(default_targets(LINEAR_TARGETS, model_type, "target_modules",
+                                                                    "LoRA")))
+        options.setdefault("r", 8)
+        options.setdefault("lora_alpha", 16)
+    elif recipe is not None:
+        options.setdefault("tsrs", recipe)
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for adapter.type {spec.type!r}; valid: {', '.join(sorted(valid))}")
+    return cls(**options)

@@ -1,0 +1,88 @@
+"""Hub model cards for trained adapters: method, recipe and results, in the huggingface_hub card format."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from .recipes import Recipe
+
+PAPERS = {
+    "rlrr": "RLRR — residual low-rank rescaling (Dong et al., CVPR 2024)",
+    "pace": "PACE — consistency regularization of PEFT (Ni et al., NeurIPS 2024)",
+    "tsrs": "TSRS — noise-stability / stable-rank shrinkage (Shen et al., CVPR 2024)",
+    "selflabel": "Regularized self-labeling (Li & Zhang, NeurIPS 2021)",
+    "dist": "Layer-wise distance constraint (Li & Zhang, NeurIPS 2021)",
+    "lora": "LoRA (Hu et al., ICLR 2022)",
+}
+
+
+def _papers(method: str) -> list[str]:
+    parts = method.split("+")
+    return [text for key, text in PAPERS.items() if any(p == key or p.startswith(key) for p in parts)]
+
+
+def card_text(recipe: Recipe, metrics: dict[str, Any]) -> str:
+    """The Markdown body of the card."""
+    test, val = metrics.get("test", {}), metrics.get("validation", {})
+    lines = [
+        f"# {recipe.name}",
+        "",
+        f"Fine-tuned with [peft-tsrs](https://pypi.org/project/peft-tsrs/): **{recipe.method}** on task "
+        f"`{recipe.task.name}` ({recipe.task.shots_per_class} examples per class"
+        + (f", {recipe.task.label_noise:.0%} label noise" if recipe.task.label_noise else "") + ").",
+        "",
+        "## Methods",
+        *[f"- {p}" for p in _papers(recipe.method)],
+        "",
+        "## Results",
+        "",
+        "| split | accuracy | macro-F1 |",
+        "|---|---|---|",
+        f"| validation (selection) | {val.get('accuracy', float('nan')):.4f} | {val.get('macro_f1', float('nan')):.4f} |",
+        f"| test | {test.get('accuracy', float('nan')):.4f} | {test.get('macro_f1', float('nan')):.4f} |",
+        "",
+        f"Trainable parameters: {metrics.get('trainable_parameters', 0):,} of {metrics.get('total_parameters', 0):,}; "
+        f"training time {metrics.get('train_time_s', 0):.0f} s ({metrics.get('train_steps', 0)} steps).",
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "import peft_tsrs  # registers the RLRR / PACE adapter types with PEFT",
+        "from peft import PeftModel",
+        "model = PeftModel.from_pretrained(base_model, \"<this folder or repo id>\")",
+        "```",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe.to_dict(), sort_keys=False).rstrip(),
+        "```",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# Hub ids of the backbones shipped offline, for the card's `base_model` field.
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def write_model_card(folder: str, recipe: Recipe, metrics: dict[str, Any]) -> str:
+    """Write ``folder/README.md`` after ``save_pretrained``, keeping the metadata PEFT put there (its tags,
+    framework versions) and adding ours."""
+    path = os.path.join(folder, "README.md")
+    previous = ModelCard.load(path) if os.path.isfile(path) else None
+    data = previous.data if previous is not None else ModelCardData()
+    data.library_name = "peft"
+    data.tags = sorted(set(data.tags or []) | {"peft-tsrs", *recipe.method.split("+"), recipe.task.name})
+    data.metrics = ["accuracy", "f1"]
+    if recipe.model.name in HUB_IDS:
+        data.base_model = HUB_IDS[recipe.model.name]
+    versions = ""
+    if previous is not None and "### Framework versions" in previous.text:
+        versions = "\n### Framework versions" + previous.text.split("### Framework versions", 1)[1]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card_text(recipe, metrics)}{versions}")
+    card.save(path)
+    return path

@@ -1,0 +1,73 @@
+"""Compare finished runs: a Markdown table (mean ± std over seeds) and a PNG bar chart."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections import defaultdict
+from typing import Any
+
+from .plots import plot_comparison
+from .run import load_metrics
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def collect(run_dirs: list[str]) -> list[dict[str, Any]]:
+    """One row per (task, shots, label noise, method), aggregated over the seeds found."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    missing = []
+    for run_dir in run_dirs:
+        metrics = load_metrics(run_dir)
+        if metrics is None:
+            missing.append(run_dir)
+            continue
+        key = (metrics["task"], metrics["shots_per_class"], metrics["label_noise"], metrics["method"])
+        groups[key].append(metrics)
+    if not groups:
+        raise ValueError(f"no finished run (metrics.json) among: {', '.join(run_dirs) or '(none given)'}")
+    rows = []
+    for (task, shots, noise, method), runs in groups.items():
+        test_mean, test_std = _mean_std([r["test"]["accuracy"] for r in runs])
+        val_mean, val_std = _mean_std([r["validation"]["accuracy"] for r in runs])
+        diag = [r.get("diagnostics", {}) for r in runs]
+        rows.append({
+            "label": method, "task": task, "shots": shots, "label_noise": noise, "seeds": len(runs),
+            "test_accuracy": test_mean, "test_accuracy_std": test_std,
+            "validation_accuracy": val_mean, "validation_accuracy_std": val_std,
+            "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in runs),
+            "trainable_parameters": runs[0]["trainable_parameters"],
+            "stable_rank": _mean_std([d["mean_stable_rank"] for d in diag if "mean_stable_rank" in d])[0],
+            "noise_sensitivity": _mean_std([d["noise_sensitivity"] for d in diag if "noise_sensitivity" in d])[0],
+        })
+    rows.sort(key=lambda r: (r["task"], r["shots"], r["label_noise"], r["label"]))
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = ("| task | shots | label noise | method | seeds | test acc | val acc | s/step | trainable | "
+            "stable rank | noise sens. |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['task']} | {r['shots']} | {r['label_noise']:.0%} | {r['label']} | {r['seeds']} | "
+            f"{r['test_accuracy']:.4f} ± {r['test_accuracy_std']:.4f} | "
+            f"{r['validation_accuracy']:.4f} ± {r['validation_accuracy_std']:.4f} | {r['seconds_per_step']:.3f} | "
+            f"{r['trainable_parameters']:,} | {r['stable_rank']:.2f} | {r['noise_sensitivity']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dirs: list[str], output_dir: str) -> str:
+    """Write ``report.md`` and ``comparison.png`` into ``output_dir``; returns the Markdown table."""
+    rows = collect(run_dirs)
+    os.makedirs(output_dir, exist_ok=True)
+    table = markdown_table(rows)
+    with open(os.path.join(output_dir, "report.md"), "w") as fh:
+        fh.write("# peft-tsrs run comparison\n\n" + table)
+    plot_comparison(rows, os.path.join(output_dir, "comparison.png"))
+    return table

@@ -1,0 +1,173 @@
+"""Run a recipe end to end: data, model, adapter, TSRSTrainer, selection on validation, test, diagnostics, and a
+Hub-ready output folder.
+
+Output folder ``<output_dir>/<name>/``:
+
+* ``adapter/`` — ``save_pretrained`` output (adapter weights + ``adapter_config.json``, or the full model for
+  ``adapter.type: full``), tokenizer if any, and a model card ``README.md`` naming method, recipe and results;
+* ``metrics.json`` — validation/test metrics of the selected epoch, timings, per-epoch history, diagnostics;
+* ``recipe.yaml`` — the resolved recipe; ``training_curves.png`` — losses and validation accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Optional
+
+import torch
+import yaml
+from peft import get_peft_model
+from transformers import TrainingArguments, set_seed
+
+from . import diagnostics
+from .adapters import adapter_config
+from .metrics import compute_metrics
+from .model_card import write_model_card
+from .plots import plot_training_curves
+from .recipes import Recipe
+from .tasks import TaskData, build_model, build_task
+from .trainer import TSRSTrainer
+
+CHECKPOINTS = "checkpoints"
+
+
+def training_arguments(recipe: Recipe, run_dir: str, progress: bool = True) -> TrainingArguments:
+    """The HF TrainingArguments of a recipe: evaluate and checkpoint every epoch, keep the best on validation."""
+    t = recipe.training
+    return TrainingArguments(
+        output_dir=os.path.join(run_dir, CHECKPOINTS),
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a fraction of the total steps
+        lr_scheduler_type="linear",
+        eval_strategy="epoch" if t.max_steps <= 0 else "steps",
+        eval_steps=None if t.max_steps <= 0 else max(1, t.max_steps // 2),
+        save_strategy="epoch" if t.max_steps <= 0 else "steps",
+        save_steps=max(1, t.max_steps // 2) if t.max_steps > 0 else 500,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=t.select_on,
+        greater_is_better=True,
+        logging_steps=t.logging_steps,
+        seed=t.seed,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+    )
+
+
+def _diagnose(model, trainer: TSRSTrainer, data: TaskData, reference: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The papers' explanatory quantities on the trained model (merged effective weights)."""
+    report = diagnostics.summarize(model, reference=reference)
+    collate = data.collator
+    val = data.splits["validation"]
+    batch = collate([val[i] for i in range(min(32, len(val)))])
+    batch = {k: v.to(trainer.args.device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
+                                                                              "token_type_ids", "pixel_values")}
+    report["noise_sensitivity"] = diagnostics.noise_sensitivity(model, batch, noise_std=0.2, layer=0)
+    train = data.splits["train"]
+    train_batch = collate([train[i] for i in range(min(32, len(train)))])
+    labels = train_batch.pop("labels").to(trainer.args.device)
+    train_batch = {k: v.to(trainer.args.device) for k, v in train_batch.items() if k != "index"}
+
+    def loss_fn(m):
+        return torch.nn.functional.cross_entropy(m(**train_batch).logits.float(), labels)
+
+    sharp = diagnostics.sharpness_1d(model, loss_fn, radius=0.05, n_points=7)
+    report["sharpness_1d"] = sharp["sharpness"]
+    model.zero_grad(set_to_none=True)
+    model.train()
+    loss_fn(model).backward()
+    report["gradient_norm"] = diagnostics.gradient_norm(model)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return report
+
+
+def run_recipe(recipe: Recipe, progress: bool = True, keep_checkpoints: bool = False) -> dict[str, Any]:
+    """Fine-tune as ``recipe`` says and write the run folder; returns the metrics dict (also in metrics.json)."""
+    recipe.validate()
+    run_dir = recipe.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "recipe.yaml"), "w") as fh:
+        yaml.safe_dump(recipe.to_dict(), fh, sort_keys=False)
+    set_seed(recipe.training.seed)
+    data = build_task(recipe)
+    model = build_model(recipe, data)
+    reference = diagnostics.snapshot_effective_weights(model) if recipe.diagnostics else {}
+    recipe_dict = None if recipe.regularizers.is_noop else recipe.regularizers.to_dict()
+    peft_config = adapter_config(recipe.adapter, getattr(model.config, "model_type", None), recipe_dict)
+    if peft_config is not None:
+        model = get_peft_model(model, peft_config)
+    trainable, total = _count_parameters(model)
+
+    trainer = TSRSTrainer(
+        model=model, args=training_arguments(recipe, run_dir, progress), train_dataset=data.splits["train"],
+        eval_dataset=data.splits["validation"], data_collator=data.collator, compute_metrics=compute_metrics,
+        tsrs=recipe.regularizers,
+    )
+    start = time.perf_counter()
+    train_output = trainer.train()
+    train_time = time.perf_counter() - start
+    validation = trainer.evaluate(data.splits["validation"], metric_key_prefix="validation")
+    test = trainer.evaluate(data.splits["test"], metric_key_prefix="test")
+    model.eval()
+
+    metrics: dict[str, Any] = {
+        "name": recipe.name,
+        "method": recipe.method,
+        "task": recipe.task.name,
+        "shots_per_class": recipe.task.shots_per_class,
+        "label_noise": recipe.task.label_noise,
+        "seed": recipe.training.seed,
+        "validation": {k.removeprefix("validation_"): v for k, v in validation.items()},
+        "test": {k.removeprefix("test_"): v for k, v in test.items()},
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "train_time_s": round(train_time, 2),
+        "train_steps": train_output.global_step,
+        "seconds_per_step": round(train_time / max(1, train_output.global_step), 4),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "n_train": len(data.splits["train"]),
+        "history": trainer.state.log_history,
+    }
+    if recipe.diagnostics:
+        metrics["diagnostics"] = _diagnose(model, trainer, data, reference)
+    _save_outputs(recipe, model, data, metrics, run_dir)
+    if not keep_checkpoints:
+        shutil.rmtree(os.path.join(run_dir, CHECKPOINTS), ignore_errors=True)
+    return metrics
+
+
+def _count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def _save_outputs(recipe: Recipe, model, data: TaskData, metrics: dict[str, Any], run_dir: str) -> None:
+    adapter_dir = os.path.join(run_dir, "adapter")
+    os.makedirs(adapter_dir, exist_ok=True)
+    model.save_pretrained(adapter_dir)
+    write_model_card(adapter_dir, recipe, metrics)
+    if data.processor is not None:
+        data.processor.save_pretrained(adapter_dir)
+    with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
+        json.dump(metrics, fh, indent=2, default=float)
+    plot_training_curves(metrics["history"], os.path.join(run_dir, "training_curves.png"), title=recipe.name)
+
+
+def load_metrics(run_dir: str) -> Optional[dict[str, Any]]:
+    """The metrics.json of a run folder, or ``None`` if the run has not finished."""
+    path = os.path.join(run_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
