@@ -22,6 +22,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from .regularizers.blocks import find_blocks, unwrap_model
+
 try:  # peft >= 0.15
     from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 except ImportError:  # pragma: no cover - older peft
@@ -65,12 +67,6 @@ def stable_rank(weight: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------- effective weights
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The ``transformers`` model inside a ``PeftModel`` (the model itself otherwise)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def _additive_delta(layer: BaseTunerLayer, adapter: str, weight: torch.Tensor) -> Optional[torch.Tensor]:
     """``layer.get_delta_weight(adapter)`` when it is an additive update of ``weight``'s shape, else ``None``."""
     get_delta = getattr(layer, "get_delta_weight", None)
@@ -154,7 +150,7 @@ def effective_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
-        _collect(_unwrap(model), "", out)
+        _collect(unwrap_model(model), "", out)
     return out
 
 
@@ -228,39 +224,6 @@ def gradient_norm(model: nn.Module) -> float:
 
 
 # --------------------------------------------------------------------------------------------- noise sensitivity
-_BLOCK_PATHS = ("vit.layers", "vit.encoder.layer", "bert.encoder.layer", "encoder.layer", "encoder.layers", "layers")
-_BLOCK_SUFFIXES = (".layer", ".layers", ".blocks", ".h")
-
-
-def _find_blocks(model: nn.Module, block_path: Optional[str] = None) -> nn.ModuleList:
-    """The ``nn.ModuleList`` of transformer blocks (PEFT wrappers seen through)."""
-    root = _unwrap(model)
-    if block_path is not None:
-        for owner in (root, model):
-            try:
-                blocks = owner.get_submodule(block_path)
-            except AttributeError:
-                continue
-            if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
-                return blocks
-            raise ValueError(f"block_path={block_path!r} is a {type(blocks).__name__}, not a ModuleList of blocks.")
-        raise ValueError(f"block_path={block_path!r} not found in {type(root).__name__}.")
-    for path in _BLOCK_PATHS:
-        try:
-            blocks = root.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(blocks, nn.ModuleList) and len(blocks):
-            return blocks
-    for name, module in root.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and f".{name}".endswith(_BLOCK_SUFFIXES):
-            return module
-    raise ValueError(
-        f"Could not find the transformer blocks of {type(root).__name__}; pass block_path= with the dotted name of "
-        "its ModuleList of blocks (e.g. 'vit.layers' or 'bert.encoder.layer')."
-    )
-
-
 def _logits(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -296,7 +259,7 @@ def noise_sensitivity(
     """
     if noise_std < 0 or n_samples < 1:
         raise ValueError(f"noise_sensitivity: need noise_std >= 0 and n_samples >= 1, got {noise_std}, {n_samples}.")
-    blocks = _find_blocks(model, block_path)
+    _, blocks = find_blocks(model, block_path)
     if not -len(blocks) <= layer < len(blocks):
         raise ValueError(f"noise_sensitivity: layer={layer} but the model has {len(blocks)} blocks.")
     generator = torch.Generator().manual_seed(seed)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -135,6 +136,21 @@ class Recipe:
         return "+".join(parts)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)
+
+
 _SECTIONS = {"task": TaskSpec, "model": ModelSpec, "training": TrainSpec}
 _TOP_LEVEL = {"name", "output_dir", "diagnostics", "task", "model", "adapter", "regularizers", "training", "base"}
 
@@ -185,7 +201,7 @@ def read_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"recipe file not found: {path}")
     with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+        data = _yaml_load(fh) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}.")
     base = data.pop("base", None)
@@ -199,7 +215,7 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like section.key=value, e.g. training.epochs=3")
     path, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    value = _yaml_load(raw) if raw.strip() else None
     out: dict[str, Any] = {}
     node = out
     keys = path.strip().split(".")

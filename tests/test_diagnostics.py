@@ -13,7 +13,6 @@ from peft import IA3Config, LoraConfig, get_peft_model
 from torch import nn
 
 from peft_tsrs.diagnostics import (
-    _find_blocks,
     distance_travelled,
     effective_weights,
     gradient_norm,
@@ -161,16 +160,6 @@ def test_noise_sensitivity(tiny):
     assert noise_sensitivity(_lora(kind, make), x, noise_std=0.5) > 0  # through the PEFT wrapper
     with pytest.raises(ValueError, match="2 blocks"):
         noise_sensitivity(model, x, layer=5)
-
-
-def test_find_blocks():
-    vit = make_tiny_vit()
-    assert _find_blocks(vit) is vit.vit.layers
-    bert = make_tiny_bert()
-    assert _find_blocks(get_peft_model(bert, LoraConfig(target_modules=["query"]))) is bert.bert.encoder.layer
-    assert _find_blocks(vit, block_path="vit.layers") is vit.vit.layers
-    with pytest.raises(ValueError, match="block_path"):
-        _find_blocks(nn.Sequential(nn.Linear(2, 2)))
 
 
 # --------------------------------------------------------------------------------------------- sharpness
