@@ -24,11 +24,16 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1) if t.ndim >= 2 else t.reshape(1, -1)
 
 
+def _acc(t: Tensor) -> Tensor:
+    """``t`` in a precision fit for accumulating norms: at least float32, float64 kept."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _norm(t: Tensor, norm: Norm) -> float:
     """Frobenius norm, or the max-row L1 norm (the ∞→∞ operator norm) for ``inf-op``."""
     if norm == "frob":
-        return float(torch.linalg.vector_norm(t.detach().float()))
-    return float(_rows(t.detach().float()).abs().sum(1).max())
+        return float(torch.linalg.vector_norm(_acc(t.detach())))
+    return float(_rows(_acc(t.detach())).abs().sum(1).max())
 
 
 def _l1_factors(l1: Tensor, radius: float) -> Tensor:
@@ -43,7 +48,7 @@ def project_frobenius_(delta: Tensor, radius: float) -> float:
     if radius < 0:
         raise ValueError(f"radius must be >= 0, got {radius}.")
     with torch.no_grad():
-        n = float(torch.linalg.vector_norm(delta.float()))
+        n = float(torch.linalg.vector_norm(_acc(delta)))
         if n <= radius * (1 + _SLACK):
             return 1.0
         factor = radius / n
@@ -56,7 +61,7 @@ def project_inf_op_(delta: Tensor, radius: float) -> Tensor:
     if radius < 0:
         raise ValueError(f"radius must be >= 0, got {radius}.")
     with torch.no_grad():
-        l1 = _rows(delta.float()).abs().sum(1)
+        l1 = _rows(_acc(delta)).abs().sum(1)
         factors = _l1_factors(l1, radius)
         if bool((factors < 1).any()):
             delta.mul_(factors.to(delta.dtype).reshape(-1, *([1] * (delta.ndim - 1))))
@@ -66,10 +71,10 @@ def project_inf_op_(delta: Tensor, radius: float) -> Tensor:
 def _row_factors(t: Tensor, radius: float, norm: Norm) -> Tensor:
     """Per-row factors that bring ``t`` inside the ball, without modifying it."""
     if norm == "frob":
-        n = float(torch.linalg.vector_norm(t.float()))
+        n = float(torch.linalg.vector_norm(_acc(t)))
         f = 1.0 if n <= radius * (1 + _SLACK) else radius / n
         return torch.full((t.shape[0],), f, device=t.device)
-    l1 = _rows(t.float()).abs().sum(1)
+    l1 = _rows(_acc(t)).abs().sum(1)
     return _l1_factors(l1, radius)
 
 
