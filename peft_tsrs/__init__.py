@@ -8,6 +8,7 @@ from .registration import ensure_peft_types, register_all
 
 ensure_peft_types()
 
+from .tuners.pace import PACEConfig, PACEModel  # noqa: E402
 from .tuners.rlrr import RLRRConfig, RLRRModel  # noqa: E402
 
 register_all()
@@ -19,6 +20,8 @@ from .tsrs_config import TSRSConfig  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "PACEConfig",
+    "PACEModel",
     "RLRRConfig",
     "RLRRModel",
     "TSRSConfig",

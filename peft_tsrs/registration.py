@@ -117,9 +117,11 @@ def register(name: str, config_cls: type, model_cls: type, prefix: Optional[str]
 
 def register_all() -> None:
     """Register every tuner this package ships (called by ``import peft_tsrs``)."""
+    from .tuners.pace import PACEConfig, PACEModel
     from .tuners.rlrr import RLRRConfig, RLRRModel
 
     register("rlrr", RLRRConfig, RLRRModel)
+    register("pace", PACEConfig, PACEModel)
 
 
 def ensure_peft_types() -> None:

@@ -40,6 +40,23 @@ def check_rank(r: int, method: str) -> None:
         raise ValueError(f"{method}: `r` must be a positive integer (rank of the adapter), got {r!r}.")
 
 
+def normalize_common_fields(config, method: str, list_fields: tuple[str, ...]) -> None:
+    """Shared post-init of the RLRR/PACE configs: lists become sets (PEFT convention), ``layers_pattern`` needs
+    ``layers_to_transform``, and a ``tsrs`` recipe object is stored as its dict (so it lands in adapter_config.json
+    without the tuner importing the trainer side)."""
+    for name in list_fields:
+        value = getattr(config, name)
+        if isinstance(value, list):
+            setattr(config, name, set(value))
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise ValueError(f"{method}: `layers_pattern` only makes sense together with `layers_to_transform`.")
+    if config.tsrs is not None and not isinstance(config.tsrs, dict):
+        to_dict = getattr(config.tsrs, "to_dict", None)
+        if to_dict is None:
+            raise TypeError(f"{method}: `tsrs` must be a TSRSConfig or a dict of its fields.")
+        config.tsrs = to_dict()
+
+
 class ComposedWeightLayer(BaseTunerLayer):
     """A tuner layer whose adapters act by rewriting the wrapped module's ``weight`` and ``bias``.
 

@@ -9,7 +9,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from ...registration import ensure_peft_types
-from ..tuners_utils import check_rank
+from ..tuners_utils import check_rank, normalize_common_fields
 
 ensure_peft_types()
 
@@ -80,17 +80,7 @@ class RLRRConfig(PeftConfig):
                 f"RLRRConfig: unknown init_weights {self.init_weights!r}; use True/'identity', 'kaiming' "
                 f"(official) or False/'random'."
             )
-        for name in ("target_modules", "exclude_modules", "ssf_modules"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                setattr(self, name, set(value))
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("RLRRConfig: `layers_pattern` only makes sense together with `layers_to_transform`.")
-        if self.tsrs is not None and not isinstance(self.tsrs, dict):
-            to_dict = getattr(self.tsrs, "to_dict", None)
-            if to_dict is None:
-                raise TypeError("RLRRConfig: `tsrs` must be a TSRSConfig or a dict of its fields.")
-            self.tsrs = to_dict()
+        normalize_common_fields(self, "RLRRConfig", ("target_modules", "exclude_modules", "ssf_modules"))
 
     @property
     def init_mode(self) -> str:

@@ -1,0 +1,113 @@
+"""Configuration of the PACE tuner (Ni et al., NeurIPS 2024)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+from ...registration import ensure_peft_types
+from ..tuners_utils import check_rank, normalize_common_fields
+
+ensure_peft_types()
+
+PACE_VARIANTS = ("lora_mul_vpt_add", "lora_add", "vpt_add")
+NOISE_SHAPES = ("BC", "BTC")
+NOISE_SCHEDULES = ("linear", "constant")
+
+
+@dataclass
+class PACEConfig(PeftConfig):
+    """Configuration of a :class:`PACEModel`: an adapter whose branch is multiplied by noise ``z ~ N(1, σ_l²)`` in
+    training (pair it with the consistency loss of ``TSRSTrainer``, ``TSRSConfig(pace_weight=...)``).
+
+    Args:
+        r: Rank of the adapter (official default 10).
+        variant: ``"lora_mul_vpt_add"`` (official): ``W' = W0 ⊙ (1 + A B)``, ``b' = b0 + W0 (P q) + b0 ⊙ δb``;
+            ``"lora_add"``: ``W' = W0 + A B``; ``"vpt_add"``: only the bias term ``W0 (P q) + b0 ⊙ δb``.
+        sigma: Noise scale σ (official grid 0.1–2). The noise is off in eval mode.
+        noise_shape: ``"BC"``: one ``z`` per (sample, channel), shared across tokens; ``"BTC"``: per token.
+        noise_schedule: ``"linear"``: σ decreases with depth (block 1 gets σ, the last block 2σ/B, the head σ/B);
+            ``"constant"``: σ everywhere.
+        noise_first_block: Whether block 0 is noised too (the official schedule leaves it noiseless).
+        noise_head: Multiply the head's logits by noise with σ/B (the official code treats the head as an adapter
+            branch).
+        head_modules: Names of the head module(s) (default ``["classifier"]``).
+        target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in PEFT.
+        init_weights: ``True``: start exactly at the pretrained model (``A = 0``, ``q = 0``, ``δb = 0``);
+            ``False``: a random non-identity adapter (for tests).
+        tsrs: An optional training recipe (``TSRSConfig`` or its dict) saved with the adapter.
+    """
+
+    r: int = field(default=10, metadata={"help": "Rank of the adapter (official: 10)."})
+    variant: Literal["lora_mul_vpt_add", "lora_add", "vpt_add"] = field(
+        default="lora_mul_vpt_add", metadata={"help": "Base adapter: lora_mul_vpt_add (official), lora_add, vpt_add."}
+    )
+    sigma: float = field(default=1.0, metadata={"help": "Noise scale σ (official grid 0.1-2)."})
+    noise_shape: Literal["BC", "BTC"] = field(default="BC", metadata={"help": "'BC' per sample+channel, 'BTC' per token."})
+    noise_schedule: Literal["linear", "constant"] = field(
+        default="linear", metadata={"help": "σ decreasing linearly with depth, or constant."}
+    )
+    noise_first_block: bool = field(default=False, metadata={"help": "Noise in block 0 as well."})
+    noise_head: bool = field(default=True, metadata={"help": "Noise the head's logits with σ/B."})
+    head_modules: Optional[list[str]] = field(default=None, metadata={"help": "Head module names (default: classifier)."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "nn.Linear modules to adapt (list of names/suffixes or a regex)."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules never to adapt (list of names/suffixes or a regex)."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the blocks with these indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the block list, used with layers_to_transform."}
+    )
+    init_weights: bool = field(default=True, metadata={"help": "True: start at the pretrained model; False: random."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter, e.g. ['classifier']."}
+    )
+    tsrs: Optional[dict] = field(
+        default=None, metadata={"help": "Training recipe (TSRSConfig fields) saved with the adapter."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.PACE
+        check_rank(self.r, "PACEConfig")
+        for name, allowed in (("variant", PACE_VARIANTS), ("noise_shape", NOISE_SHAPES),
+                              ("noise_schedule", NOISE_SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"PACEConfig: unknown {name} {getattr(self, name)!r}; use one of {allowed}.")
+        if not isinstance(self.sigma, (int, float)) or self.sigma < 0:
+            raise ValueError(f"PACEConfig: `sigma` must be >= 0, got {self.sigma!r}.")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"PACEConfig: `init_weights` must be True or False, got {self.init_weights!r}.")
+        normalize_common_fields(self, "PACEConfig", ("target_modules", "exclude_modules"))
+
+    @property
+    def explicit_head(self) -> bool:
+        """Whether the user named the head modules (then a missing head is an error)."""
+        return self.head_modules is not None
+
+    @property
+    def heads(self) -> list[str]:
+        return list(self.head_modules) if self.head_modules is not None else ["classifier"]
+
+
+def depth_sigma(sigma: float, depth: Optional[int], n_blocks: int, schedule: str, first_block: bool) -> float:
+    """σ_l of a module in block ``depth`` (``None``: outside the blocks) of a model with ``n_blocks`` blocks."""
+    if depth is None:
+        return float(sigma)
+    if depth == 0:
+        return float(sigma) if first_block else 0.0
+    if schedule == "constant":
+        return float(sigma)
+    return float(sigma) * max(n_blocks - depth + 1, 0) / n_blocks
+
+
+def head_sigma(sigma: float, n_blocks: int, schedule: str) -> float:
+    """σ of the head's logits: σ/B with the linear schedule."""
+    return float(sigma) if schedule == "constant" else float(sigma) / n_blocks

@@ -1,0 +1,146 @@
+"""The PACE tuner: injects :class:`~peft_tsrs.tuners.pace.layer.Linear` layers with a depth-dependent noise scale
+and noises the classification head's logits in training."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Iterator, Optional
+
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from ..defaults import LINEAR_TARGETS, default_targets
+from ..tuners_utils import block_index, matches_module_name
+from .config import PACEConfig, depth_sigma, head_sigma
+from .layer import Linear, PACELayer, multiplicative_noise
+
+
+class PACEModel(BaseTuner):
+    """PACE (Ni et al., NeurIPS 2024) as a PEFT tuner.
+
+    Example::
+
+        >>> import peft_tsrs
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_tsrs.PACEConfig(r=10, sigma=1.0, modules_to_save=["classifier"]))
+    """
+
+    prefix: str = "pace_"
+    tuner_layer_cls = PACELayer
+    target_module_mapping = LINEAR_TARGETS
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        self._head_hooks: dict[str, tuple[nn.Module, Any]] = {}
+        self._head_warned = False
+        self._adapters_on = True
+        self._noise_on = True
+        self._head_pre_hook = None
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # ------------------------------------------------------------------ injection
+    def _prepare_adapter_config(self, peft_config: PACEConfig, model_config: dict) -> PACEConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = default_targets(
+                LINEAR_TARGETS, model_config.get("model_type"), "target_modules", "PACE"
+            )
+        return peft_config
+
+    def _num_blocks(self) -> int:
+        n = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
+        if n:
+            return int(n)
+        depths = [block_index(name) for name, _ in self.model.named_modules()]
+        return 1 + max((d for d in depths if d is not None), default=0)
+
+    def _create_and_replace(self, config: PACEConfig, adapter_name, target, target_name, parent, current_key,
+                            **kwargs) -> None:
+        sigma = depth_sigma(config.sigma, block_index(current_key), self._num_blocks(), config.noise_schedule,
+                            config.noise_first_block)
+        if isinstance(target, PACELayer):
+            target.update_layer(adapter_name, config.r, config.variant, sigma, config.noise_shape,
+                                config.init_weights, inference_mode=config.inference_mode)
+            return
+        if not isinstance(target, nn.Linear):
+            raise ValueError(
+                f"PACE: target module {current_key!r} is a {type(target).__name__}; PACE adapts nn.Linear layers. "
+                f"Remove it from `target_modules`."
+            )
+        new_module = Linear(target, adapter_name, r=config.r, variant=config.variant, sigma=sigma,
+                            noise_shape=config.noise_shape, init_weights=config.init_weights)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    # ------------------------------------------------------------------ noise control
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        super()._enable_adapter_layers(enabled)
+        self._adapters_on = enabled
+
+    def _pace_layers(self) -> Iterator[tuple[str, PACELayer]]:
+        return ((n, m) for n, m in self.model.named_modules() if isinstance(m, PACELayer))
+
+    @contextlib.contextmanager
+    def noise_disabled(self) -> Iterator["PACEModel"]:
+        """Switch the multiplicative noise off (also the head's) inside the block, e.g. for a clean training pass."""
+        layers = [m for _, m in self._pace_layers()]
+        previous = [m.noise_enabled for m in layers], self._noise_on
+        for m in layers:
+            m.noise_enabled = False
+        self._noise_on = False
+        try:
+            yield self
+        finally:
+            for m, state in zip(layers, previous[0]):
+                m.noise_enabled = state
+            self._noise_on = previous[1]
+
+    def sigmas(self, adapter_name: Optional[str] = None) -> dict[str, float]:
+        """σ of every PACE layer (and ``"<head>"`` entries for the head) for one adapter (default: active)."""
+        adapter = adapter_name or self.active_adapters[0]
+        out = {name: m.sigma[adapter] for name, m in self._pace_layers() if adapter in m.sigma}
+        config = self.peft_config[adapter]
+        if config.noise_head:
+            for head in config.heads:
+                out[head] = head_sigma(config.sigma, self._num_blocks(), config.noise_schedule)
+        return out
+
+    # ------------------------------------------------------------------ head noise
+    def _head_noise(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if not (module.training and self._adapters_on and self._noise_on):
+            return output
+        config = self.peft_config[self.active_adapters[0]]
+        sigma = head_sigma(config.sigma, self._num_blocks(), config.noise_schedule)
+        if not config.noise_head or sigma <= 0 or not hasattr(output, "dtype"):
+            return output
+        return output * multiplicative_noise(output, sigma, config.noise_shape)
+
+    def _ensure_head_hooks(self) -> None:
+        """Hook the module currently at each head path (PEFT wraps the head in ModulesToSaveWrapper after
+        injection, so this runs at forward time and re-hooks when the module at a path changed)."""
+        config = self.peft_config[self.active_adapters[0]]
+        if not config.noise_head:
+            return
+        found = {name: m for name, m in self.model.named_modules() if matches_module_name(config.heads, name)
+                 and not any(p in name.split(".") for p in ("modules_to_save", "original_module"))}
+        if not found:
+            if config.explicit_head:
+                raise ValueError(f"PACE: head module(s) {config.heads} not found in the model; fix `head_modules` "
+                                 f"or set `noise_head=False`.")
+            if not self._head_warned:
+                warnings.warn(f"PACE: no head module named {config.heads}; the head's logits are not noised.")
+                self._head_warned = True
+            return
+        for name, module in found.items():
+            hooked = self._head_hooks.get(name)
+            if hooked is not None and hooked[0] is module:
+                continue
+            if hooked is not None:
+                hooked[1].remove()
+            self._head_hooks[name] = (module, module.register_forward_hook(self._head_noise))
+
+    def _post_injection_hook(self, model: nn.Module, config: PACEConfig, adapter_name: str) -> None:
+        # PeftModel calls the wrapped model directly (not this module), so the head hooks are (re)installed from a
+        # pre-hook on the wrapped model, once per forward.
+        if getattr(self, "_head_pre_hook", None) is None:
+            self._head_pre_hook = model.register_forward_pre_hook(lambda module, args: self._ensure_head_hooks())

@@ -1,0 +1,217 @@
+"""PACE tuner: variants, exact merge, noise only on the adapter branch and in training, depth schedule, PEFT
+behaviour, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_bert, make_tiny_vit, vit_inputs
+from peft import PeftModel, get_peft_model
+from torch import nn
+from tuner_checks import assert_gradients_only_on_trainable, assert_merge_roundtrip, logits
+
+from peft_tsrs import PACEConfig
+from peft_tsrs.tuners.pace import Linear as PACELinear
+from peft_tsrs.tuners.pace import depth_sigma
+
+HEAD = ["classifier"]
+VARIANTS = ["lora_mul_vpt_add", "lora_add", "vpt_add"]
+
+
+def no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def test_identity_init_is_the_pretrained_model(tiny):
+    make, inputs, _ = tiny
+    x = inputs()
+    ref = logits(make(), x)
+    for variant in VARIANTS:
+        model = get_peft_model(make(), PACEConfig(r=3, variant=variant, modules_to_save=HEAD)).eval()
+        assert torch.equal(logits(model, x), ref), variant
+
+
+def test_forward_matches_formula():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 4)
+    layer = PACELinear(lin, "default", r=2, variant="lora_mul_vpt_add", init_weights=False).eval()
+    x = torch.randn(3, 5)
+    A, B = layer.pace_A["default"], layer.pace_B["default"]
+    P, q, s = layer.pace_P["default"], layer.pace_q["default"], layer.pace_bias_scale["default"]
+    w = lin.weight * (1 + A @ B)
+    b = lin.bias + lin.weight @ (P @ q) + lin.bias * s
+    torch.testing.assert_close(layer(x), x @ w.T + b)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_merge_unmerge_exact(tiny, variant):
+    make, inputs, _ = tiny
+    model = get_peft_model(make(), PACEConfig(r=2, variant=variant, init_weights=False, modules_to_save=HEAD))
+    assert_merge_roundtrip(model, inputs())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_merge_and_unload_and_save_load(tiny, variant, tmp_path):
+    make, inputs, _ = tiny
+    x = inputs()
+    model = get_peft_model(make(), PACEConfig(r=2, variant=variant, init_weights=False, modules_to_save=HEAD)).eval()
+    out = logits(model, x)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make(), tmp_path).eval()
+    assert torch.equal(logits(loaded, x), out)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, PACELinear) for m in merged.modules())
+    torch.testing.assert_close(logits(merged, x), out, atol=1e-5, rtol=1e-4)
+
+
+def test_eval_deterministic_training_noisy(tiny):
+    make, inputs, _ = tiny
+    x = inputs()
+    model = get_peft_model(no_dropout(make()), PACEConfig(r=2, init_weights=False, modules_to_save=HEAD))
+    model.eval()
+    assert torch.equal(logits(model, x), logits(model, x))
+    model.train()
+    assert not torch.allclose(logits(model, x), logits(model, x))
+    with model.base_model.noise_disabled():
+        a, b = logits(model, x), logits(model, x)
+    assert torch.equal(a, b)
+    model.eval()
+    torch.testing.assert_close(a, logits(model, x))  # noise off in training == eval
+
+
+def test_noise_only_on_adapter_branch():
+    """With ΔW = 0 (identity init) the noise multiplies a zero branch: the encoder output is the base's."""
+    x = vit_inputs()
+    base = no_dropout(make_tiny_vit())
+    ref = base.vit(**x).last_hidden_state
+    model = get_peft_model(no_dropout(make_tiny_vit()), PACEConfig(r=2, sigma=2.0, modules_to_save=HEAD)).train()
+    torch.testing.assert_close(model.base_model.model.vit(**x).last_hidden_state, ref)
+
+
+def test_duplicated_batch_gets_independent_noise():
+    x = vit_inputs()["pixel_values"]
+    model = get_peft_model(no_dropout(make_tiny_vit()), PACEConfig(r=2, init_weights=False, noise_head=False))
+    model.train()
+    out = model(pixel_values=torch.cat([x, x])).logits
+    first, second = out.chunk(2)
+    assert not torch.allclose(first, second)
+    model.eval()
+    first, second = model(pixel_values=torch.cat([x, x])).logits.chunk(2)
+    torch.testing.assert_close(first, second)
+
+
+def test_noise_shapes():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4)
+    for shape, constant_over_tokens in (("BC", True), ("BTC", False)):
+        layer = PACELinear(nn.Linear(4, 3), "default", r=2, variant="lora_add", sigma=1.0, noise_shape=shape,
+                           init_weights=False).train()
+        branch = layer(x) - layer.base_layer(x)
+        clean = nn.functional.linear(x, layer.get_delta_weight("default"))
+        ratio = branch / clean  # z per element
+        spread = (ratio - ratio[:, :1]).abs().max()
+        assert (spread < 1e-4) == constant_over_tokens, shape
+
+
+def test_depth_schedule_on_12_blocks():
+    model = make_tiny_bert(layers=12)
+    peft_model = get_peft_model(model, PACEConfig(r=1, sigma=1.2, modules_to_save=HEAD))
+    sigmas = peft_model.base_model.sigmas()
+    by_block = {}
+    for name, value in sigmas.items():
+        if ".layer." in name:
+            by_block.setdefault(int(name.split(".layer.")[1].split(".")[0]), set()).add(round(value, 9))
+    assert all(len(values) == 1 for values in by_block.values())  # one σ per block
+    sigma = {i: values.pop() for i, values in by_block.items()}
+    assert sigma[0] == 0.0
+    assert sigma[1] == pytest.approx(1.2)
+    assert sigma[11] == pytest.approx(2 * 1.2 / 12)
+    for i in range(1, 12):
+        assert sigma[i] == pytest.approx(1.2 * (12 - i + 1) / 12)
+    assert sigmas["classifier"] == pytest.approx(1.2 / 12)
+    assert depth_sigma(1.0, 0, 12, "linear", True) == 1.0
+    assert depth_sigma(1.0, 5, 12, "constant", False) == 1.0
+
+
+def test_head_logits_are_noised_in_training():
+    x = vit_inputs()
+    model = get_peft_model(no_dropout(make_tiny_vit()), PACEConfig(r=2, sigma=1.0, modules_to_save=HEAD)).train()
+    # identity adapters: only the head's multiplicative noise remains
+    assert not torch.allclose(model(**x).logits, model(**x).logits)
+    with model.disable_adapter():
+        assert torch.equal(model(**x).logits, model(**x).logits)
+    silent = get_peft_model(no_dropout(make_tiny_vit()), PACEConfig(r=2, noise_head=False, modules_to_save=HEAD))
+    silent.train()
+    assert torch.equal(silent(**x).logits, silent(**x).logits)
+
+
+def test_gradient_reaches_only_trainable_parameters(tiny):
+    make, inputs, _ = tiny
+    model = get_peft_model(make(), PACEConfig(r=2, modules_to_save=HEAD))
+    assert_gradients_only_on_trainable(model, inputs(), ("pace_", "classifier.modules_to_save"))
+
+
+def test_multiple_adapters_set_disable_delete(tiny):
+    make, inputs, _ = tiny
+    x = inputs()
+    ref = logits(make(), x)
+    model = get_peft_model(make(), PACEConfig(r=2, init_weights=False))
+    model.add_adapter("second", PACEConfig(r=3, variant="lora_add", init_weights=False))
+    model.eval()
+    out_default = logits(model, x)
+    model.set_adapter("second")
+    out_second = logits(model, x)
+    assert not torch.allclose(out_default, out_second)
+    assert all(".second" in n for n, p in model.named_parameters() if p.requires_grad)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, x), ref)
+    model.base_model.set_adapter(["default", "second"])
+    assert_merge_roundtrip(model, x)
+    model.base_model.set_adapter("second")
+    model.delete_adapter("default")
+    assert not any(".default" in n for n, _ in model.named_parameters() if "pace_" in n)
+    torch.testing.assert_close(logits(model, x), out_second)
+
+
+def test_bf16_forward_and_merge():
+    """Stated tolerance: bf16 merged vs unmerged logits within 0.05."""
+    model = get_peft_model(make_tiny_vit().to(torch.bfloat16), PACEConfig(r=2, init_weights=False)).eval()
+    x = {"pixel_values": vit_inputs()["pixel_values"].to(torch.bfloat16)}
+    out = logits(model, x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    model.merge_adapter()
+    assert (logits(model, x).float() - out.float()).abs().max() <= 0.05
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"variant": "lora_div"}, "unknown variant"),
+        ({"noise_shape": "TC"}, "unknown noise_shape"),
+        ({"noise_schedule": "cosine"}, "unknown noise_schedule"),
+        ({"r": 0}, "positive integer"),
+        ({"sigma": -0.5}, "sigma"),
+    ],
+)
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PACEConfig(**kwargs)
+
+
+@pytest.mark.parametrize("make,targets,match", [
+    (make_tiny_vit, ["layernorm_before"], "PACE adapts nn.Linear"),
+    (make_tiny_bert, ["LayerNorm"], "PACE adapts nn.Linear"),
+    (make_tiny_bert, ["no_such_module"], "not found"),
+])
+def test_bad_targets(make, targets, match):
+    with pytest.raises(ValueError, match=match):
+        get_peft_model(make(), PACEConfig(target_modules=targets))
+
+
+def test_explicit_missing_head_is_an_error():
+    model = get_peft_model(make_tiny_vit(), PACEConfig(head_modules=["score"])).train()
+    with pytest.raises(ValueError, match="head_modules"):
+        model(**vit_inputs())
