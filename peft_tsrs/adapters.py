@@ -35,8 +35,6 @@ def adapter_config(spec: AdapterSpec, model_type: Optional[str], recipe: Optiona
     """
     spec.validate()
     if spec.type == "full":
-        if spec.options:
-            raise ValueError(f"adapter.type 'full' takes no options, got {sorted(spec.options)}.")
         return None
     cls = config_class(spec.type)
     options = dict(spec.options)
@@ -48,8 +46,19 @@ def adapter_config(spec: AdapterSpec, model_type: Optional[str], recipe: Optiona
         options.setdefault("lora_alpha", 16)
     elif recipe is not None:
         options.setdefault("tsrs", recipe)
-    valid = {f.name for f in dataclasses.fields(cls)}
+    check_options(spec.type, options)
+    return cls(**options)
+
+
+def check_options(adapter_type: str, options: dict[str, Any]) -> None:
+    """Reject options that the adapter type's PEFT config does not have, listing the valid ones (called when a
+    recipe is loaded, so a typo fails before any data or model is loaded)."""
+    if adapter_type == "full":
+        if options:
+            raise ValueError(f"adapter.type 'full' takes no options, got {sorted(options)}.")
+        return
+    valid = {f.name for f in dataclasses.fields(config_class(adapter_type))}
     unknown = sorted(set(options) - valid)
     if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for adapter.type {spec.type!r}; valid: {', '.join(sorted(valid))}")
-    return cls(**options)
+        raise ValueError(f"unknown option(s) {unknown} for adapter.type {adapter_type!r}; "
+                         f"valid: {', '.join(sorted(valid))}")

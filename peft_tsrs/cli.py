@@ -2,11 +2,14 @@
 
     peft-tsrs train [RECIPE.yaml ...] [--override section.key=value ...]
     peft-tsrs report RUN_DIR [RUN_DIR ...] [--output DIR]
-    peft-tsrs demo [--output-dir DIR]
+    peft-tsrs demo [--output-dir DIR] [--override section.key=value ...]
+    peft-tsrs push RUN_DIR REPO_ID [--private]
 
 ``train`` with no recipe runs the embedded default (MiniLM, WordNet noun categories, 8 shots per class, RLRR).
 ``demo`` runs that default twice — without and with the regularizers of :data:`DEMO_REGULARIZERS` — and prints the
-comparison table.
+comparison table. ``push`` uploads a finished run folder (adapter, model card, metrics, curves) to the Hub.
+
+``--override`` takes one or more ``KEY=VALUE`` (``-o a=1 b=2`` or ``-o a=1 -o b=2``); put recipe files before it.
 """
 
 from __future__ import annotations
@@ -27,10 +30,19 @@ DEMO_REGULARIZERS = [
 ]
 
 
+def _check_overrides(overrides: list[str]) -> None:
+    """``--override`` takes several values, so a recipe file after it lands there: say so."""
+    for text in overrides:
+        if "=" not in text and text.endswith((".yaml", ".yml")):
+            raise ValueError(f"{text!r} came after --override: put recipe files before --override, e.g. "
+                             f"peft-tsrs train {text} --override training.epochs=3")
+
+
 def _train(args: argparse.Namespace) -> int:
     from .run import run_recipe
 
     overrides = list(args.override or [])
+    _check_overrides(overrides)
     if args.output_dir:
         overrides.append(f"output_dir={args.output_dir}")
     if args.name:
@@ -69,12 +81,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push(args: argparse.Namespace) -> int:
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    from .hub import push_run_to_hub
+
+    try:
+        url = push_run_to_hub(args.run_dir, args.repo_id, private=args.private, token=args.token,
+                              commit_message=args.message)
+    except OfflineModeIsEnabled as err:
+        raise ValueError(f"cannot push with HF_HUB_OFFLINE=1 set ({err}); unset it and retry.") from None
+    except HfHubHTTPError as err:
+        raise ValueError(f"the Hub refused the push to {args.repo_id}: {err}") from None
+    print(f"pushed {args.run_dir} -> {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-tsrs", description="Regularized PEFT fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune from recipe YAML files (merged in order)")
     train.add_argument("recipes", nargs="*", help="recipe files; none = the embedded default")
-    train.add_argument("--override", "-o", action="append", metavar="KEY=VALUE",
+    train.add_argument("--override", "-o", action="extend", nargs="+", metavar="KEY=VALUE",
                        help="edit the recipe, e.g. training.epochs=3 or regularizers.tsrs_weight=1")
     train.add_argument("--output-dir", help="parent folder of the run folder (recipe output_dir)")
     train.add_argument("--name", help="run name (folder name)")
@@ -87,10 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
     demo = sub.add_parser("demo", help="baseline vs. regularized run of the embedded default, with a table")
     demo.add_argument("--output-dir", default="runs/demo")
-    demo.add_argument("--override", "-o", action="append", metavar="KEY=VALUE",
+    demo.add_argument("--override", "-o", action="extend", nargs="+", metavar="KEY=VALUE",
                       help="edit both arms' recipe, e.g. training.epochs=2 for a quick look")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(func=_demo)
+    push = sub.add_parser("push", help="upload a finished run folder (adapter + model card + metrics) to the Hub")
+    push.add_argument("run_dir", help="a run folder written by `peft-tsrs train` (<output_dir>/<name>)")
+    push.add_argument("repo_id", help="Hub repository, e.g. user/wordnet-minilm-tsrs (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--token", help="Hub token (default: the logged-in one / HF_TOKEN)")
+    push.add_argument("--message", help="commit message")
+    push.set_defaults(func=_push)
     return parser
 
 

@@ -66,6 +66,9 @@ class AdapterSpec:
     def validate(self) -> None:
         if self.type not in ADAPTERS:
             raise ValueError(f"adapter.type must be one of {ADAPTERS}, got {self.type!r}.")
+        from .adapters import check_options  # late: adapters imports this module
+
+        check_options(self.type, self.options)
 
 
 @dataclass

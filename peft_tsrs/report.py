@@ -41,7 +41,7 @@ def collect(run_dirs: list[str]) -> list[dict[str, Any]]:
             "validation_accuracy": val_mean, "validation_accuracy_std": val_std,
             "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in runs),
             "trainable_parameters": runs[0]["trainable_parameters"],
-            "stable_rank": _mean_std([d["mean_stable_rank"] for d in diag if "mean_stable_rank" in d])[0],
+            "stable_rank": _mean_std([d["stable_rank_mean"] for d in diag if "stable_rank_mean" in d])[0],
             "noise_sensitivity": _mean_std([d["noise_sensitivity"] for d in diag if "noise_sensitivity" in d])[0],
         })
     rows.sort(key=lambda r: (r["task"], r["shots"], r["label_noise"], r["label"]))

@@ -28,8 +28,9 @@ def main(out: str, mode: str, per_device_batch: int) -> None:
             m.p = 0.0
     if mode == "deterministic":
         model = get_peft_model(base, RLRRConfig(init_weights="kaiming", modules_to_save=["classifier"]))
+        # threshold 0.2 < 1/3: every disagreeing 3-class prediction from epoch 1 on overwrites its label
         cfg = TSRSConfig(pace_weight=0.5, pace_mode="fast", distance_norm="frob", distance_radius=0.05,
-                         label_correction_threshold=0.34, label_correction_start_epoch=1)
+                         label_correction_threshold=0.2, label_correction_start_epoch=1)
     else:
         model = get_peft_model(base, PACEConfig(r=2, sigma=0.5, modules_to_save=["classifier"]))
         cfg = TSRSConfig(pace_weight=0.5, pace_mode="full", tsrs_weight=0.5, tsrs_inject_layer=1,

@@ -1,0 +1,212 @@
+"""The ``peft-tsrs`` command: train, report, demo, push, and its error messages (tiny budgets, no network)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from test_recipes import TINY, TINY_TASK, check_run_folder
+
+from peft_tsrs.cli import main
+
+QUICK = [*TINY, *TINY_TASK["wordnet_minilm"]]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One finished `peft-tsrs train` run (module-wide: the push test reuses it)."""
+    out = tmp_path_factory.mktemp("cli-train")
+    code = main(["train", "--output-dir", str(out), "--name", "cli-run", "--no-progress", "--override", *QUICK])
+    assert code == 0
+    return out / "cli-run"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> tuple[Path, str]:
+    """`peft-tsrs demo` with a tiny budget: (output folder, what it printed)."""
+    out = tmp_path_factory.mktemp("cli-demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        # diagnostics on here, so the report's stable-rank / noise-sensitivity columns are filled
+        code = main(["demo", "--output-dir", str(out), "--no-progress", "-o", *QUICK, "diagnostics=true"])
+    assert code == 0
+    return out, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_train(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert metrics["method"] == "rlrr" and metrics["train_steps"] == 2
+    check_run_folder(str(trained), metrics)
+
+
+@pytest.mark.slow
+def test_train_prints_the_result(tmp_path, capsys):
+    code = main(["train", str(Path(__file__).parents[1] / "configs/tasks/wordnet_minilm.yaml"),
+                 str(Path(__file__).parents[1] / "configs/methods/lora.yaml"), "--output-dir", str(tmp_path),
+                 "--no-progress", "-o", *QUICK])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "lora: validation accuracy" in out and "test accuracy" in out and str(tmp_path / "lora") in out
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_demo_runs_both_arms_and_prints_the_table(demo):
+    demo_dir, printed = demo
+    for arm, method in (("baseline", "rlrr"), ("regularized", "rlrr+pace-fast+tsrs")):
+        metrics = json.loads((demo_dir / f"demo-{arm}" / "metrics.json").read_text())
+        assert metrics["method"] == method and metrics["train_steps"] == 2  # --override reached both arms
+        assert "stable_rank_mean" in metrics["diagnostics"] and "noise_sensitivity" in metrics["diagnostics"]
+        assert f"== {arm}: {method} on wordnet (2 shots/class)" in printed
+    assert "| task | shots |" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| wordnet | 2 |")]
+    assert len(rows) == 2 and any("| rlrr |" in r for r in rows) and any("| rlrr+pace-fast+tsrs |" in r for r in rows)
+    assert (demo_dir / "report.md").read_text().count("| wordnet | 2 |") == 2
+    assert (demo_dir / "comparison.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_report_over_two_runs(demo, tmp_path, capsys):
+    demo_dir, _ = demo
+    runs = [str(demo_dir / "demo-baseline"), str(demo_dir / "demo-regularized")]
+    assert main(["report", *runs, "--output", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr().out
+    table = (tmp_path / "rep" / "report.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| wordnet |")]
+    assert len(rows) == 2 and {r.split("|")[4].strip() for r in rows} == {"rlrr", "rlrr+pace-fast+tsrs"}
+    assert "nan" not in "".join(rows)  # accuracy, timing, stable rank, noise sensitivity all filled
+    assert (tmp_path / "rep" / "comparison.png").stat().st_size > 1000
+    assert "report.md" in out and rows[0] in out
+    # default output: the runs' common parent
+    assert main(["report", *runs]) == 0
+    assert (demo_dir / "report.md").is_file()
+
+
+# --------------------------------------------------------------------------- errors: exit code 2, one readable line
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--override", "training.epochs"], "must look like section.key=value"),
+        (["train", "-o", "training.epoch=3"], "unknown key(s) ['epoch'] in recipe section 'training'; valid keys:"),
+        (["train", "-o", "trainig.epochs=3"], "unknown recipe key(s) ['trainig']"),
+        (["train", "-o", "adapter.rnk=2"], "unknown option(s) ['rnk'] for adapter.type 'rlrr'"),
+        (["train", "-o", "regularizers.tsrs_wieght=1"], "valid keys: tsrs_weight"),
+        (["train", "-o", "task.name=mnist"], "task.name must be one of"),
+        (["train", "no/such/recipe.yaml"], "recipe file not found: no/such/recipe.yaml"),
+        (["train", "-o", "training.epochs=1", "configs/methods/tsrs.yaml"], "put recipe files before --override"),
+        (["demo", "-o", "training.epoch=3"], "unknown key(s) ['epoch']"),
+        (["report", "no/such/run"], "no finished run (metrics.json)"),
+        (["push", "no/such/run", "me/repo"], "run folder not found"),
+    ],
+)
+def test_errors_exit_2_with_a_readable_message(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peft-tsrs: error: ") and message in err, err
+    assert "Traceback" not in err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["push", "only-one-arg"])
+    assert exc.value.code == 2
+    assert "REPO_ID" in capsys.readouterr().err.upper()
+
+
+# --------------------------------------------------------------------------- push (Hub calls recorded, no network)
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    from huggingface_hub import HfApi
+
+    calls: dict = {"create_repo": [], "upload_folder": []}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"].append({"repo_id": repo_id, **kwargs})
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs):
+        copy = tmp_path / f"uploaded{len(calls['upload_folder'])}"
+        shutil.copytree(kwargs["folder_path"], copy)  # the staging folder is temporary: keep what was sent
+        calls["upload_folder"].append({**kwargs, "copy": copy})
+        return None
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+@pytest.mark.slow
+def test_push_uploads_the_run_folder(trained, fake_hub, capsys):
+    from peft import PeftModel
+
+    from peft_tsrs.recipes import load_recipe
+    from peft_tsrs.tasks import build_model, build_task
+    from test_recipes import _logits
+
+    assert main(["push", str(trained), "me/wordnet-rlrr", "--private"]) == 0
+    assert f"pushed {trained} -> https://huggingface.co/me/wordnet-rlrr" in capsys.readouterr().out
+    (create,) = fake_hub["create_repo"]
+    assert create["repo_id"] == "me/wordnet-rlrr" and create["private"] is True and create["exist_ok"] is True
+    (upload,) = fake_hub["upload_folder"]
+    assert upload["repo_id"] == "me/wordnet-rlrr" and upload["repo_type"] == "model"
+    assert "cli-run" in upload["commit_message"]
+    sent = upload["copy"]
+    names = {p.name for p in sent.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "metrics.json",
+            "training_curves.png", "recipe.yaml", "tokenizer.json"} <= names, names
+    metrics = json.loads((sent / "metrics.json").read_text())
+    card = (sent / "README.md").read_text()
+    assert card.startswith("---") and "library_name: peft" in card and "peft-tsrs" in card
+    assert "**rlrr**" in card and f"{metrics['test']['accuracy']:.4f}" in card
+
+    # a model reloaded from the uploaded folder is the trained one
+    recipe = load_recipe([str(sent / "recipe.yaml")])
+    data = build_task(recipe)
+    uploaded = PeftModel.from_pretrained(build_model(recipe, data), str(sent))
+    original = PeftModel.from_pretrained(build_model(recipe, data), str(trained / "adapter"))
+    fresh = build_model(recipe, data)
+    a, labels = _logits(uploaded, data, "test")
+    b, _ = _logits(original, data, "test")
+    c, _ = _logits(fresh, data, "test")
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    assert (a.argmax(-1) == labels).float().mean().item() == pytest.approx(metrics["test"]["accuracy"])
+
+
+def test_push_api_returns_the_url_and_rejects_a_folder_without_adapter(tmp_path, fake_hub):
+    from peft_tsrs.hub import push_run_to_hub
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"has no trained adapter .*adapter_config.json"):
+        push_run_to_hub(str(tmp_path / "run"), "me/x")
+    assert fake_hub["create_repo"] == []  # nothing created for a bad folder
+    (tmp_path / "run" / "adapter").mkdir()
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
+    url = push_run_to_hub(str(tmp_path / "run"), "me/x", token="hf_dummy", commit_message="msg")
+    assert url == "https://huggingface.co/me/x"
+    (create,) = fake_hub["create_repo"]
+    assert create["private"] is False and create["token"] == "hf_dummy"
+    (upload,) = fake_hub["upload_folder"]
+    assert upload["commit_message"] == "msg" and upload["token"] == "hf_dummy"
+    assert {p.name for p in upload["copy"].iterdir()} == {"adapter_config.json", "metrics.json"}
+
+
+def test_push_offline_is_a_readable_error(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    def offline(self, *args, **kwargs):
+        raise OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled.")
+
+    monkeypatch.setattr(HfApi, "create_repo", offline)
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
+    assert main(["push", str(tmp_path / "run"), "me/x"]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err

@@ -1,0 +1,266 @@
+"""Recipes: defaults, YAML merging, overrides, clear errors, and a shortened real run of every file in configs/."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+from peft_tsrs.recipes import Recipe, load_recipe, parse_override, read_yaml, recipe_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+TASK_FILES = sorted((CONFIGS / "tasks").glob("*.yaml"))
+METHOD_FILES = sorted((CONFIGS / "methods").glob("*.yaml"))
+ALL_FILES = TASK_FILES + METHOD_FILES
+
+# A few seconds per run: 3 classes, 2 shots, 2 optimizer steps, short sequences, no diagnostics.
+TINY = [
+    "task.shots_per_class=2", "task.val_per_class=2", "task.test_per_class=3", "training.max_steps=2",
+    "training.eval_batch_size=64", "training.logging_steps=1", "diagnostics=false",
+]
+TINY_TASK = {
+    "wordnet_minilm": ["task.classes=[2, 3, 4]", "task.max_length=32"],
+    "fashion_mnist": ["task.classes=[5, 6, 7]", "model.pretrain_epochs=0.01"],
+}
+# Start the self-labeling terms at once, so a 2-step run goes through label correction and reweighting.
+START_NOW = ["regularizers.label_correction_start_epoch=0", "regularizers.reweight_start_epoch=0"]
+METRICS_KEYS = {
+    "name", "method", "task", "shots_per_class", "label_noise", "seed", "validation", "test", "best_checkpoint",
+    "train_time_s", "train_steps", "seconds_per_step", "trainable_parameters", "total_parameters", "n_train",
+    "history",
+}
+
+
+def _file_id(path: Path) -> str:
+    return f"{path.parent.name}/{path.stem}"
+
+
+# --------------------------------------------------------------------------- defaults, merging, overrides
+def test_no_file_is_the_embedded_default():
+    assert load_recipe() == Recipe()
+    assert Recipe().validate().method == "rlrr"
+
+
+def test_wordnet_minilm_spells_out_the_embedded_default():
+    recipe = load_recipe([str(CONFIGS / "tasks" / "wordnet_minilm.yaml")])
+    default = Recipe()
+    # only where the run folder goes differs (runs/wordnet_minilm/<method name>)
+    assert recipe.output_dir == "runs/wordnet_minilm"
+    assert dataclasses.replace(recipe, output_dir=default.output_dir) == default
+    # ... and every key of the embedded task/model/training sections is written out
+    data = read_yaml(str(CONFIGS / "tasks" / "wordnet_minilm.yaml"))
+    for section in ("task", "training"):
+        assert set(data[section]) == {f.name for f in dataclasses.fields(getattr(default, section))}
+
+
+def test_yaml_files_merge_in_order_and_base_is_underneath(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: from-base\ntraining:\n  epochs: 3\n  batch_size: 8\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntraining:\n  epochs: 4\n")
+    (tmp_path / "later.yaml").write_text("training:\n  batch_size: 32\nregularizers:\n  tsrs_weight: 1\n")
+    recipe = load_recipe([str(tmp_path / "child.yaml"), str(tmp_path / "later.yaml")])
+    assert recipe.name == "from-base"  # from the base, not overridden
+    assert recipe.training.epochs == 4  # the child wins over its base
+    assert recipe.training.batch_size == 32  # a later file wins over an earlier one
+    assert recipe.training.learning_rate == Recipe().training.learning_rate  # untouched keys keep the defaults
+    assert recipe.regularizers.tsrs_weight == 1.0
+    # overrides come last
+    recipe = load_recipe([str(tmp_path / "child.yaml")], ["training.epochs=7", "name=x"])
+    assert (recipe.training.epochs, recipe.name) == (7, "x")
+
+
+def test_later_method_file_replaces_adapter_type_and_merges_options():
+    recipe = load_recipe([str(CONFIGS / "tasks" / "fmnist_vit.yaml"), str(CONFIGS / "methods" / "tsrs_lora.yaml")])
+    assert recipe.adapter.type == "lora" and recipe.adapter.options["r"] == 8
+    assert recipe.task.name == "fashion_mnist" and recipe.training.epochs == 15
+    assert recipe.run_dir == os.path.join("runs/fmnist_vit", "tsrs-lora")
+
+
+def test_overrides_parse_types():
+    assert parse_override("training.epochs=3") == {"training": {"epochs": 3}}
+    assert parse_override("training.learning_rate=1e-4") == {"training": {"learning_rate": 1e-4}}
+    assert parse_override("training.learning_rate=5.0e-5")["training"]["learning_rate"] == pytest.approx(5e-5)
+    assert parse_override("task.classes=[1, 2,3]") == {"task": {"classes": [1, 2, 3]}}
+    assert parse_override("task.test_per_class=null") == {"task": {"test_per_class": None}}
+    assert parse_override("task.test_per_class=") == {"task": {"test_per_class": None}}
+    assert parse_override("diagnostics=false") == {"diagnostics": False}
+    assert parse_override("name=my-run") == {"name": "my-run"}
+    assert parse_override("regularizers.distance_norm=inf-op") == {"regularizers": {"distance_norm": "inf-op"}}
+    recipe = load_recipe([], ["training.epochs=2.5", "regularizers.tsrs_weight=1", "task.classes=[0, 5]",
+                              "task.test_per_class=null", "adapter.init_weights=kaiming"])
+    assert recipe.training.epochs == 2.5
+    assert isinstance(recipe.regularizers.tsrs_weight, (int, float)) and recipe.regularizers.uses_tsrs
+    assert recipe.task.classes == [0, 5] and recipe.task.test_per_class is None
+    assert recipe.adapter.options == {"init_weights": "kaiming"}
+
+
+# --------------------------------------------------------------------------- clear errors
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"trainig": {"epochs": 1}}, r"unknown recipe key\(s\) \['trainig'\].*valid top-level keys:.*training"),
+        ({"training": {"epoch": 1}}, r"unknown key\(s\) \['epoch'\] in recipe section 'training'; valid keys:.*epochs"),
+        ({"task": {"shots": 4}}, r"section 'task'.*shots_per_class"),
+        ({"regularizers": {"tsrs_wieght": 1.0}}, r"regularizers.*tsrs_wieght.*valid keys:.*tsrs_weight"),
+        ({"adapter": {"type": "dora"}}, r"adapter.type must be one of .*rlrr.*got 'dora'"),
+        ({"adapter": {"type": "rlrr", "rank": 2}}, r"unknown option\(s\) \['rank'\] for adapter.type 'rlrr'; valid:.* r,"),
+        ({"adapter": {"type": "lora", "lora_alfa": 2}}, r"\['lora_alfa'\] for adapter.type 'lora'.*lora_alpha"),
+        ({"adapter": {"type": "full", "r": 2}}, r"'full' takes no options"),
+        ({"task": {"name": "mnist"}}, r"task.name must be one of .*wordnet.*got 'mnist'"),
+        ({"regularizers": {"distance_norm": "frob"}}, r"distance_radius"),
+        ({"training": {"learning_rate": 0}}, r"learning_rate"),
+    ],
+)
+def test_clear_errors(data, message):
+    with pytest.raises(ValueError, match=message):
+        recipe_from_dict(data)
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ValueError, match=r"must look like section.key=value"):
+        parse_override("training.epochs")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['epoch'\]"):
+        load_recipe([], ["training.epoch=3"])
+
+
+def test_missing_or_malformed_recipe_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="recipe file not found"):
+        load_recipe([str(tmp_path / "nope.yaml")])
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="must be a YAML mapping"):
+        load_recipe([str(tmp_path / "list.yaml")])
+
+
+def test_labels_out_of_range_are_a_clear_error():
+    from peft_tsrs.tasks import check_labels
+
+    ok = datasets.Dataset.from_dict({"label": [0, 1, 2]})
+    check_labels(datasets.DatasetDict(train=ok, test=ok), 3)
+    bad = datasets.Dataset.from_dict({"label": [0, 3, 1]})
+    with pytest.raises(ValueError, match=r"split 'test' has label 3 outside \[0, 3\).*remap"):
+        check_labels(datasets.DatasetDict(train=ok, test=bad), 3)
+    with pytest.raises(ValueError, match=r"label -1 outside"):
+        check_labels(datasets.DatasetDict(train=datasets.Dataset.from_dict({"label": [-1]})), 3)
+
+
+def test_missing_dataset_package_says_which_apt_get_command(monkeypatch, tmp_path):
+    import peft_tsrs.data.fashion_mnist as fmnist
+    import peft_tsrs.data.wordnet as wordnet
+    from peft_tsrs.tasks import build_task
+
+    monkeypatch.setattr(wordnet, "DEFAULT_WORDNET_NOUNS", str(tmp_path / "missing" / "data.noun"))
+    with pytest.raises(FileNotFoundError, match=r"apt-get install wordnet-base"):
+        build_task(load_recipe([], TINY))
+    monkeypatch.setattr(fmnist, "DEFAULT_FASHION_MNIST_ROOT", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist"):
+        build_task(load_recipe([], ["task.name=fashion_mnist", "model.name=fmnist_vit"]))
+
+
+# --------------------------------------------------------------------------- every file in configs/
+def test_configs_exist():
+    assert {p.stem for p in TASK_FILES} >= {"wordnet_minilm", "fmnist_vit"}
+    assert {p.stem for p in METHOD_FILES} >= {
+        "full", "lora", "rlrr", "rlrr_ssf", "pace", "pace_fast", "tsrs", "tsrs_lora", "self_labeling", "distance"}
+    assert (CONFIGS / "README.md").is_file()
+
+
+@pytest.mark.parametrize("path", ALL_FILES, ids=_file_id)
+def test_every_config_loads_and_is_documented(path):
+    text = path.read_text()
+    assert text.startswith("#"), f"{path} must start with a comment saying what it is"
+    data = read_yaml(str(path))
+    if path.parent.name == "methods":
+        # method files combine with any task file: adapter / regularizers / learning rate only
+        assert set(data) <= {"name", "adapter", "regularizers", "training"}, sorted(data)
+        assert set(data.get("training", {})) <= {"learning_rate"}
+        assert "adapter" in data
+    else:
+        assert "adapter" not in data and "regularizers" not in data
+    recipe = load_recipe([str(path)])
+    assert recipe.validate() is recipe
+    readme = (CONFIGS / "README.md").read_text()
+    assert f"configs/{path.parent.name}/{path.name}" in readme
+
+
+def _combinations() -> list[tuple[Path, Path]]:
+    """Each method with wordnet_minilm; each task with rlrr."""
+    rlrr = CONFIGS / "methods" / "rlrr.yaml"
+    wordnet = CONFIGS / "tasks" / "wordnet_minilm.yaml"
+    combos = [(wordnet, m) for m in METHOD_FILES]
+    combos += [(t, rlrr) for t in TASK_FILES if t != wordnet]
+    return combos
+
+
+def _logits(model, data, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    ds = data.splits[split]
+    batch = data.collator([ds[i] for i in range(len(ds))])
+    labels = batch.pop("labels")
+    batch = {k: v for k, v in batch.items() if k != "index"}
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits.float(), labels
+
+
+def check_run_folder(run_dir: str, metrics: dict) -> None:
+    """What every run folder must hold: a reloadable adapter reproducing the test metrics, metrics.json, curves,
+    the resolved recipe and a model card naming the method and the test accuracy."""
+    from peft import PeftModel
+
+    from peft_tsrs.tasks import build_model, build_task
+
+    run = Path(run_dir)
+    for name in ("adapter", "metrics.json", "recipe.yaml", "training_curves.png"):
+        assert (run / name).exists(), name
+    assert (run / "training_curves.png").stat().st_size > 1000
+    assert not (run / "checkpoints").exists()
+    saved = json.loads((run / "metrics.json").read_text())
+    assert METRICS_KEYS <= set(saved), sorted(METRICS_KEYS - set(saved))
+    assert {"accuracy", "macro_f1", "loss"} <= set(saved["test"]) and "accuracy" in saved["validation"]
+    assert saved["test"]["accuracy"] == pytest.approx(metrics["test"]["accuracy"])
+
+    recipe = load_recipe([str(run / "recipe.yaml")])  # the resolved recipe reloads as it was
+    assert recipe.method == saved["method"]
+    card = (run / "adapter" / "README.md").read_text()
+    assert saved["method"] in card
+    assert f"{saved['test']['accuracy']:.4f}" in card
+
+    data = build_task(recipe)
+    adapter_dir = str(run / "adapter")
+    if recipe.adapter.type == "full":
+        assert (run / "adapter" / "config.json").is_file()
+        model = build_model(recipe, data, path=adapter_dir)
+    else:
+        assert (run / "adapter" / "adapter_config.json").is_file()
+        assert (run / "adapter" / "adapter_model.safetensors").is_file()
+        model = PeftModel.from_pretrained(build_model(recipe, data), adapter_dir)
+    logits, labels = _logits(model, data, "test")
+    loss = torch.nn.functional.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(-1) == labels).float().mean().item()
+    assert accuracy == pytest.approx(saved["test"]["accuracy"], abs=1e-6)
+    assert loss == pytest.approx(saved["test"]["loss"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_file, method_file", _combinations(),
+                         ids=[f"{t.stem}+{m.stem}" for t, m in _combinations()])
+def test_every_config_runs(task_file, method_file, tmp_path, monkeypatch):
+    from peft_tsrs.run import run_recipe
+
+    task = "fashion_mnist" if "fmnist" in task_file.stem else task_file.stem
+    overrides = [*TINY, *TINY_TASK[task], f"output_dir={tmp_path}"]
+    if method_file.stem == "self_labeling":
+        overrides += START_NOW
+    if task == "fashion_mnist":  # the tiny pretraining must not land in the real cache
+        monkeypatch.setenv("PEFT_TSRS_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe([str(task_file), str(method_file)], overrides)
+    metrics = run_recipe(recipe, progress=False)
+    assert recipe.run_dir == str(tmp_path / recipe.name)
+    assert metrics["train_steps"] == 2
+    check_run_folder(recipe.run_dir, metrics)
+    if task == "fashion_mnist":
+        assert any((tmp_path / "cache").iterdir())
