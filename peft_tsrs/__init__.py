@@ -17,7 +17,7 @@ from .trainer import TSRSTrainer  # noqa: E402
 from .training_args import TSRSTrainingArguments  # noqa: E402
 from .tsrs_config import TSRSConfig  # noqa: E402
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 __all__ = [
     "PACEConfig",

@@ -8,13 +8,20 @@ so ``unmerge`` restores them bit for bit, and every merge recomputes the weight 
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from typing import Iterable, Optional, Union
 
 import torch
+from packaging.version import InvalidVersion, Version
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from safetensors import SafetensorError, safe_open
 from torch import nn
+
+from ..version import __version__
+
+WEIGHTS_NAME = "adapter_model.safetensors"
 
 Patterns = Optional[Union[str, Iterable[str]]]
 
@@ -40,6 +47,46 @@ def check_rank(r: int, method: str) -> None:
         raise ValueError(f"{method}: `r` must be a positive integer (rank of the adapter), got {r!r}.")
 
 
+def check_saved_version(saved: Optional[str], method: str) -> str:
+    """The version stored with an adapter, refused when it is not a version or newer than the installed package."""
+    if saved is None:
+        return __version__
+    try:
+        found = Version(str(saved))
+    except InvalidVersion:
+        raise ValueError(f"{method}: adapter_config.json has peft_tsrs_version {saved!r}, which is not a version; "
+                         f"the folder was not written by peft-tsrs or is damaged.") from None
+    installed = Version(__version__)
+    if (found.major, found.minor) > (installed.major, installed.minor):
+        raise ValueError(f"{method}: this adapter was saved by peft-tsrs {found}, newer than the installed "
+                         f"{installed}. Upgrade: pip install -U 'peft-tsrs>={found.major}.{found.minor}'.")
+    return str(saved)
+
+
+def check_adapter_folder(folder: str) -> None:
+    """Before PEFT reads the weights: a local ``adapter_model.safetensors`` must open (header and size intact)."""
+    path = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        return
+    try:
+        with safe_open(path, framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is corrupted or truncated ({err}). Save the adapter again with "
+                         f"`model.save_pretrained(...)` or copy/download the folder again.") from None
+
+
+class TunerConfigMixin:
+    """Shared by the RLRR and PACE configs: checks an adapter folder before PEFT loads its weights."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        if os.path.isdir(folder):
+            check_adapter_folder(folder)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+
 def normalize_common_fields(config, method: str, list_fields: tuple[str, ...]) -> None:
     """Shared post-init of the RLRR/PACE configs: lists become sets (PEFT convention), ``layers_pattern`` needs
     ``layers_to_transform``, and a ``tsrs`` recipe object is stored as its dict (so it lands in adapter_config.json
@@ -50,6 +97,7 @@ def normalize_common_fields(config, method: str, list_fields: tuple[str, ...]) -
             setattr(config, name, set(value))
     if config.layers_pattern and config.layers_to_transform is None:
         raise ValueError(f"{method}: `layers_pattern` only makes sense together with `layers_to_transform`.")
+    config.peft_tsrs_version = check_saved_version(config.peft_tsrs_version, method)
     if config.tsrs is not None and not isinstance(config.tsrs, dict):
         to_dict = getattr(config.tsrs, "to_dict", None)
         if to_dict is None:

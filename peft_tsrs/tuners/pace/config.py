@@ -9,7 +9,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from ...registration import ensure_peft_types
-from ..tuners_utils import check_rank, normalize_common_fields
+from ..tuners_utils import TunerConfigMixin, check_rank, normalize_common_fields
 
 ensure_peft_types()
 
@@ -19,7 +19,7 @@ NOISE_SCHEDULES = ("linear", "constant")
 
 
 @dataclass
-class PACEConfig(PeftConfig):
+class PACEConfig(TunerConfigMixin, PeftConfig):
     """Configuration of a :class:`PACEModel`: an adapter whose branch is multiplied by noise ``z ~ N(1, σ_l²)`` in
     training (pair it with the consistency loss of ``TSRSTrainer``, ``TSRSConfig(pace_weight=...)``).
 
@@ -71,6 +71,9 @@ class PACEConfig(PeftConfig):
     )
     tsrs: Optional[dict] = field(
         default=None, metadata={"help": "Training recipe (TSRSConfig fields) saved with the adapter."}
+    )
+    peft_tsrs_version: Optional[str] = field(
+        default=None, metadata={"help": "peft-tsrs version that wrote the adapter (set automatically)."}
     )
 
     def __post_init__(self) -> None:

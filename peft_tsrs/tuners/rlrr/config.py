@@ -9,7 +9,7 @@ from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from ...registration import ensure_peft_types
-from ..tuners_utils import check_rank, normalize_common_fields
+from ..tuners_utils import TunerConfigMixin, check_rank, normalize_common_fields
 
 ensure_peft_types()
 
@@ -17,7 +17,7 @@ RLRR_INITS = ("identity", "kaiming", "random")
 
 
 @dataclass
-class RLRRConfig(PeftConfig):
+class RLRRConfig(TunerConfigMixin, PeftConfig):
     """Configuration of an :class:`RLRRModel`.
 
     Every targeted ``nn.Linear`` computes ``y = x (W0 + W0 ⊙ (L R))ᵀ + b0 + shift`` with ``L ∈ R^{out×r}``,
@@ -69,6 +69,9 @@ class RLRRConfig(PeftConfig):
     )
     tsrs: Optional[dict] = field(
         default=None, metadata={"help": "Training recipe (TSRSConfig fields) saved with the adapter."}
+    )
+    peft_tsrs_version: Optional[str] = field(
+        default=None, metadata={"help": "peft-tsrs version that wrote the adapter (set automatically)."}
     )
 
     def __post_init__(self) -> None:
