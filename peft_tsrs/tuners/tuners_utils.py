@@ -76,35 +76,6 @@ def check_adapter_folder(folder: str) -> None:
                          f"`model.save_pretrained(...)` or copy/download the folder again.") from None
 
 
-class TunerConfigMixin:
-    """Shared by the RLRR and PACE configs: checks an adapter folder before PEFT loads its weights."""
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
-        if os.path.isdir(folder):
-            check_adapter_folder(folder)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-
-
-def normalize_common_fields(config, method: str, list_fields: tuple[str, ...]) -> None:
-    """Shared post-init of the RLRR/PACE configs: lists become sets (PEFT convention), ``layers_pattern`` needs
-    ``layers_to_transform``, and a ``tsrs`` recipe object is stored as its dict (so it lands in adapter_config.json
-    without the tuner importing the trainer side)."""
-    for name in list_fields:
-        value = getattr(config, name)
-        if isinstance(value, list):
-            setattr(config, name, set(value))
-    if config.layers_pattern and config.layers_to_transform is None:
-        raise ValueError(f"{method}: `layers_pattern` only makes sense together with `layers_to_transform`.")
-    config.peft_tsrs_version = check_saved_version(config.peft_tsrs_version, method)
-    if config.tsrs is not None and not isinstance(config.tsrs, dict):
-        to_dict = getattr(config.tsrs, "to_dict", None)
-        if to_dict is None:
-            raise TypeError(f"{method}: `tsrs` must be a TSRSConfig or a dict of its fields.")
-        config.tsrs = to_dict()
-
-
 class ComposedWeightLayer(BaseTunerLayer):
     """A tuner layer whose adapters act by rewriting the wrapped module's ``weight`` and ``bias``.
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from ...registration import ensure_peft_types
-from ..tuners_utils import TunerConfigMixin, check_rank, normalize_common_fields
+from ..config_base import TunerConfigBase
+from ..tuners_utils import check_rank
 
 ensure_peft_types()
 
@@ -19,7 +19,7 @@ NOISE_SCHEDULES = ("linear", "constant")
 
 
 @dataclass
-class PACEConfig(TunerConfigMixin, PeftConfig):
+class PACEConfig(TunerConfigBase):
     """Configuration of a :class:`PACEModel`: an adapter whose branch is multiplied by noise ``z ~ N(1, σ_l²)`` in
     training (pair it with the consistency loss of ``TSRSTrainer``, ``TSRSConfig(pace_weight=...)``).
 
@@ -53,28 +53,7 @@ class PACEConfig(TunerConfigMixin, PeftConfig):
     noise_first_block: bool = field(default=False, metadata={"help": "Noise in block 0 as well."})
     noise_head: bool = field(default=True, metadata={"help": "Noise the head's logits with σ/B."})
     head_modules: Optional[list[str]] = field(default=None, metadata={"help": "Head module names (default: classifier)."})
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "nn.Linear modules to adapt (list of names/suffixes or a regex)."}
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Modules never to adapt (list of names/suffixes or a regex)."}
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only adapt the blocks with these indices."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the block list, used with layers_to_transform."}
-    )
     init_weights: bool = field(default=True, metadata={"help": "True: start at the pretrained model; False: random."})
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules trained in full and saved with the adapter, e.g. ['classifier']."}
-    )
-    tsrs: Optional[dict] = field(
-        default=None, metadata={"help": "Training recipe (TSRSConfig fields) saved with the adapter."}
-    )
-    peft_tsrs_version: Optional[str] = field(
-        default=None, metadata={"help": "peft-tsrs version that wrote the adapter (set automatically)."}
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,7 +67,7 @@ class PACEConfig(TunerConfigMixin, PeftConfig):
             raise ValueError(f"PACEConfig: `sigma` must be >= 0, got {self.sigma!r}.")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"PACEConfig: `init_weights` must be True or False, got {self.init_weights!r}.")
-        normalize_common_fields(self, "PACEConfig", ("target_modules", "exclude_modules"))
+        self._post_init_common("PACEConfig", ())
 
     @property
     def explicit_head(self) -> bool:

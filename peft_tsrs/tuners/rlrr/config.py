@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
-from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from ...registration import ensure_peft_types
-from ..tuners_utils import TunerConfigMixin, check_rank, normalize_common_fields
+from ..config_base import TunerConfigBase
+from ..tuners_utils import check_rank
 
 ensure_peft_types()
 
@@ -17,7 +17,7 @@ RLRR_INITS = ("identity", "kaiming", "random")
 
 
 @dataclass
-class RLRRConfig(TunerConfigMixin, PeftConfig):
+class RLRRConfig(TunerConfigBase):
     """Configuration of an :class:`RLRRModel`.
 
     Every targeted ``nn.Linear`` computes ``y = x (W0 + W0 ⊙ (L R))ᵀ + b0 + shift`` with ``L ∈ R^{out×r}``,
@@ -44,18 +44,6 @@ class RLRRConfig(TunerConfigMixin, PeftConfig):
     """
 
     r: int = field(default=1, metadata={"help": "Rank of the rescaling matrix L R (1 = the paper)."})
-    target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "nn.Linear modules to adapt (list of names/suffixes or a regex)."}
-    )
-    exclude_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Modules never to adapt (list of names/suffixes or a regex)."}
-    )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
-        default=None, metadata={"help": "Only adapt the blocks with these indices."}
-    )
-    layers_pattern: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the block list, used with layers_to_transform."}
-    )
     init_weights: Union[bool, Literal["identity", "kaiming", "random"]] = field(
         default=True,
         metadata={"help": "True/'identity': start at the pretrained model; 'kaiming': official init; False/'random'."},
@@ -63,15 +51,6 @@ class RLRRConfig(TunerConfigMixin, PeftConfig):
     ssf: bool = field(default=False, metadata={"help": "Add SSF scale/shift after LayerNorms and the patch embedding."})
     ssf_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Modules (LayerNorm/Conv2d) that get SSF; None = model-type defaults."}
-    )
-    modules_to_save: Optional[list[str]] = field(
-        default=None, metadata={"help": "Modules trained in full and saved with the adapter, e.g. ['classifier']."}
-    )
-    tsrs: Optional[dict] = field(
-        default=None, metadata={"help": "Training recipe (TSRSConfig fields) saved with the adapter."}
-    )
-    peft_tsrs_version: Optional[str] = field(
-        default=None, metadata={"help": "peft-tsrs version that wrote the adapter (set automatically)."}
     )
 
     def __post_init__(self) -> None:
@@ -83,7 +62,7 @@ class RLRRConfig(TunerConfigMixin, PeftConfig):
                 f"RLRRConfig: unknown init_weights {self.init_weights!r}; use True/'identity', 'kaiming' "
                 f"(official) or False/'random'."
             )
-        normalize_common_fields(self, "RLRRConfig", ("target_modules", "exclude_modules", "ssf_modules"))
+        self._post_init_common("RLRRConfig", ("ssf_modules",))
 
     @property
     def init_mode(self) -> str:

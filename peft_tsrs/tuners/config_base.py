@@ -1,0 +1,66 @@
+"""The fields and checks shared by the RLRR and PACE configs (PEFT's conventions for tuner configs)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from .tuners_utils import check_adapter_folder, check_saved_version
+
+
+@dataclass
+class TunerConfigBase(PeftConfig):
+    """PEFT's targeting fields, ``modules_to_save``, the optional ``tsrs`` training recipe and the version stamp.
+
+    Subclasses call :meth:`_post_init_common` from ``__post_init__``.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "nn.Linear modules to adapt (list of names/suffixes or a regex)."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Modules never to adapt (list of names/suffixes or a regex)."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the blocks with these indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the block list, used with layers_to_transform."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter, e.g. ['classifier']."}
+    )
+    tsrs: Optional[dict] = field(
+        default=None, metadata={"help": "Training recipe (TSRSConfig fields) saved with the adapter."}
+    )
+    peft_tsrs_version: Optional[str] = field(
+        default=None, metadata={"help": "peft-tsrs version that wrote the adapter (set automatically)."}
+    )
+
+    def _post_init_common(self, method: str, list_fields: tuple[str, ...] = ()) -> None:
+        """Lists become sets (PEFT convention), ``layers_pattern`` needs ``layers_to_transform``, a ``tsrs`` recipe
+        object is stored as its dict (so it lands in adapter_config.json without the tuner importing the trainer
+        side), and the stored version is checked."""
+        for name in ("target_modules", "exclude_modules", *list_fields):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, set(value))
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(f"{method}: `layers_pattern` only makes sense together with `layers_to_transform`.")
+        if self.tsrs is not None and not isinstance(self.tsrs, dict):
+            to_dict = getattr(self.tsrs, "to_dict", None)
+            if to_dict is None:
+                raise TypeError(f"{method}: `tsrs` must be a TSRSConfig or a dict of its fields.")
+            self.tsrs = to_dict()
+        self.peft_tsrs_version = check_saved_version(self.peft_tsrs_version, method)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """As PEFT's, after checking that a local adapter folder's weights file is intact."""
+        folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        if os.path.isdir(folder):
+            check_adapter_folder(folder)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
