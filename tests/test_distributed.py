@@ -54,7 +54,8 @@ def test_two_processes_match_single_process(tmp_path):
 
 
 def test_two_processes_with_stochastic_regularizers(tmp_path):
-    """PACE-full and TSRS draw noise per process; state still agrees across processes and losses stay close."""
+    """PACE-full and TSRS draw noise per process (and reweighting normalizes over each process's batch); state still
+    agrees across processes and losses stay close to one process's."""
     ranks = _launch_two(str(tmp_path / "ddp"), "stochastic", 4)
     assert torch.equal(ranks[0]["labels"], ranks[1]["labels"])
     for name, p in ranks[0]["params"].items():
@@ -63,3 +64,4 @@ def test_two_processes_with_stochastic_regularizers(tmp_path):
     for a, b in zip(single["logs"], ranks[0]["logs"]):
         assert b["loss_task"] == pytest.approx(a["loss_task"], rel=0.05)
         assert all(torch.isfinite(torch.tensor(b[k])) for k in ("loss", "loss_pace", "loss_tsrs"))
+    assert any("reweight_temperature" in h for h in ranks[0]["logs"])

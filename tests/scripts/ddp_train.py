@@ -34,7 +34,7 @@ def main(out: str, mode: str, per_device_batch: int) -> None:
     else:
         model = get_peft_model(base, PACEConfig(r=2, sigma=0.5, modules_to_save=["classifier"]))
         cfg = TSRSConfig(pace_weight=0.5, pace_mode="full", tsrs_weight=0.5, tsrs_inject_layer=1,
-                         label_correction_threshold=0.34, label_correction_start_epoch=1)
+                         label_correction_threshold=0.34, label_correction_start_epoch=1, reweight_start_epoch=1)
     args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=per_device_batch, num_train_epochs=3, learning_rate=1e-2,
         report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1, seed=0,
