@@ -3,6 +3,9 @@ behaviour, errors."""
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 from conftest import make_tiny_bert, make_tiny_vit, vit_inputs
@@ -215,3 +218,52 @@ def test_explicit_missing_head_is_an_error():
     model = get_peft_model(make_tiny_vit(), PACEConfig(head_modules=["score"])).train()
     with pytest.raises(ValueError, match="head_modules"):
         model(**vit_inputs())
+
+
+@pytest.mark.parametrize("how", ["merge_and_unload", "unload"])
+def test_unloaded_model_carries_no_noise(how):
+    """The plain model returned by merge_and_unload / unload keeps no PACE hook: no head noise in training."""
+    x = vit_inputs()
+    model = get_peft_model(no_dropout(make_tiny_vit()), PACEConfig(r=2, modules_to_save=HEAD)).train()
+    model(**x)  # installs the head hook
+    plain = getattr(model, how)().train()
+    assert not plain._forward_pre_hooks and not plain.classifier._forward_hooks
+    assert torch.equal(plain(**x).logits, plain(**x).logits)
+
+
+def test_deepcopy_and_pickle():
+    x = vit_inputs()
+    model = get_peft_model(no_dropout(make_tiny_vit()), PACEConfig(r=2, init_weights=False, modules_to_save=HEAD))
+    pickle.loads(pickle.dumps(model))
+    copied = copy.deepcopy(model).train()
+    copied(**x)
+    assert not model.base_model.model.classifier._forward_hooks  # the copy hooked its own head, not the original's
+    with copied.base_model.noise_disabled():
+        assert torch.equal(copied(**x).logits, copied(**x).logits)
+
+
+class Blocks(nn.Module):
+    """A model without a transformers config: B comes from the targeted modules' block indices."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"fc": nn.Linear(4, 4)}) for _ in range(4))
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block["fc"](x)
+        return self.out(x)
+
+
+def test_block_count_fallback_and_missing_head_warns_once():
+    model = get_peft_model(Blocks(), PACEConfig(r=2, sigma=2.0, target_modules=["fc", "out"], init_weights=False))
+    sigmas = model.base_model.sigmas()
+    assert sigmas["blocks.0.fc"] == 0.0 and sigmas["blocks.1.fc"] == pytest.approx(2.0)
+    assert sigmas["blocks.3.fc"] == pytest.approx(2.0 * 2 / 4)  # B = 4
+    assert sigmas["out"] == pytest.approx(2.0)  # outside any block: σ
+    model.train()
+    with pytest.warns(UserWarning, match="no head module") as record:
+        model(torch.randn(3, 4))
+        model(torch.randn(3, 4))
+    assert sum("no head module" in str(w.message) for w in record) == 1

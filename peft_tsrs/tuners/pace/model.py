@@ -36,6 +36,7 @@ class PACEModel(BaseTuner):
         self._adapters_on = True
         self._noise_on = True
         self._head_pre_hook = None
+        self._n_blocks: dict[str, int] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ------------------------------------------------------------------ injection
@@ -46,17 +47,23 @@ class PACEModel(BaseTuner):
             )
         return peft_config
 
-    def _num_blocks(self) -> int:
-        n = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
-        if n:
-            return int(n)
-        depths = [block_index(name) for name, _ in self.model.named_modules()]
-        return 1 + max((d for d in depths if d is not None), default=0)
+    def _num_blocks(self, adapter_name: str) -> int:
+        """B of the depth schedule: the model config's ``num_hidden_layers``, else 1 + the largest block index among
+        the modules the adapter targets (computed once per adapter)."""
+        if adapter_name not in self._n_blocks:
+            n = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
+            if not n:
+                config = self.peft_config[adapter_name]
+                depths = [block_index(key) for key, _ in self.model.named_modules()
+                          if self._check_target_module_exists(config, key)]
+                n = 1 + max((d for d in depths if d is not None), default=0)
+            self._n_blocks[adapter_name] = int(n)
+        return self._n_blocks[adapter_name]
 
     def _create_and_replace(self, config: PACEConfig, adapter_name, target, target_name, parent, current_key,
                             **kwargs) -> None:
-        sigma = depth_sigma(config.sigma, block_index(current_key), self._num_blocks(), config.noise_schedule,
-                            config.noise_first_block)
+        sigma = depth_sigma(config.sigma, block_index(current_key), self._num_blocks(adapter_name),
+                            config.noise_schedule, config.noise_first_block)
         if isinstance(target, PACELayer):
             target.update_layer(adapter_name, config.r, config.variant, sigma, config.noise_shape,
                                 config.init_weights, inference_mode=config.inference_mode)
@@ -102,15 +109,16 @@ class PACEModel(BaseTuner):
         config = self.peft_config[adapter]
         if config.noise_head:
             for head in config.heads:
-                out[head] = head_sigma(config.sigma, self._num_blocks(), config.noise_schedule)
+                out[head] = head_sigma(config.sigma, self._num_blocks(adapter), config.noise_schedule)
         return out
 
     # ------------------------------------------------------------------ head noise
     def _head_noise(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if not (module.training and self._adapters_on and self._noise_on):
+        if not (module.training and self._adapters_on and self._noise_on and self.active_adapters):
             return output
-        config = self.peft_config[self.active_adapters[0]]
-        sigma = head_sigma(config.sigma, self._num_blocks(), config.noise_schedule)
+        adapter = self.active_adapters[0]
+        config = self.peft_config[adapter]
+        sigma = head_sigma(config.sigma, self._num_blocks(adapter), config.noise_schedule)
         if not config.noise_head or sigma <= 0 or not hasattr(output, "dtype"):
             return output
         return output * multiplicative_noise(output, sigma, config.noise_shape)
@@ -118,6 +126,8 @@ class PACEModel(BaseTuner):
     def _ensure_head_hooks(self) -> None:
         """Hook the module currently at each head path (PEFT wraps the head in ModulesToSaveWrapper after
         injection, so this runs at forward time and re-hooks when the module at a path changed)."""
+        if not self.active_adapters:
+            return
         config = self.peft_config[self.active_adapters[0]]
         if not config.noise_head:
             return
@@ -131,6 +141,8 @@ class PACEModel(BaseTuner):
                 warnings.warn(f"PACE: no head module named {config.heads}; the head's logits are not noised.")
                 self._head_warned = True
             return
+        for name in set(self._head_hooks) - set(found):  # a head of another adapter
+            self._head_hooks.pop(name)[1].remove()
         for name, module in found.items():
             hooked = self._head_hooks.get(name)
             if hooked is not None and hooked[0] is module:
@@ -139,8 +151,30 @@ class PACEModel(BaseTuner):
                 hooked[1].remove()
             self._head_hooks[name] = (module, module.register_forward_hook(self._head_noise))
 
+    def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        self._ensure_head_hooks()
+
     def _post_injection_hook(self, model: nn.Module, config: PACEConfig, adapter_name: str) -> None:
         # PeftModel calls the wrapped model directly (not this module), so the head hooks are (re)installed from a
-        # pre-hook on the wrapped model, once per forward.
+        # pre-hook on the wrapped model, once per forward. A bound method (not a closure) so that deepcopy and
+        # pickling of the model keep working and a copy's hook refers to the copy.
         if getattr(self, "_head_pre_hook", None) is None:
-            self._head_pre_hook = model.register_forward_pre_hook(lambda module, args: self._ensure_head_hooks())
+            self._head_pre_hook = model.register_forward_pre_hook(self._before_forward)
+
+    def _remove_head_hooks(self) -> None:
+        for _, handle in self._head_hooks.values():
+            handle.remove()
+        self._head_hooks.clear()
+        if self._head_pre_hook is not None:
+            self._head_pre_hook.remove()
+            self._head_pre_hook = None
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """``merge_and_unload`` / ``unload``: the plain model returned carries no PACE hook (no head noise)."""
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        self._remove_head_hooks()
+        return model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._n_blocks.pop(adapter_name, None)
