@@ -231,6 +231,7 @@ class TSRSTrainer(Trainer):
                 clean, noisy = self.noise_stability.split(logits)
                 logits = noisy if cfg.tsrs_task_loss_path == "noisy" else clean
                 terms["loss_tsrs"] = self.noise_stability.loss()
+                self.noise_stability.release()
         if logits.ndim != 2:
             raise ValueError(f"TSRSTrainer supports single-label classification (logits of shape (batch, classes)); "
                              f"got logits of shape {tuple(logits.shape)}.")

@@ -244,3 +244,19 @@ def test_hidden_states_kwarg_tuples_and_non_batch_tensors():
     assert logits.shape == (6, 2) and ns.active_batch == 3
     assert len(ns._records) == 2
     assert ns.loss().item() > 0
+
+
+def test_release_drops_recorded_activations(tiny):
+    make, inputs_fn, _ = tiny
+    model = _no_dropout(make(layers=2)).train()
+    ns = NoiseStability(model, inject_layer=0, noise_std=0.1)
+    with ns.capture():
+        out = model(**inputs_fn(batch=2))
+        loss = ns.loss()
+        ns.release()
+    assert ns._records == []
+    loss.backward()  # the graph built before release still backpropagates
+    clean, noisy = ns.split(out.logits)  # splitting still works after release
+    assert clean.shape == noisy.shape
+    with pytest.raises(RuntimeError, match="nothing was recorded"):
+        ns.loss()

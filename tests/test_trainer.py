@@ -85,7 +85,8 @@ def test_pace_full_loss_is_task_plus_weighted_mse(tmp_path):
     first, second = noisy.chunk(2)  # task path = noisy (official default)
     task = F.cross_entropy(first, batch["labels"])
     pace = 0.7 * consistency_mse(first, second)
-    tsrs = trainer.noise_stability.loss()
+    tsrs = torch.tensor(trainer._components["loss_tsrs"][-1])  # the logged component
+    assert trainer.noise_stability._records == []  # block outputs released once the loss is built
     torch.testing.assert_close(loss, task + pace + tsrs)
     # the clean pass of both copies is identical: dropout is off and PACE noise absent on a plain model
     torch.testing.assert_close(clean[:8], clean[8:])

@@ -181,6 +181,7 @@ class DistanceConstraint:
         self.head_radius, self.head_names = head_radius, tuple(head_names)
         self.penalty_weight = float(penalty_weight)
         self.items: list[_Item] = []
+        self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._build(block_path)
 
     # -- construction --------------------------------------------------------------------------------
@@ -296,6 +297,17 @@ class DistanceConstraint:
         assert it.param is not None
         return it.param if it.anchor is None else it.param - it.anchor
 
+    def _scratch_delta(self, it: _Item) -> Tensor:
+        """``W − W0`` written into a buffer shared by all items of the same dtype/device (grown as needed)."""
+        p, anchor = it.param, it.anchor
+        assert p is not None and anchor is not None
+        key = (p.dtype, p.device)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < p.numel():
+            buf = self._scratch[key] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+        out = buf[: p.numel()].view(p.shape)
+        return torch.sub(p.detach(), anchor, out=out)
+
     @torch.no_grad()
     def project(self) -> int:
         """Project every constrained tensor back into its ball (in place); returns how many were rescaled."""
@@ -304,14 +316,16 @@ class DistanceConstraint:
             if math.isinf(it.radius):
                 continue
             if it.kind in ("weight", "head"):
-                assert it.param is not None
-                delta = self._delta(it).detach().clone()
+                # Δ = W − W0 goes into a reused scratch buffer (the head, anchored at zero, is scaled in place):
+                # one pass over the weight when it is inside its ball, two more when it is rescaled.
+                delta = it.param if it.anchor is None else self._scratch_delta(it)
                 if self.norm == "frob":
                     changed = project_frobenius_(delta, it.radius) < 1.0
                 else:
                     changed = bool((project_inf_op_(delta, it.radius) < 1).any())
                 if changed:
-                    it.param.copy_(delta if it.anchor is None else it.anchor + delta)
+                    if it.anchor is not None:
+                        torch.add(it.anchor, delta, out=it.param.data)
                     rescaled += 1
                 continue
             factors = _row_factors(self._delta(it).detach(), it.radius, self.norm)

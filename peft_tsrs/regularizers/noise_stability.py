@@ -179,3 +179,8 @@ class NoiseStability:
             )
         terms = [relative_perturbation(*self.split(out)) for out in self._records]
         return self.weight * torch.stack(terms).mean()
+
+    def release(self) -> None:
+        """Drop the recorded block outputs (``2B`` rows per block) once the loss is built, so they do not stay
+        alive until the next step; ``split`` keeps working, ``loss`` needs a new capture."""
+        self._records = []

@@ -73,9 +73,12 @@ class RLRRLayer(ComposedWeightLayer):
             return weight, bias
         dtype = self.rlrr_L[adapter_names[0]].dtype
         w0 = weight.to(dtype)
-        scale = sum(self.rlrr_L[a] @ self.rlrr_R[a] for a in adapter_names)
-        new_weight = w0 + w0 * scale
-        shift = sum(self.rlrr_shift[a] for a in adapter_names)
+        scale = self.rlrr_L[adapter_names[0]] @ self.rlrr_R[adapter_names[0]]
+        shift = self.rlrr_shift[adapter_names[0]]
+        for a in adapter_names[1:]:
+            scale = scale + self.rlrr_L[a] @ self.rlrr_R[a]
+            shift = shift + self.rlrr_shift[a]
+        new_weight = torch.addcmul(w0, w0, scale)  # W0 + W0 ⊙ (L R), one fused op
         new_bias = shift if bias is None else bias.to(dtype) + shift
         return new_weight, new_bias
 
