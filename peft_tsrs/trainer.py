@@ -28,6 +28,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .checkpoint_loading import load_renamed_checkpoint, needs_renamed_load
 from .regularizers import (
     DistanceConstraint,
     FastConsistencyStore,
@@ -308,7 +309,22 @@ class TSRSTrainer(Trainer):
             torch.save(self.regularizer_state(), os.path.join(folder, STATE_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        target = self.model if model is None else model
+        if self._plain_load_path() and needs_renamed_load(target, resume_from_checkpoint):
+            load_renamed_checkpoint(target, resume_from_checkpoint)  # see peft_tsrs.checkpoint_loading
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, STATE_FILE)
         if os.path.isfile(path):
             self.load_regularizer_state(torch.load(path, map_location="cpu", weights_only=True))
+
+    def _load_best_model(self) -> None:
+        folder = self.state.best_model_checkpoint
+        if folder and self._plain_load_path() and needs_renamed_load(self.model, folder):
+            load_renamed_checkpoint(self.model, folder)
+        else:
+            super()._load_best_model()
+
+    def _plain_load_path(self) -> bool:
+        """Trainer loads full-model checkpoints with a raw ``load_state_dict`` (no DeepSpeed / FSDP / SageMaker)."""
+        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
