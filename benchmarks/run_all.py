@@ -1,0 +1,63 @@
+"""``make bench``: the cost benchmark (``benchmarks.overhead``), then the generalization runs of :data:`CPU_PLAN`
+(the tables committed in ``benchmarks/results/``, about 3 h on 2 CPU cores; resumable).
+
+    python -m benchmarks.run_all                    # both, as committed
+    python -m benchmarks.run_all --only overhead    # minutes
+    python -m benchmarks.run_all --only generalization --quick
+    python -m benchmarks.run_all --only generalization --generalization-args "--tasks wordnet"   # one custom grid
+    python -m benchmarks.run_all --only generalization --generalization-args ""  # the whole grid (~40 h on CPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import time
+from typing import Optional, Sequence
+
+from . import RESULTS, generalization, overhead
+
+# The generalization grids behind benchmarks/results/{fmnist,wordnet}. Fashion-MNIST ViT (seconds a run): every
+# method and setting, 5 seeds, selection on validation (noisy settings reuse the clean 32-shot selection). MiniLM
+# (2-3 min a run on 2 cores): 8 shots, 5 seeds, each method at its recipe's configuration (no search); the PACE
+# adapter methods are left out there (they are measured on the ViT).
+CPU_PLAN: tuple[tuple[str, ...], ...] = (
+    ("--tasks", "fmnist", "--select-on-clean", "--out", f"{RESULTS}/fmnist"),
+    ("--tasks", "wordnet", "--settings", "8", "--no-search", "--methods", "lora+tsrs", "rlrr+tsrs",
+     "rlrr+tsrs+pacefast", "full+selflabel", "--out", f"{RESULTS}/wordnet"),
+)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the peft-tsrs benchmarks (cost, then generalization).")
+    parser.add_argument("--only", choices=("overhead", "generalization"), default=None,
+                        help="run just one of the two")
+    parser.add_argument("--quick", action="store_true",
+                        help="generalization in --quick mode (tiny budget) and a short overhead run (5 steps)")
+    parser.add_argument("--overhead-args", default="", help="extra arguments for benchmarks.overhead")
+    parser.add_argument("--generalization-args", default=None,
+                        help="arguments for ONE benchmarks.generalization call instead of the committed plan "
+                             "('' = the whole grid)")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    if args.only in (None, "overhead"):
+        extra = shlex.split(args.overhead_args)
+        if args.quick:
+            extra = ["--steps", "5", "--warmup", "1", "--inference-reps", "5", "--out",
+                     overhead.RESULTS + "/quick", *extra]
+        print("#### benchmarks.overhead", *extra, flush=True)
+        overhead.main(extra)
+    if args.only in (None, "generalization"):
+        if args.quick or args.generalization_args is not None:
+            plan = [shlex.split(args.generalization_args or "") + (["--quick"] if args.quick else [])]
+        else:
+            plan = [list(p) for p in CPU_PLAN]
+        for extra in plan:
+            print("#### benchmarks.generalization", *extra, flush=True)
+            generalization.main(extra)
+    print(f"benchmarks done in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,428 @@
+"""Fast tests of the benchmark harness logic (no model is trained and no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `benchmarks` without `python -m`
+
+from benchmarks import generalization as gen  # noqa: E402
+from benchmarks import overhead as oh  # noqa: E402
+from benchmarks import run_all  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------- overhead helpers
+def test_median_iqr_and_ratios():
+    assert oh.median([3.0, 1.0, 2.0]) == 2.0
+    assert math.isnan(oh.median([]))
+    assert oh.iqr([1.0]) == 0.0
+    assert oh.iqr([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2.0)
+    assert oh.ratio_of_medians([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(2.0)
+    # per-round ratios: a load spike hitting both methods in round 2 cancels out
+    assert oh.paired_ratio([1.5, 15.0, 1.5], [1.0, 10.0, 1.0]) == pytest.approx(1.5)
+
+
+def test_verdict():
+    assert oh.verdict(1.59, 1.6) == "pass"
+    assert oh.verdict(1.6, 1.6) == "pass"
+    assert oh.verdict(1.61, 1.6) == "MISS"
+    assert oh.verdict(3.0, None) == "—"
+
+
+def test_peak_live_bytes_sorts_events_by_time():
+    # alloc 8 (t=0), alloc 8 (t=1), free 8 (t=2), alloc 28 (t=3), free 28 (t=4); given out of order
+    events = [(3, 28), (0, 8), (4, -28), (1, 8), (2, -8)]
+    assert oh.peak_live_bytes(events) == 36
+    assert oh.peak_live_bytes([]) == 0
+    assert oh.peak_live_bytes([(0, -5), (1, 3)]) == 0  # frees of memory allocated before the window
+
+
+def test_param_counts_and_roles():
+    assert oh.lora_params((384, 1536), 2) == 2 * (384 + 1536)
+    assert oh.rlrr_params((384, 1536)) == 384 + 2 * 1536
+    assert oh.role_of("bert.encoder.layer.3.attention.self.query") == "bert.encoder.layer.*.attention.self.query"
+    assert oh.role_of("classifier") == "classifier"
+
+
+def test_equal_param_ranks_matches_rlrr_exactly_on_minilm_shapes():
+    hidden, inter, layers = 384, 1536, 6
+    shapes = {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "o": (hidden, hidden),
+              "fc1": (hidden, inter), "fc2": (inter, hidden)}
+    roles = {f"layer.*.{k}": [s] * layers for k, s in shapes.items()}
+    target = sum(oh.rlrr_params(s) for ss in roles.values() for s in ss)
+    ranks, count = oh.equal_param_ranks(roles, target)
+    assert count == target == layers * 10368
+    assert count == sum(oh.lora_params(s, ranks[r]) for r, ss in roles.items() for s in ss)
+    assert max(ranks.values()) - min(ranks.values()) == 1  # the most uniform of the exact solutions
+
+
+def test_equal_param_ranks_closest_when_not_exact():
+    ranks, count = oh.equal_param_ranks({"a": [(10, 10)]}, 45)  # multiples of 20 only
+    assert count in (40, 60) and ranks == {"a": 2}
+
+
+def test_op_diff_orders_by_extra_time():
+    method = {"aten::mm": {"ms": 10.0, "calls": 4}, "aten::add": {"ms": 1.0, "calls": 2}}
+    base = {"aten::mm": {"ms": 4.0, "calls": 2}, "aten::mul": {"ms": 2.0, "calls": 1}}
+    rows = oh.op_diff(method, base, top=2)
+    assert [r["op"] for r in rows] == ["aten::mm", "aten::add"]
+    assert rows[0]["extra_ms"] == pytest.approx(6.0)
+
+
+def _overhead_results(ratio_tsrs: float) -> dict:
+    def method(label, base, ratio, ms=100.0):
+        return {"label": label, "base": base, "trainable_parameters": 1000, "median_step_s": ms / 1000,
+                "iqr_step_s": 0.001, "time_ratio": ratio, "time_ratio_paired": ratio, "step_peak_bytes": 2 * oh.MB,
+                "memory_ratio": None if base is None else 1.5, "persistent_bytes": oh.MB}
+
+    check = {"key": "tsrs-lora", "what": "TSRS step ≤ 1.6× its adapter (LoRA)", "method": "lora+tsrs",
+             "base": "lora", "target": 1.6, "ratio": ratio_tsrs, "ratio_paired": ratio_tsrs,
+             "verdict": oh.verdict(ratio_tsrs, 1.6), "memory_ratio": 1.5}
+    return {
+        "meta": {"date": "d", "machine": "m", "torch_threads": 1, "torch": "t", "transformers": "tr", "peft": "p",
+                 "steps": 20, "warmup": 3, "memory_method": "profiler"},
+        "models": {"vit": {
+            "label": "ViT", "batch_size": 64, "batch_shapes": {"pixel_values": [64, 1, 28, 28]},
+            "inject_layer_tsrs": {"inject_layer": 2, "measure_from": 2, "blocks": 4},
+            "methods": {"lora": method("LoRA r8", None, None), "lora+tsrs": method("LoRA r8 + TSRS", "lora",
+                                                                                   ratio_tsrs)},
+            "checks": [check],
+            "profiles": {"tsrs-lora": {"method_total_ms": 170.0, "base_total_ms": 100.0, "top_extra_ops": [
+                {"op": "aten::mm", "extra_ms": 50.0, "method_ms": 100.0, "base_ms": 50.0, "method_calls": 40,
+                 "base_calls": 20}]}},
+            "inference": {"batch": 64, "reps": 20, "plain_median_s": 0.01, "models": {"lora merged": {
+                "median_s": 0.0101, "ratio": 1.01, "ratio_paired": 1.0, "verdict": "pass",
+                "same_class_as_plain": True, "parameters": 5, "plain_parameters": 5,
+                "max_abs_logit_diff_vs_unmerged": 1e-6}}},
+        }},
+    }
+
+
+def test_overhead_markdown_pass_and_miss():
+    text = oh.markdown(_overhead_results(1.45), {"TSRS": "explained"})
+    assert "| TSRS step ≤ 1.6× its adapter (LoRA) | 1.45× | 1.45× | ≤ 1.60× | pass | 1.50× |" in text
+    assert "| LoRA r8 + TSRS | lora | 1,000 | 100.0 |" in text
+    assert "| lora merged | 10.1 | 1.01× |" in text
+    assert "Profile of the miss" not in text and "**TSRS.** explained" in text
+    missed = oh.markdown(_overhead_results(1.7))
+    assert "| MISS |" in missed and "Profile of the miss" in missed and "`aten::mm` | 50.0" in missed
+    assert oh.summary_rows(_overhead_results(1.7)) == [("vit", "tsrs-lora", 1.7, 1.6, "MISS")]
+
+
+def test_projection_timing_reports_ms_and_fraction_of_step():
+    import torch
+    from torch import nn
+
+    from peft_tsrs.regularizers import DistanceConstraint
+
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    constraint = DistanceConstraint(model, norm="frob", ratio=0.05)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    proj = oh.projection_timing(constraint, reps=3, full_step_s=0.5)
+    assert proj["weights"] == len(constraint.items) and proj["elements"] > 0
+    assert proj["ms"] >= 0 and proj["full_step_ms"] == pytest.approx(500.0)
+    assert proj["fraction_of_full_step"] == pytest.approx(proj["ms"] / 500.0)
+    assert constraint.max_violation() <= 1e-5  # it did project
+    assert oh.projection_timing(constraint, reps=1, full_step_s=None)["fraction_of_full_step"] is None
+
+
+def test_analysis_notes_describe_the_shipped_code():
+    results = _overhead_results(1.45)
+    res = results["models"]["vit"]
+    for key, ms in (("full", 100.0), ("full+distance", 102.0)):
+        res["methods"][key] = {"median_step_s": ms / 1000, "page_faulted_mb_per_step": 0.0}
+    res["checks"].append({"key": "distance", "what": "distance", "method": "full+distance", "base": "full",
+                          "target": 1.05, "ratio": 1.02, "ratio_paired": 1.02, "verdict": "pass",
+                          "memory_ratio": 1.0})
+    res["projection"] = {"weights": 8, "elements": 2_000_000, "ms": 1.5, "fraction_of_full_step": 0.015}
+    notes = oh.analysis_notes(results)
+    text = notes["Distance projection"]
+    assert "vit 1.02× (pass)" in text and "+2 ms" in text and "1.5 ms, 1.5% of a full fine-tuning step" in text
+    assert "scratch buffer" in text and "prototype" not in " ".join(notes.values())
+    assert "release()" in notes["TSRS"]
+
+
+def test_every_check_names_known_methods():
+    keys = {m.key for m in oh.METHODS}
+    for check in oh.CHECKS:
+        assert check.method in keys and check.base in keys
+    for m in oh.METHODS:
+        assert m.base is None or m.base in keys
+        for f in m.files:
+            assert os.path.isfile(os.path.join(oh.CONFIGS, "methods", f))
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def test_paired_t_test_hand_numbers():
+    t, p = gen.paired_t_test([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert t == pytest.approx(3.0 / (math.sqrt(2.5) / math.sqrt(5)))  # 4.2426
+    assert p == pytest.approx(0.013236, abs=1e-5)  # scipy.stats.ttest_1samp([1..5], 0).pvalue
+    t, p = gen.paired_t_test([0.01, -0.02, 0.03, 0.0])
+    assert t == pytest.approx(0.005 / (statistics_stdev([0.01, -0.02, 0.03, 0.0]) / 2))
+    assert 0.5 < p < 1.0
+    assert gen.paired_t_test([0.0, 0.0, 0.0]) == (0.0, 1.0)
+    assert gen.paired_t_test([0.1, 0.1]) == (math.inf, 0.0)
+    t, p = gen.paired_t_test([0.1])
+    assert math.isnan(t) and math.isnan(p)
+
+
+def statistics_stdev(values):
+    import statistics
+
+    return statistics.stdev(values)
+
+
+def test_t_distribution_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for t in (0.0, 0.5, 1.3, 2.2, 4.0, 9.0):
+        for df in (1, 2, 4, 9, 30):
+            assert gen.t_two_sided_p(t, df) == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-7, abs=1e-12)
+
+
+def test_sign_test_exact():
+    assert gen.sign_test([0.1, 0.2, 0.3, 0.4, 0.5]) == (5, 0, pytest.approx(0.0625))
+    assert gen.sign_test([0.1, -0.2, 0.3, 0.4, 0.5]) == (4, 1, pytest.approx(0.375))
+    assert gen.sign_test([0.0, 0.0]) == (0, 0, 1.0)
+    assert gen.sign_test([0.1, 0.0, -0.1]) == (1, 1, 1.0)
+
+
+def _rec(task, method, seed, test, val=None, shots=8, noise=0.0, selected=True, phase="seed", lr=1e-2,
+         loss=1.0):
+    return {"task": task, "shots": shots, "label_noise": noise, "setting": gen.Setting(shots, noise).key,
+            "method": method, "phase": phase, "seed": seed, "lr": lr, "hparams": [], "config": f"lr{lr:.3g}",
+            "selected": selected, "validation_accuracy": test if val is None else val, "validation_loss": loss,
+            "test_accuracy": test, "train_time_s": 10.0, "train_steps": 5, "trainable_parameters": 1,
+            "recipe_method": method, "run_dir": "x"}
+
+
+def _hand_records():
+    lora = [0.50, 0.52, 0.48, 0.51, 0.49]
+    tsrs = [0.53, 0.54, 0.49, 0.55, 0.50]  # diffs +3, +2, +1, +4, +1 points
+    recs = [_rec("wordnet", "lora", s, a) for s, a in enumerate(lora)]
+    recs += [_rec("wordnet", "lora+tsrs", s, a) for s, a in enumerate(tsrs)]
+    recs.append(_rec("wordnet", "lora", 0, 0.9, selected=False, phase="select", lr=3e-2))  # not selected
+    return recs
+
+
+def test_aggregate_uses_selected_runs_only():
+    rows = gen.aggregate(_hand_records())
+    assert [r["method"] for r in rows] == ["lora", "lora+tsrs"]
+    lora = rows[0]
+    assert lora["n"] == 5 and lora["seeds"] == [0, 1, 2, 3, 4]
+    assert lora["test_mean"] == pytest.approx(0.50)
+    assert lora["test_std"] == pytest.approx(statistics_stdev([0.50, 0.52, 0.48, 0.51, 0.49]))
+
+
+def test_paired_comparisons_on_hand_numbers():
+    (pair,) = gen.paired_comparisons(_hand_records())
+    assert pair["method"] == "lora+tsrs" and pair["counterpart"] == "lora"
+    assert pair["diffs"] == pytest.approx([0.03, 0.02, 0.01, 0.04, 0.01])
+    assert pair["mean_diff"] == pytest.approx(0.022)
+    assert (pair["wins"], pair["losses"]) == (5, 0) and pair["p_sign"] == pytest.approx(0.0625)
+    assert pair["p_t"] == pytest.approx(gen.paired_t_test([0.03, 0.02, 0.01, 0.04, 0.01])[1])
+    assert pair["p_t"] < 0.05
+
+
+def test_paired_comparisons_only_on_common_seeds():
+    recs = [_rec("fmnist", "rlrr", s, 0.6) for s in range(5)] + [_rec("fmnist", "rlrr+tsrs", s, 0.7)
+                                                                 for s in (1, 3)]
+    (pair,) = gen.paired_comparisons(recs)
+    assert pair["seeds"] == [1, 3] and pair["mean_diff"] == pytest.approx(0.1)
+
+
+def test_select_best_ties():
+    rows = [{"validation_accuracy": 0.5, "validation_loss": 1.0}, {"validation_accuracy": 0.6, "validation_loss": 2.0},
+            {"validation_accuracy": 0.6, "validation_loss": 1.5}, {"validation_accuracy": 0.6, "validation_loss": 1.5}]
+    assert gen.select_best(rows) is rows[2]
+    with pytest.raises(ValueError):
+        gen.select_best([])
+
+
+def test_markdown_report_formatting():
+    text = gen.markdown_report(_hand_records(), {"date": "d", "seeds": [0, 1, 2, 3, 4], "lr_multipliers": [1]})
+    assert "## WordNet nouns / MiniLM — 8 shots" in text
+    assert "| LoRA r8 | 5 | lr0.01 | 50.0 ± 1.6 | 50.0 ± 1.6 |" in text
+    assert "| LoRA + TSRS | 5 | lr0.01 |" in text and "+2.2 ± 1.3 vs lora" in text and "| 5/0 | 0.062 |" in text
+    assert "QUICK MODE" not in text
+    assert "QUICK MODE" in gen.markdown_report(_hand_records(), {"quick": True})
+    assert "Best method per setting" in text
+
+
+def test_write_outputs(tmp_path):
+    gen.write_outputs(_hand_records(), {"date": "d"}, str(tmp_path))
+    data = json.loads((tmp_path / "generalization.json").read_text())
+    assert len(data["runs"]) == 11 and len(data["summary"]) == 2 and len(data["paired"]) == 1
+    assert (tmp_path / "generalization.md").read_text().startswith("# Generalization")
+    assert (tmp_path / "generalization.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------- planning / resume
+def test_tags_dirs_and_grids(tmp_path):
+    assert gen.config_tag(0.01, ()) == "lr0.01"
+    assert gen.config_tag(3e-05, ("regularizers.tsrs_weight=0.1",)) == "lr3e-05-tsrs_weight0.1"
+    assert gen.lr_grid(1e-2, (0.3, 1.0, 3.0)) == [0.003, 0.01, 0.03]
+    assert gen.parse_settings(["8", "32:0.2"]) == [gen.Setting(8), gen.Setting(32, 0.2)]
+    assert gen.Setting(32, 0.4).key == "32shot-noise40"
+    spec = gen.spec_for(str(tmp_path), gen.TASKS["wordnet"], gen.Setting(8), gen.METHOD_BY_KEY["lora+tsrs"], 0.01,
+                        ("regularizers.tsrs_weight=0.1",), 3, "seed")
+    assert spec.run_dir == os.path.join(str(tmp_path), "wordnet", "8shot-noise0", "lora+tsrs",
+                                        "lr0.01-tsrs_weight0.1-s3")
+    assert "task.seed=3" in spec.overrides and "training.seed=3" in spec.overrides
+    assert spec.overrides[-2:] == (f"output_dir={os.path.dirname(spec.run_dir)}", "name=lr0.01-tsrs_weight0.1-s3")
+
+
+def test_methods_are_consistent_and_recipes_load():
+    from peft_tsrs.recipes import load_recipe
+
+    for m in gen.METHODS:
+        assert m.counterpart is None or m.counterpart in gen.METHOD_BY_KEY
+        for task in gen.TASKS.values():
+            for hp in m.hparams:
+                recipe = load_recipe(gen.recipe_files(task, m), [*m.overrides, *m.per_task.get(task.key, ()), *hp])
+                assert recipe.regularizers.is_noop == (m.counterpart is None), m.key
+    assert gen.default_lr(gen.TASKS["fmnist"], gen.METHOD_BY_KEY["full"]) == pytest.approx(3e-4)
+    assert gen.default_lr(gen.TASKS["wordnet"], gen.METHOD_BY_KEY["full"]) == pytest.approx(5e-5)
+
+
+class FakeRunner:
+    """Writes a metrics.json like run_recipe's; validation accuracy peaks at lr 0.01."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, spec):
+        self.calls.append(spec.run_dir)
+        os.makedirs(spec.run_dir, exist_ok=True)
+        val = 0.6 - abs(math.log10(spec.lr) + 2) / 10 + (0.01 if spec.method == "lora+tsrs" else 0.0)
+        metrics = {"validation": {"accuracy": val, "loss": 1.0}, "test": {"accuracy": val - 0.05 + spec.seed / 1000},
+                   "method": spec.method, "train_time_s": 1.0, "train_steps": 4, "trainable_parameters": 7}
+        with open(os.path.join(spec.run_dir, "metrics.json"), "w") as fh:
+            json.dump(metrics, fh)
+        return metrics
+
+
+def _grid(tmp_path, runner, seeds=(0, 1, 2)):
+    methods = [gen.METHOD_BY_KEY["lora"], gen.METHOD_BY_KEY["lora+tsrs"]]
+    return gen.run_grid([gen.TASKS["wordnet"]], [gen.Setting(8)], methods, list(seeds), [], str(tmp_path),
+                        runner=runner, log=lambda _: None, lrs_for=lambda t, m: [0.003, 0.01, 0.03])
+
+
+def test_run_grid_selects_on_validation_and_resumes(tmp_path):
+    runner = FakeRunner()
+    records = _grid(tmp_path, runner)
+    # lora: 3 lrs; lora+tsrs: 3 lrs x 2 TSRS weights; then seeds 1 and 2 for both
+    assert len(runner.calls) == 3 + 6 + 2 + 2
+    selected = [r for r in records if r["selected"]]
+    assert {(r["method"], r["seed"]) for r in selected} == {(m, s) for m in ("lora", "lora+tsrs") for s in range(3)}
+    assert all(r["lr"] == 0.01 for r in selected)
+    assert {r["config"] for r in selected if r["method"] == "lora+tsrs"} == {"lr0.01-tsrs_weight0.1"}
+    # resume: everything finished, nothing runs again, same records
+    again = FakeRunner()
+    assert _grid(tmp_path, again) == records and again.calls == []
+    # an interrupted run (folder without metrics.json) is run again from scratch; a new seed only adds its runs
+    interrupted = tmp_path / "wordnet" / "8shot-noise0" / "lora" / "lr0.01-s2"
+    (interrupted / "metrics.json").unlink()
+    (interrupted / "stale.txt").write_text("x")
+    more = FakeRunner()
+    records = _grid(tmp_path, more, seeds=(0, 1, 2, 3))
+    assert sorted(os.path.relpath(c, tmp_path) for c in more.calls) == sorted([
+        os.path.join("wordnet", "8shot-noise0", "lora", "lr0.01-s2"),
+        os.path.join("wordnet", "8shot-noise0", "lora", "lr0.01-s3"),
+        os.path.join("wordnet", "8shot-noise0", "lora+tsrs", "lr0.01-tsrs_weight0.1-s3")])
+    assert not (interrupted / "stale.txt").exists()
+    assert len([r for r in records if r["selected"]]) == 8
+
+
+def test_report_only_leaves_unfinished_out(tmp_path):
+    _grid(tmp_path, FakeRunner(), seeds=(0,))
+    (tmp_path / "wordnet" / "8shot-noise0" / "lora+tsrs" / "lr0.03-tsrs_weight1.0-s0" / "metrics.json").unlink()
+    records = _grid(tmp_path, None, seeds=(0, 1))  # runner None: report only, seed 1 never ran
+    assert {r["method"] for r in records} == {"lora"}
+    assert [r["seed"] for r in records if r["selected"]] == [0]
+
+
+def test_seed_zero_excluded_from_final_when_not_requested(tmp_path):
+    records = _grid(tmp_path, FakeRunner(), seeds=(1, 2))
+    assert sorted({r["seed"] for r in records if r["selected"]}) == [1, 2]
+
+
+def test_run_all_dispatch(monkeypatch):
+    calls = []
+    monkeypatch.setattr(run_all.overhead, "main", lambda argv: calls.append(("overhead", argv)))
+    monkeypatch.setattr(run_all.generalization, "main", lambda argv: calls.append(("generalization", argv)))
+    assert run_all.main(["--only", "generalization", "--generalization-args", "--tasks wordnet"]) == 0
+    assert calls == [("generalization", ["--tasks", "wordnet"])]
+    calls.clear()
+    run_all.main(["--only", "overhead", "--overhead-args", "--steps 40"])
+    assert calls == [("overhead", ["--steps", "40"])]
+
+
+# ---------------------------------------------------------------------------------------------- CLI plans
+class SpecRecorder(FakeRunner):
+    """FakeRunner for ``gen.main`` (called as ``default_runner(spec, keep_adapter=...)``), keeping the specs."""
+
+    def __init__(self):
+        super().__init__()
+        self.specs = []
+
+    def __call__(self, spec, keep_adapter=False):
+        self.specs.append(spec)
+        return super().__call__(spec)
+
+
+def test_no_search_runs_each_method_at_its_recipe_configuration(tmp_path, monkeypatch):
+    runner = SpecRecorder()
+    monkeypatch.setattr(gen, "default_runner", runner)
+    gen.main(["--tasks", "wordnet", "--settings", "8", "--no-search", "--methods", "lora+tsrs", "--seeds", "0", "1",
+              "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    # lora and lora+tsrs (the counterpart is added), one configuration each, two seeds: no selection runs
+    assert sorted((s.method, s.seed) for s in runner.specs) == [("lora", 0), ("lora", 1), ("lora+tsrs", 0),
+                                                                 ("lora+tsrs", 1)]
+    lora_lr = gen.default_lr(gen.TASKS["wordnet"], gen.METHOD_BY_KEY["lora"])
+    assert {s.lr for s in runner.specs} == {lora_lr}
+    assert {s.hparams for s in runner.specs if s.method == "lora+tsrs"} == {gen._TSRS_GRID[0]}
+    assert all("diagnostics=false" in s.overrides for s in runner.specs)
+    report = (tmp_path / "out" / "generalization.md").read_text()
+    assert "no search" in report and "--no-search" in report
+    with pytest.raises(SystemExit):
+        gen.main(["--no-search", "--lr-multipliers", "1", "3"])
+
+
+def test_select_on_clean_reuses_the_clean_selection_for_noisy_settings(tmp_path):
+    runner = FakeRunner()
+    records = gen.run_grid([gen.TASKS["wordnet"]], [gen.Setting(8), gen.Setting(8, 0.4)],
+                           [gen.METHOD_BY_KEY["lora"]], [0, 1], [], str(tmp_path), runner=runner,
+                           log=lambda _: None, lrs_for=lambda t, m: [0.003, 0.01, 0.03], select_on_clean=True)
+    noisy = [os.path.relpath(c, tmp_path) for c in runner.calls if "noise40" in c]
+    assert sorted(noisy) == [os.path.join("wordnet", "8shot-noise40", "lora", f"lr0.01-s{s}") for s in (0, 1)]
+    assert len(runner.calls) == 3 + 1 + 2  # clean: 3 selection runs + seed 1; noisy: seeds 0 and 1 only
+    assert {(r["setting"], r["seed"]) for r in records if r["selected"]} == {
+        ("8shot-noise0", 0), ("8shot-noise0", 1), ("8shot-noise40", 0), ("8shot-noise40", 1)}
+    # without the option the noisy setting selects on its own validation split
+    again = FakeRunner()
+    gen.run_grid([gen.TASKS["wordnet"]], [gen.Setting(8, 0.2)], [gen.METHOD_BY_KEY["lora"]], [0], [], str(tmp_path),
+                 runner=again, log=lambda _: None, lrs_for=lambda t, m: [0.003, 0.01, 0.03])
+    assert len(again.calls) == 3
+
+
+def test_run_all_default_is_the_committed_cpu_plan(monkeypatch, tmp_path):
+    calls = []
+    real_main = run_all.generalization.main
+    monkeypatch.setattr(run_all.overhead, "main", lambda argv: calls.append(("overhead", argv)))
+    monkeypatch.setattr(run_all.generalization, "main", lambda argv: calls.append(("generalization", argv)))
+    run_all.main([])
+    assert calls == [("overhead", [])] + [("generalization", list(p)) for p in run_all.CPU_PLAN]
+    for plan in run_all.CPU_PLAN:  # every plan parses (report only, into tmp_path: nothing runs, nothing committed)
+        args = list(plan)
+        args[args.index("--out") + 1] = str(tmp_path / "out")
+        assert real_main([*args, "--runs", str(tmp_path / "runs"), "--report-only"]) == []
+    calls.clear()
+    run_all.main(["--only", "generalization", "--generalization-args", ""])  # the whole grid
+    assert calls == [("generalization", [])]
