@@ -610,6 +610,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--methods", nargs="+", choices=list(METHOD_BY_KEY), default=None,
                         help="default: all (a method's counterpart is added when missing)")
+    parser.add_argument("--no-counterparts", action="store_true",
+                        help="run exactly --methods, without adding their un-regularized counterparts (to split one "
+                             "grid across processes sharing --runs; the report of the whole grid is --report-only)")
     parser.add_argument("--settings", nargs="+", default=None, help="shots[:noise], e.g. 8 32 32:0.2 32:0.4")
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--lr-multipliers", nargs="+", type=float, default=None)
@@ -636,7 +639,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     multipliers = [1.0] if args.no_search else list(
         args.lr_multipliers or (QUICK_LR_MULTIPLIERS if quick else LR_MULTIPLIERS))
     chosen = set(args.methods or METHOD_BY_KEY)
-    chosen |= {METHOD_BY_KEY[k].counterpart for k in list(chosen) if METHOD_BY_KEY[k].counterpart}
+    if not args.no_counterparts:
+        chosen |= {METHOD_BY_KEY[k].counterpart for k in list(chosen) if METHOD_BY_KEY[k].counterpart}
     methods = [m for m in METHODS if m.key in chosen]
     if quick or args.no_search:  # one point of each method's own grid
         methods = first_grid_point(methods)

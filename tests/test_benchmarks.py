@@ -426,3 +426,11 @@ def test_run_all_default_is_the_committed_cpu_plan(monkeypatch, tmp_path):
     calls.clear()
     run_all.main(["--only", "generalization", "--generalization-args", ""])  # the whole grid
     assert calls == [("generalization", [])]
+
+
+def test_no_counterparts_runs_exactly_the_given_methods(tmp_path, monkeypatch):
+    runner = SpecRecorder()
+    monkeypatch.setattr(gen, "default_runner", runner)
+    gen.main(["--tasks", "wordnet", "--settings", "8", "--no-search", "--no-counterparts", "--methods", "lora+tsrs",
+              "--seeds", "0", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert [s.method for s in runner.specs] == ["lora+tsrs"]
