@@ -221,11 +221,10 @@ def selection_specs(runs: str, task: Task, setting: Setting, method: Method, lrs
 
 # ---------------------------------------------------------------------------------------------- running
 def load_metrics(run_dir: str) -> Optional[dict[str, Any]]:
-    path = os.path.join(run_dir, "metrics.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as fh:
-        return json.load(fh)
+    """The run's metrics.json (``peft_tsrs.run.load_metrics``), ``None`` while unfinished."""
+    from peft_tsrs.run import load_metrics as _load
+
+    return _load(run_dir)
 
 
 def default_runner(spec: RunSpec, keep_adapter: bool = False) -> dict[str, Any]:
