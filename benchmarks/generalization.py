@@ -305,34 +305,27 @@ def run_grid(tasks: Sequence[Task], settings: Sequence[Setting], methods: Sequen
                 clean = chosen.get((task.key, setting.shots, method.key))
                 if select_on_clean and setting.noise > 0 and clean is not None:
                     log(f"   configuration of the clean {setting.shots}-shot selection: {clean.config_tag}")
-                    for seed in seeds:
-                        spec = spec_for(runs, task, setting, method, clean.lr, clean.hparams, seed, "seed", extra)
+                    best_spec, seed_runs = clean, list(seeds)
+                else:
+                    candidates = []
+                    specs = selection_specs(runs, task, setting, method, lrs_for(task, method), extra)
+                    for spec in specs:
                         metrics = execute(spec, runner, log)
                         if metrics is not None:
-                            records.append(record(spec, metrics, selected=True))
-                    if on_progress is not None:
-                        on_progress(records)
-                    continue
-                candidates = []
-                specs = selection_specs(runs, task, setting, method, lrs_for(task, method), extra)
-                for spec in specs:
-                    metrics = execute(spec, runner, log)
-                    if metrics is not None:
-                        candidates.append((spec, record(spec, metrics)))
-                if len(candidates) < len(specs):  # report only: selection unfinished, leave the group out
-                    log(f"   selection unfinished ({len(candidates)}/{len(specs)} runs): left out")
-                    continue
-                best = select_best([r for _, r in candidates])
-                best_spec = next(s for s, r in candidates if r is best)
-                if setting.noise == 0:
-                    chosen[(task.key, setting.shots, method.key)] = best_spec
-                log(f"   selected {best['config']} (validation {best['validation_accuracy']:.4f})")
-                for spec, row in candidates:
-                    row["selected"] = row is best and 0 in seeds  # the selection run at the chosen config is seed 0
-                    records.append(row)
-                for seed in seeds:
-                    if seed == 0:
+                            candidates.append((spec, record(spec, metrics)))
+                    if len(candidates) < len(specs):  # report only: selection unfinished, leave the group out
+                        log(f"   selection unfinished ({len(candidates)}/{len(specs)} runs): left out")
                         continue
+                    best = select_best([r for _, r in candidates])
+                    best_spec = next(s for s, r in candidates if r is best)
+                    if setting.noise == 0:
+                        chosen[(task.key, setting.shots, method.key)] = best_spec
+                    log(f"   selected {best['config']} (validation {best['validation_accuracy']:.4f})")
+                    for spec, row in candidates:
+                        row["selected"] = row is best and 0 in seeds  # the selection run at the chosen config: seed 0
+                        records.append(row)
+                    seed_runs = [seed for seed in seeds if seed != 0]
+                for seed in seed_runs:
                     spec = spec_for(runs, task, setting, method, best_spec.lr, best_spec.hparams, seed, "seed",
                                     extra)
                     metrics = execute(spec, runner, log)

@@ -49,9 +49,9 @@ def load_renamed_checkpoint(model: PreTrainedModel, folder: str) -> None:
     Raises ``RuntimeError`` naming the weights that still do not match (a checkpoint of another architecture)."""
     dtype = next(model.parameters()).dtype
     fresh, info = type(model).from_pretrained(folder, config=model.config, dtype=dtype, output_loading_info=True)
-    own = set(model.state_dict())
+    weights = fresh.state_dict()
     bad = {
-        "missing": sorted(info.get("missing_keys", ())) + sorted(own - set(fresh.state_dict())),
+        "missing": sorted(info.get("missing_keys", ())) + sorted(set(model.state_dict()) - set(weights)),
         "unexpected": sorted(info.get("unexpected_keys", ())),
         "mismatched": [k for k, *_ in info.get("mismatched_keys", ())],
     }
@@ -61,4 +61,4 @@ def load_renamed_checkpoint(model: PreTrainedModel, folder: str) -> None:
             f"checkpoint {folder} does not match {type(model).__name__}: {details} (was it saved from another model "
             "class or config?)"
         )
-    model.load_state_dict(fresh.state_dict())
+    model.load_state_dict(weights)

@@ -309,10 +309,7 @@ class TSRSTrainer(Trainer):
             torch.save(self.regularizer_state(), os.path.join(folder, STATE_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        target = self.model if model is None else model
-        if self._plain_load_path() and needs_renamed_load(target, resume_from_checkpoint):
-            load_renamed_checkpoint(target, resume_from_checkpoint)  # see peft_tsrs.checkpoint_loading
-        else:
+        if not self._load_renamed(self.model if model is None else model, resume_from_checkpoint):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, STATE_FILE)
         if os.path.isfile(path):
@@ -320,11 +317,13 @@ class TSRSTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         folder = self.state.best_model_checkpoint
-        if folder and self._plain_load_path() and needs_renamed_load(self.model, folder):
-            load_renamed_checkpoint(self.model, folder)
-        else:
+        if not (folder and self._load_renamed(self.model, folder)):
             super()._load_best_model()
 
-    def _plain_load_path(self) -> bool:
-        """Trainer loads full-model checkpoints with a raw ``load_state_dict`` (no DeepSpeed / FSDP / SageMaker)."""
-        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+    def _load_renamed(self, model: nn.Module, folder: str) -> bool:
+        """Load a full-model checkpoint saved under renamed weights (see ``peft_tsrs.checkpoint_loading``); ``False``
+        when Trainer's own loading is right (adapters, matching names, DeepSpeed / FSDP)."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled or not needs_renamed_load(model, folder):
+            return False
+        load_renamed_checkpoint(model, folder)
+        return True
