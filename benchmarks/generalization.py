@@ -21,7 +21,9 @@ data order (``training.seed``), so paired comparisons share split and noise.
 Output: ``<out>/generalization.json`` (every run, selection included), ``generalization.md`` (mean ± std over seeds,
 paired difference to the counterpart with a paired t-test and an exact sign test) and ``generalization.png``.
 Each run folder is ``<runs>/<task>/<setting>/<method>/lr<lr>[-<hparams>]-s<seed>``; a folder that already holds a
-``metrics.json`` is not run again (resume after an interruption, or extend the grid).
+``metrics.json`` is not run again (resume after an interruption, or extend the grid). ``--merge`` keeps the rows of
+an existing ``<out>/generalization.json`` outside this call's (task, setting, method) groups, so a committed table
+can be extended method by method.
 
     python -m benchmarks.generalization                       # the full grid
     python -m benchmarks.generalization --quick               # tiny budget, proves the pipeline (minutes)
@@ -493,8 +495,10 @@ def markdown_report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     if meta.get("select_on_clean"):
         selection += ("; settings with noisy labels use the configuration selected for the clean setting with the "
                       "same shots (`--select-on-clean`)")
+    earlier = "".join(f" Merged (`--merge`) with the other methods' rows of {c['date']}; `{c['command']}`."
+                      for c in meta.get("earlier_calls", []))
     lines += [
-        f"{meta.get('date', '')}; `{meta.get('command', '')}`; seeds {meta.get('seeds')}; {selection}. "
+        f"{meta.get('date', '')}; `{meta.get('command', '')}`; seeds {meta.get('seeds')}; {selection}.{earlier} "
         f"Accuracies in %, mean ± std over seeds. Δ = paired difference in test accuracy to the un-regularized "
         f"counterpart (same seeds: same split, label flips and initialization); p(t) paired t-test, W/L and p(sign) "
         f"an exact two-sided sign test.", "",
@@ -576,6 +580,39 @@ def plot(records: list[dict[str, Any]], path: str) -> Optional[str]:
     return path
 
 
+def group_key(row: dict[str, Any]) -> tuple[str, int, float, str]:
+    """``(task, shots, label noise, method)``: the rows of one table line."""
+    return row["task"], row["shots"], row["label_noise"], row["method"]
+
+
+def read_results(out: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``(runs, meta)`` of ``<out>/generalization.json``; ``([], {})`` when there is none yet."""
+    path = os.path.join(out, "generalization.json")
+    if not os.path.exists(path):
+        return [], {}
+    with open(path) as fh:
+        payload = json.load(fh)
+    if not isinstance(payload, dict) or "runs" not in payload:
+        raise ValueError(f"{path} is not a generalization.json (no 'runs' list); move it away or drop --merge")
+    return payload["runs"], payload.get("meta", {})
+
+
+def merge_records(earlier: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]],
+                  groups: set[tuple[str, int, float, str]]) -> list[dict[str, Any]]:
+    """The rows of ``earlier`` outside ``groups`` (the (task, shots, noise, method) of this call's grid), then
+    ``records``: a table extended method by method keeps its other lines, a group run again replaces its own."""
+    return [r for r in earlier if group_key(r) not in groups] + list(records)
+
+
+def merged_meta(meta: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with ``earlier_calls``: the (date, command) of the earlier calls whose rows were kept (a call
+    repeated now is left out: its groups are replaced)."""
+    calls = [*earlier.get("earlier_calls", [])]
+    if earlier.get("command"):
+        calls.append({"date": earlier.get("date", ""), "command": earlier["command"]})
+    return {**meta, "earlier_calls": [c for c in calls if c["command"] != meta.get("command")]}
+
+
 def write_outputs(records: list[dict[str, Any]], meta: dict[str, Any], out: str) -> None:
     os.makedirs(out, exist_ok=True)
     payload = {"meta": meta, "summary": aggregate(records), "paired": paired_comparisons(records), "runs": records}
@@ -619,6 +656,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
                              "the same shots (no selection runs of their own)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs only")
     parser.add_argument("--keep-adapters", action="store_true", help="keep each run's adapter/ folder")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of <out>/generalization.json for (task, setting, method) groups outside "
+                             "this call's grid (extend a committed table with more methods or settings)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -646,18 +686,27 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
             "command": " ".join(["python -m benchmarks.generalization", *sys.argv[1:]] if argv is None
                                 else ["python -m benchmarks.generalization", *argv])}
     tasks = [TASKS[k] for k in args.tasks]
+    groups = {(t.key, s.shots, s.noise, m.key) for t in tasks for s in settings for m in methods}
+    earlier, earlier_meta = read_results(out) if args.merge else ([], {})
+    if args.merge:
+        meta = merged_meta(meta, earlier_meta)
+
+    def merged(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return merge_records(earlier, recs, groups) if args.merge else recs
+
     if args.report_only:
         records = run_grid(tasks, settings, methods, seeds, multipliers, runs, extra, runner=None,
                            select_on_clean=args.select_on_clean)
     else:
         def progress(recs: list[dict[str, Any]]) -> None:
-            write_outputs(recs, meta, out)
+            write_outputs(merged(recs), meta, out)
 
         def runner(spec: RunSpec) -> dict[str, Any]:
             return default_runner(spec, keep_adapter=args.keep_adapters)
 
         records = run_grid(tasks, settings, methods, seeds, multipliers, runs, extra, runner=runner,
                            on_progress=progress, select_on_clean=args.select_on_clean)
+    records = merged(records)
     write_outputs(records, meta, out)
     print(markdown_report(records, meta))
     print(f"results: {out}/generalization.{{json,md,png}}")

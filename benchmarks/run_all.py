@@ -1,5 +1,5 @@
 """``make bench``: the cost benchmark (``benchmarks.overhead``), then the generalization runs of :data:`CPU_PLAN`
-(the tables committed in ``benchmarks/results/``, about 3 h on 2 CPU cores; resumable).
+(the tables committed in ``benchmarks/results/``, about 5 h on 2 CPU cores; resumable).
 
     python -m benchmarks.run_all                    # both, as committed
     python -m benchmarks.run_all --only overhead    # minutes
@@ -19,12 +19,17 @@ from . import RESULTS, generalization, overhead
 
 # The generalization grids behind benchmarks/results/{fmnist,wordnet}. Fashion-MNIST ViT (seconds a run): every
 # method and setting, 5 seeds, selection on validation (noisy settings reuse the clean 32-shot selection). MiniLM
-# (2-3 min a run on 2 cores): 8 shots, 5 seeds, each method at its recipe's configuration (no search); the PACE
-# adapter methods are left out there (they are measured on the ViT).
+# (3-6 min a run on 2 cores): 8 shots, 5 seeds, each method at its recipe's configuration (no search); the PACE
+# methods and the 40%-noisy setting (RLRR vs RLRR+TSRS, full vs full + distance + self-labeling) were added later
+# to the same table (`--merge`).
 CPU_PLAN: tuple[tuple[str, ...], ...] = (
     ("--tasks", "fmnist", "--select-on-clean", "--out", f"{RESULTS}/fmnist"),
     ("--tasks", "wordnet", "--settings", "8", "--no-search", "--methods", "lora+tsrs", "rlrr+tsrs",
      "rlrr+tsrs+pacefast", "full+selflabel", "--out", f"{RESULTS}/wordnet"),
+    ("--tasks", "wordnet", "--settings", "8", "--no-search", "--methods", "pace", "pace-fast", "--merge",
+     "--out", f"{RESULTS}/wordnet"),
+    ("--tasks", "wordnet", "--settings", "8:0.4", "--no-search", "--methods", "rlrr+tsrs", "full+selflabel", "--merge",
+     "--out", f"{RESULTS}/wordnet"),
 )
 
 

@@ -434,3 +434,38 @@ def test_no_counterparts_runs_exactly_the_given_methods(tmp_path, monkeypatch):
     gen.main(["--tasks", "wordnet", "--settings", "8", "--no-search", "--no-counterparts", "--methods", "lora+tsrs",
               "--seeds", "0", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
     assert [s.method for s in runner.specs] == ["lora+tsrs"]
+
+
+def test_merge_keeps_other_groups_and_replaces_its_own(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    gen.write_outputs(_hand_records(), {"date": "d0", "command": "first call"}, str(out))  # lora, lora+tsrs
+    monkeypatch.setattr(gen, "default_runner", SpecRecorder())
+    common = ["--tasks", "wordnet", "--settings", "8", "--no-search", "--seeds", "0", "1",
+              "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    gen.main([*common, "--methods", "pace-fast", "lora+tsrs", "--no-counterparts", "--merge"])
+    data = json.loads((out / "generalization.json").read_text())
+    methods = {r["method"] for r in data["runs"]}
+    assert methods == {"lora", "lora+tsrs", "pace-fast"}
+    # lora kept from the earlier file (5 seeds + its unselected selection run); lora+tsrs replaced by this call's
+    assert sum(r["method"] == "lora" for r in data["runs"]) == 6
+    assert sorted(r["seed"] for r in data["runs"] if r["method"] == "lora+tsrs") == [0, 1]
+    assert {p["method"] for p in data["paired"]} == {"lora+tsrs"}  # the new runs pair with the kept lora rows
+    assert data["meta"]["earlier_calls"] == [{"date": "d0", "command": "first call"}]
+    assert "Merged (`--merge`) with the other methods' rows of d0; `first call`." in (out / "generalization.md").read_text()
+    # the same call again: nothing new runs, its own groups are replaced, the earlier call is listed once
+    again = SpecRecorder()
+    monkeypatch.setattr(gen, "default_runner", again)
+    gen.main([*common, "--methods", "pace-fast", "lora+tsrs", "--no-counterparts", "--merge"])
+    assert again.specs == []
+    assert json.loads((out / "generalization.json").read_text())["meta"]["earlier_calls"] == data["meta"]["earlier_calls"]
+    assert len(json.loads((out / "generalization.json").read_text())["runs"]) == len(data["runs"])
+    # without --merge the file holds this call's rows only
+    gen.main([*common, "--methods", "pace-fast", "--no-counterparts"])
+    assert {r["method"] for r in json.loads((out / "generalization.json").read_text())["runs"]} == {"pace-fast"}
+
+
+def test_merge_refuses_a_foreign_json(tmp_path):
+    (tmp_path / "generalization.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="drop --merge"):
+        gen.read_results(str(tmp_path))
+    assert gen.read_results(str(tmp_path / "missing")) == ([], {})
