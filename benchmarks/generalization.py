@@ -424,11 +424,16 @@ def final_runs(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["selected"]]
 
 
+def group_key(row: dict[str, Any]) -> tuple[str, int, float, str]:
+    """``(task, shots, label noise, method)``: the rows of one table line."""
+    return row["task"], row["shots"], row["label_noise"], row["method"]
+
+
 def aggregate(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean ± std over seeds per (task, shots, label noise, method), from the selected runs."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in final_runs(records):
-        groups[(r["task"], r["shots"], r["label_noise"], r["method"])].append(r)
+        groups[group_key(r)].append(r)
     rows = []
     for (task, shots, noise, method), runs in groups.items():
         test_mean, test_std = mean_std([r["test_accuracy"] for r in runs])
@@ -450,7 +455,7 @@ def paired_comparisons(records: Iterable[dict[str, Any]], counterparts: Optional
         m.key: m.counterpart for m in METHODS if m.counterpart}
     by_key: dict[tuple, dict[int, float]] = defaultdict(dict)
     for r in final_runs(records):
-        by_key[(r["task"], r["shots"], r["label_noise"], r["method"])][r["seed"]] = r["test_accuracy"]
+        by_key[group_key(r)][r["seed"]] = r["test_accuracy"]
     out = []
     for (task, shots, noise, method), accs in sorted(by_key.items()):
         base = counterparts.get(method)
@@ -580,11 +585,6 @@ def plot(records: list[dict[str, Any]], path: str) -> Optional[str]:
     return path
 
 
-def group_key(row: dict[str, Any]) -> tuple[str, int, float, str]:
-    """``(task, shots, label noise, method)``: the rows of one table line."""
-    return row["task"], row["shots"], row["label_noise"], row["method"]
-
-
 def read_results(out: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``(runs, meta)`` of ``<out>/generalization.json``; ``([], {})`` when there is none yet."""
     path = os.path.join(out, "generalization.json")
@@ -687,26 +687,24 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
                                 else ["python -m benchmarks.generalization", *argv])}
     tasks = [TASKS[k] for k in args.tasks]
     groups = {(t.key, s.shots, s.noise, m.key) for t in tasks for s in settings for m in methods}
-    earlier, earlier_meta = read_results(out) if args.merge else ([], {})
+    earlier: list[dict[str, Any]] = []  # without --merge nothing is kept: merge_records returns this call's rows
     if args.merge:
+        earlier, earlier_meta = read_results(out)
         meta = merged_meta(meta, earlier_meta)
-
-    def merged(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return merge_records(earlier, recs, groups) if args.merge else recs
 
     if args.report_only:
         records = run_grid(tasks, settings, methods, seeds, multipliers, runs, extra, runner=None,
                            select_on_clean=args.select_on_clean)
     else:
         def progress(recs: list[dict[str, Any]]) -> None:
-            write_outputs(merged(recs), meta, out)
+            write_outputs(merge_records(earlier, recs, groups), meta, out)
 
         def runner(spec: RunSpec) -> dict[str, Any]:
             return default_runner(spec, keep_adapter=args.keep_adapters)
 
         records = run_grid(tasks, settings, methods, seeds, multipliers, runs, extra, runner=runner,
                            on_progress=progress, select_on_clean=args.select_on_clean)
-    records = merged(records)
+    records = merge_records(earlier, records, groups)
     write_outputs(records, meta, out)
     print(markdown_report(records, meta))
     print(f"results: {out}/generalization.{{json,md,png}}")
