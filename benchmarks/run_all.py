@@ -1,11 +1,11 @@
 """``make bench``: the cost benchmark (``benchmarks.overhead``), then the generalization runs of :data:`CPU_PLAN`
-(the tables committed in ``benchmarks/results/``, about 5 h on 2 CPU cores; resumable).
+(the tables committed in ``benchmarks/results/``, about 8 h on 2 CPU cores; resumable).
 
     python -m benchmarks.run_all                    # both, as committed
     python -m benchmarks.run_all --only overhead    # minutes
     python -m benchmarks.run_all --only generalization --quick
     python -m benchmarks.run_all --only generalization --generalization-args "--tasks wordnet"   # one custom grid
-    python -m benchmarks.run_all --only generalization --generalization-args ""  # the whole grid (~40 h on CPU)
+    python -m benchmarks.run_all --only generalization --generalization-args ""  # the whole grid (30-70 h on CPU)
 """
 
 from __future__ import annotations
