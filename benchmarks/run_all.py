@@ -1,5 +1,5 @@
 """``make bench``: the cost benchmark (``benchmarks.overhead``), then the generalization runs of :data:`CPU_PLAN`
-(the tables committed in ``benchmarks/results/``, about 8 h on 2 CPU cores; resumable).
+(the tables committed in ``benchmarks/results/``, about 5-17 h on 2 CPU cores, depending on the machine; resumable).
 
     python -m benchmarks.run_all                    # both, as committed
     python -m benchmarks.run_all --only overhead    # minutes
@@ -20,9 +20,8 @@ from . import RESULTS, generalization, overhead
 # The generalization grids behind benchmarks/results/{fmnist,wordnet}. Fashion-MNIST ViT (seconds a run): every
 # method and setting, 5 seeds, selection on validation (noisy settings reuse the clean 32-shot selection). MiniLM
 # (2-12 min a run on 2 cores, depending on the machine and the load): 8 shots, 5 seeds, each method at its recipe's
-# configuration (no search); the PACE methods, the 40%- and 20%-noisy settings (RLRR vs RLRR+TSRS, full vs full +
-# distance + self-labeling; at 40% also LoRA vs LoRA+TSRS) were added later to the same table (`--merge`). 32 shots
-# is left out: 4x the steps, about 30 min a run here.
+# configuration (no search); the PACE methods, the 40%- and 20%-noisy settings (every method) and 32 shots (RLRR vs
+# RLRR+TSRS and LoRA vs LoRA+TSRS only: 4x the steps) were added later to the same table (`--merge`).
 CPU_PLAN: tuple[tuple[str, ...], ...] = (
     ("--tasks", "fmnist", "--select-on-clean", "--out", f"{RESULTS}/fmnist"),
     ("--tasks", "wordnet", "--settings", "8", "--no-search", "--methods", "lora+tsrs", "rlrr+tsrs",
@@ -34,6 +33,14 @@ CPU_PLAN: tuple[tuple[str, ...], ...] = (
     ("--tasks", "wordnet", "--settings", "8:0.2", "--no-search", "--methods", "rlrr+tsrs", "full+selflabel", "--merge",
      "--out", f"{RESULTS}/wordnet"),
     ("--tasks", "wordnet", "--settings", "8:0.4", "--no-search", "--methods", "lora+tsrs", "--merge",
+     "--out", f"{RESULTS}/wordnet"),
+    ("--tasks", "wordnet", "--settings", "8:0.2", "--no-search", "--methods", "lora+tsrs", "--merge",
+     "--out", f"{RESULTS}/wordnet"),
+    ("--tasks", "wordnet", "--settings", "8:0.4", "--no-search", "--methods", "pace", "pace-fast",
+     "rlrr+tsrs+pacefast", "--merge", "--out", f"{RESULTS}/wordnet"),
+    ("--tasks", "wordnet", "--settings", "8:0.2", "--no-search", "--methods", "pace", "pace-fast",
+     "rlrr+tsrs+pacefast", "--merge", "--out", f"{RESULTS}/wordnet"),
+    ("--tasks", "wordnet", "--settings", "32", "--no-search", "--methods", "rlrr+tsrs", "lora+tsrs", "--merge",
      "--out", f"{RESULTS}/wordnet"),
 )
 
