@@ -33,10 +33,13 @@ can be extended method by method.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import math
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -482,6 +485,37 @@ def _p(x: float) -> str:
     return "—" if math.isnan(x) else (f"{x:.3f}" if x >= 0.001 else "<0.001")
 
 
+def selection_text(meta: dict[str, Any]) -> str:
+    """How the configurations of a call were chosen, from its ``meta``."""
+    if not meta.get("search", True):
+        text = ("no search (`--no-search`): every method at its recipe's learning rate and the first point of its "
+                "own grid (TSRS λ = 0.1), as shipped in configs/")
+    elif meta.get("lr_only"):
+        text = (f"learning-rate grid = {meta.get('lr_multipliers')} × the recipe's default, chosen per (task, "
+                f"setting, method) on seed 0's validation accuracy, each method's own grid at its first point (TSRS "
+                f"λ = 0.1, `--lr-only`); test accuracy is reported at the selected configuration")
+    else:
+        text = (f"learning-rate grid = {meta.get('lr_multipliers')} × the recipe's default, chosen per (task, "
+                f"setting, method) on seed 0's validation accuracy (plus the method's own grid, e.g. TSRS "
+                f"λ ∈ {{0.1, 1}}); test accuracy is reported at the selected configuration")
+    if meta.get("select_on_clean"):
+        text += ("; settings with noisy labels use the configuration selected for the clean setting with the "
+                 "same shots (`--select-on-clean`)")
+    return text
+
+
+def call_protocol(command: str) -> str:
+    """`` (no search)``-style note on how an earlier call chose its configurations ('' if it does not parse)."""
+    args = parse_command(command)
+    if args is None:
+        return ""
+    if args.no_search:
+        return " (no search)"
+    if args.lr_only:
+        return " (learning rate selected on validation, λ = 0.1)"
+    return " (configuration selected on validation)"
+
+
 def markdown_report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     rows = aggregate(records)
     pairs = {(p["task"], p["shots"], p["label_noise"], p["method"]): p for p in paired_comparisons(records)}
@@ -490,18 +524,9 @@ def markdown_report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     if meta.get("quick"):
         lines += ["**QUICK MODE** — a tiny budget (a few optimizer steps, a handful of validation/test examples) that "
                   "only proves the harness works; these numbers say nothing about the methods.", ""]
-    if meta.get("search", True):
-        selection = (f"learning-rate grid = {meta.get('lr_multipliers')} × the recipe's default, chosen per (task, "
-                     f"setting, method) on seed 0's validation accuracy (plus the method's own grid, e.g. TSRS "
-                     f"λ ∈ {{0.1, 1}}); test accuracy is reported at the selected configuration")
-    else:
-        selection = ("no search (`--no-search`): every method at its recipe's learning rate and the first point of "
-                     "its own grid (TSRS λ = 0.1), as shipped in configs/")
-    if meta.get("select_on_clean"):
-        selection += ("; settings with noisy labels use the configuration selected for the clean setting with the "
-                      "same shots (`--select-on-clean`)")
-    earlier = "".join(f" Merged (`--merge`) with the other methods' rows of {c['date']}; `{c['command']}`."
-                      for c in meta.get("earlier_calls", []))
+    selection = selection_text(meta)
+    earlier = "".join(f" Merged (`--merge`) with the other methods' rows of {c['date']}; `{c['command']}`"
+                      f"{call_protocol(c['command'])}." for c in meta.get("earlier_calls", []))
     lines += [
         f"{meta.get('date', '')}; `{meta.get('command', '')}`; seeds {meta.get('seeds')}; {selection}.{earlier} "
         f"Accuracies in %, mean ± std over seeds. Δ = paired difference in test accuracy to the un-regularized "
@@ -604,13 +629,28 @@ def merge_records(earlier: Sequence[dict[str, Any]], records: Sequence[dict[str,
     return [r for r in earlier if group_key(r) not in groups] + list(records)
 
 
-def merged_meta(meta: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any]:
-    """``meta`` with ``earlier_calls``: the (date, command) of the earlier calls whose rows were kept (a call
-    repeated now is left out: its groups are replaced)."""
+def merged_meta(meta: dict[str, Any], earlier: dict[str, Any],
+                groups: Optional[set[tuple[str, int, float, str]]] = None) -> dict[str, Any]:
+    """``meta`` with ``earlier_calls``: the (date, command) of the earlier calls that still contribute rows.
+
+    The calls are in the order they ran. One is dropped when every (task, setting, method) group of its grid was
+    written again by a later call or by this one (``groups``); a command that does not parse is dropped only when it
+    is this call's command."""
     calls = [*earlier.get("earlier_calls", [])]
     if earlier.get("command"):
         calls.append({"date": earlier.get("date", ""), "command": earlier["command"]})
-    return {**meta, "earlier_calls": [c for c in calls if c["command"] != meta.get("command")]}
+    later: set[tuple[str, int, float, str]] = set(groups or ())
+    kept = []
+    for call in reversed(calls):
+        own = command_groups(call["command"])
+        if own is None:
+            replaced = call["command"] == meta.get("command")
+        else:
+            replaced = own <= later
+            later |= own
+        if not replaced:
+            kept.append(call)
+    return {**meta, "earlier_calls": kept[::-1]}
 
 
 def write_outputs(records: list[dict[str, Any]], meta: dict[str, Any], out: str) -> None:
@@ -633,7 +673,7 @@ def parse_settings(texts: Sequence[str]) -> list[Setting]:
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Generalization benchmark (see the module docstring).")
     parser.add_argument("--quick", action="store_true", help="tiny budget, 2 settings, 2 seeds: proves the pipeline")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
@@ -651,6 +691,9 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--no-search", action="store_true",
                         help="no selection: every method at its recipe's learning rate and the first point of its own "
                              "grid (TSRS λ = 0.1), for grids too costly to search")
+    parser.add_argument("--lr-only", action="store_true",
+                        help="search the learning rate only: every method at the first point of its own grid "
+                             "(TSRS λ = 0.1), one selection run per learning rate")
     parser.add_argument("--select-on-clean", action="store_true",
                         help="settings with label noise reuse the configuration selected for the clean setting with "
                              "the same shots (no selection runs of their own)")
@@ -659,38 +702,93 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of <out>/generalization.json for (task, setting, method) groups outside "
                              "this call's grid (extend a committed table with more methods or settings)")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return parser
 
+
+@dataclass
+class CallPlan:
+    """What one call runs: its tasks, settings, methods (counterparts added, grids cut), seeds and lr multipliers."""
+    tasks: list[Task]
+    settings: list[Setting]
+    methods: list[Method]
+    seeds: list[int]
+    multipliers: list[float]
+
+    @property
+    def groups(self) -> set[tuple[str, int, float, str]]:
+        """The (task, shots, label noise, method) groups of this call's grid (the table lines it writes)."""
+        return {(t.key, s.shots, s.noise, m.key) for t in self.tasks for s in self.settings for m in self.methods}
+
+
+def plan_call(args: argparse.Namespace) -> CallPlan:
+    """The grid of a parsed command line (raises ValueError on contradictory options)."""
     quick = args.quick
     settings = parse_settings(args.settings) if args.settings else list(QUICK_SETTINGS if quick else SETTINGS)
     seeds = list(args.seeds if args.seeds is not None else (QUICK_SEEDS if quick else SEEDS))
     if args.no_search and args.lr_multipliers:
-        parser.error("--no-search runs the recipe's learning rate only; drop --lr-multipliers or --no-search")
+        raise ValueError("--no-search runs the recipe's learning rate only; drop --lr-multipliers or --no-search")
+    if args.no_search and args.lr_only:
+        raise ValueError("--lr-only searches the learning rate; drop --lr-only or --no-search")
     multipliers = [1.0] if args.no_search else list(
         args.lr_multipliers or (QUICK_LR_MULTIPLIERS if quick else LR_MULTIPLIERS))
     chosen = set(args.methods or METHOD_BY_KEY)
     if not args.no_counterparts:
         chosen |= {METHOD_BY_KEY[k].counterpart for k in list(chosen) if METHOD_BY_KEY[k].counterpart}
     methods = [m for m in METHODS if m.key in chosen]
-    if quick or args.no_search:  # one point of each method's own grid
+    if quick or args.no_search or args.lr_only:  # one point of each method's own grid
         methods = first_grid_point(methods)
+    return CallPlan([TASKS[k] for k in args.tasks], settings, methods, seeds, multipliers)
+
+
+def parse_command(command: str) -> Optional[argparse.Namespace]:
+    """The arguments of a recorded ``python -m benchmarks.generalization ...`` command; None if it does not parse."""
+    prefix = "python -m benchmarks.generalization"
+    if not command.startswith(prefix):
+        return None
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return build_parser().parse_args(shlex.split(command[len(prefix):]))
+    except (SystemExit, ValueError):
+        return None
+
+
+def command_groups(command: str) -> Optional[set[tuple[str, int, float, str]]]:
+    """The (task, shots, label noise, method) groups of a recorded command; None if it does not parse."""
+    args = parse_command(command)
+    try:
+        return None if args is None else plan_call(args).groups
+    except ValueError:
+        return None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    quick = args.quick
+    try:
+        plan = plan_call(args)
+    except ValueError as err:
+        parser.error(str(err))
+    tasks, settings, methods, seeds, multipliers = (plan.tasks, plan.settings, plan.methods, plan.seeds,
+                                                    plan.multipliers)
     runs = args.runs or os.path.join(RUNS, "quick" if quick else "full")
     out = args.out or (os.path.join(RESULTS, "quick") if quick else RESULTS)
     extra = [*(QUICK_OVERRIDES if quick else BENCH_OVERRIDES), *args.override]
     meta = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "quick": quick, "search": not args.no_search,
+            "lr_only": args.lr_only,
             "select_on_clean": args.select_on_clean,
             "tasks": args.tasks, "settings": [s.key for s in settings], "methods": [m.key for m in methods],
             "seeds": seeds, "lr_multipliers": multipliers, "extra_overrides": extra,
             "command": " ".join(["python -m benchmarks.generalization", *sys.argv[1:]] if argv is None
                                 else ["python -m benchmarks.generalization", *argv])}
-    tasks = [TASKS[k] for k in args.tasks]
-    groups = {(t.key, s.shots, s.noise, m.key) for t in tasks for s in settings for m in methods}
+    groups = plan.groups
     earlier: list[dict[str, Any]] = []  # without --merge nothing is kept: merge_records returns this call's rows
     if args.merge:
         earlier, earlier_meta = read_results(out)
-        meta = merged_meta(meta, earlier_meta)
+        meta = merged_meta(meta, earlier_meta, groups)
 
     if args.report_only:
         records = run_grid(tasks, settings, methods, seeds, multipliers, runs, extra, runner=None,

@@ -469,3 +469,55 @@ def test_merge_refuses_a_foreign_json(tmp_path):
     with pytest.raises(ValueError, match="drop --merge"):
         gen.read_results(str(tmp_path))
     assert gen.read_results(str(tmp_path / "missing")) == ([], {})
+
+
+def test_lr_only_searches_the_learning_rate_at_the_first_grid_point(tmp_path, monkeypatch):
+    runner = SpecRecorder()
+    monkeypatch.setattr(gen, "default_runner", runner)
+    out = tmp_path / "out"
+    gen.main(["--tasks", "wordnet", "--settings", "32", "--lr-multipliers", "1", "0.2", "--lr-only", "--methods",
+              "lora+tsrs", "--no-counterparts", "--seeds", "0", "1", "--runs", str(tmp_path / "runs"),
+              "--out", str(out)])
+    base = gen.default_lr(gen.TASKS["wordnet"], gen.METHOD_BY_KEY["lora+tsrs"])
+    selection = [s for s in runner.specs if s.seed == 0]
+    assert sorted(s.lr for s in selection) == sorted([base, 0.2 * base])  # 2 lrs, not 2 lrs x 2 TSRS weights
+    assert {s.hparams for s in runner.specs} == {gen._TSRS_GRID[0]}
+    # FakeRunner's validation accuracy peaks at lr 1e-2, so the larger rate is chosen and seed 1 runs at it
+    assert [s.lr for s in runner.specs if s.seed == 1] == [base]
+    report = (out / "generalization.md").read_text()
+    assert "`--lr-only`" in report and "chosen per (task, setting, method) on seed 0's validation" in report
+    data = json.loads((out / "generalization.json").read_text())
+    assert data["meta"]["lr_only"] is True and data["meta"]["search"] is True
+    with pytest.raises(SystemExit):
+        gen.main(["--no-search", "--lr-only"])
+
+
+def test_command_groups_follow_the_cli():
+    cmd = "python -m benchmarks.generalization --tasks wordnet --settings 8:0.4 --no-search --methods lora+tsrs"
+    assert gen.command_groups(cmd) == {("wordnet", 8, 0.4, "lora"), ("wordnet", 8, 0.4, "lora+tsrs")}
+    assert gen.command_groups(cmd + " --no-counterparts") == {("wordnet", 8, 0.4, "lora+tsrs")}
+    assert gen.command_groups("first call") is None
+    assert gen.command_groups("python -m benchmarks.generalization --methods nope") is None
+    assert gen.call_protocol(cmd) == " (no search)"
+    assert gen.call_protocol(cmd.replace("--no-search", "--lr-only")) == " (learning rate selected on validation, λ = 0.1)"
+    assert gen.call_protocol("first call") == ""
+
+
+def test_merged_meta_drops_a_call_once_all_its_groups_were_written_again():
+    prefix = "python -m benchmarks.generalization --tasks wordnet --no-search --no-counterparts"
+    a = {"date": "d1", "command": f"{prefix} --settings 8 --methods lora lora+tsrs"}
+    b = {"date": "d2", "command": f"{prefix} --settings 8 --methods lora"}
+    foreign = {"date": "d0", "command": "first call"}
+    earlier = {"earlier_calls": [foreign, a], "date": b["date"], "command": b["command"]}
+    # b replaced half of a; this call the other half: a and b (all of whose groups are written again) are dropped
+    now = {"command": f"{prefix} --settings 8 --methods lora+tsrs lora"}
+    groups = {("wordnet", 8, 0.0, "lora+tsrs"), ("wordnet", 8, 0.0, "lora")}
+    assert gen.merged_meta(now, earlier, groups)["earlier_calls"] == [foreign]
+    # a call of other groups keeps every earlier one
+    other = gen.merged_meta({"command": f"{prefix} --settings 32 --methods lora"}, earlier,
+                            {("wordnet", 32, 0.0, "lora")})
+    assert other["earlier_calls"] == [foreign, a, b]
+    # lora+tsrs only: a is covered by b and this call together and goes, b (its lora rows still in) stays
+    assert gen.merged_meta(now, earlier, {("wordnet", 8, 0.0, "lora+tsrs")})["earlier_calls"] == [foreign, b]
+    # a command that does not parse goes only when this call repeats it
+    assert gen.merged_meta({"command": "first call"}, earlier, set())["earlier_calls"] == [a, b]
