@@ -51,6 +51,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from . import CONFIGS, RESULTS, ROOT
 
 RUNS = os.path.join(ROOT, "benchmarks", "runs")
+COMMAND = "python -m benchmarks.generalization"  # how a call is recorded in the results' meta
+Group = tuple[str, int, float, str]  # (task, shots, label noise, method): the rows of one table line
 
 
 # ---------------------------------------------------------------------------------------------- the grid
@@ -427,7 +429,7 @@ def final_runs(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r["selected"]]
 
 
-def group_key(row: dict[str, Any]) -> tuple[str, int, float, str]:
+def group_key(row: dict[str, Any]) -> Group:
     """``(task, shots, label noise, method)``: the rows of one table line."""
     return row["task"], row["shots"], row["label_noise"], row["method"]
 
@@ -623,14 +625,13 @@ def read_results(out: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
 
 def merge_records(earlier: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]],
-                  groups: set[tuple[str, int, float, str]]) -> list[dict[str, Any]]:
+                  groups: set[Group]) -> list[dict[str, Any]]:
     """The rows of ``earlier`` outside ``groups`` (the (task, shots, noise, method) of this call's grid), then
     ``records``: a table extended method by method keeps its other lines, a group run again replaces its own."""
     return [r for r in earlier if group_key(r) not in groups] + list(records)
 
 
-def merged_meta(meta: dict[str, Any], earlier: dict[str, Any],
-                groups: Optional[set[tuple[str, int, float, str]]] = None) -> dict[str, Any]:
+def merged_meta(meta: dict[str, Any], earlier: dict[str, Any], groups: set[Group]) -> dict[str, Any]:
     """``meta`` with ``earlier_calls``: the (date, command) of the earlier calls that still contribute rows.
 
     The calls are in the order they ran. One is dropped when every (task, setting, method) group of its grid was
@@ -639,7 +640,7 @@ def merged_meta(meta: dict[str, Any], earlier: dict[str, Any],
     calls = [*earlier.get("earlier_calls", [])]
     if earlier.get("command"):
         calls.append({"date": earlier.get("date", ""), "command": earlier["command"]})
-    later: set[tuple[str, int, float, str]] = set(groups or ())
+    later = set(groups)
     kept = []
     for call in reversed(calls):
         own = command_groups(call["command"])
@@ -715,7 +716,7 @@ class CallPlan:
     multipliers: list[float]
 
     @property
-    def groups(self) -> set[tuple[str, int, float, str]]:
+    def groups(self) -> set[Group]:
         """The (task, shots, label noise, method) groups of this call's grid (the table lines it writes)."""
         return {(t.key, s.shots, s.noise, m.key) for t in self.tasks for s in self.settings for m in self.methods}
 
@@ -742,17 +743,16 @@ def plan_call(args: argparse.Namespace) -> CallPlan:
 
 def parse_command(command: str) -> Optional[argparse.Namespace]:
     """The arguments of a recorded ``python -m benchmarks.generalization ...`` command; None if it does not parse."""
-    prefix = "python -m benchmarks.generalization"
-    if not command.startswith(prefix):
+    if not command.startswith(COMMAND):
         return None
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            return build_parser().parse_args(shlex.split(command[len(prefix):]))
+            return build_parser().parse_args(shlex.split(command[len(COMMAND):]))
     except (SystemExit, ValueError):
         return None
 
 
-def command_groups(command: str) -> Optional[set[tuple[str, int, float, str]]]:
+def command_groups(command: str) -> Optional[set[Group]]:
     """The (task, shots, label noise, method) groups of a recorded command; None if it does not parse."""
     args = parse_command(command)
     try:
@@ -782,8 +782,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
             "select_on_clean": args.select_on_clean,
             "tasks": args.tasks, "settings": [s.key for s in settings], "methods": [m.key for m in methods],
             "seeds": seeds, "lr_multipliers": multipliers, "extra_overrides": extra,
-            "command": " ".join(["python -m benchmarks.generalization", *sys.argv[1:]] if argv is None
-                                else ["python -m benchmarks.generalization", *argv])}
+            "command": " ".join([COMMAND, *(sys.argv[1:] if argv is None else argv)])}
     groups = plan.groups
     earlier: list[dict[str, Any]] = []  # without --merge nothing is kept: merge_records returns this call's rows
     if args.merge:
