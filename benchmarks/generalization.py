@@ -46,7 +46,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from . import CONFIGS, RESULTS, ROOT
 
@@ -247,12 +247,44 @@ def default_runner(spec: RunSpec, keep_adapter: bool = False) -> dict[str, Any]:
     return metrics
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: str) -> Iterator[None]:
+    """Hold the exclusive lock of one run folder (``<run_dir>.lock``, POSIX ``flock``) against other processes
+    sharing ``--runs``: two calls split with ``--seeds`` both need seed 0, and without the lock both would train it
+    into the same folder, or one would delete the other's unfinished folder as an interrupted run. Released (and the
+    waiting process let in) when the block ends or the process dies. No-op where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    os.makedirs(os.path.dirname(run_dir) or ".", exist_ok=True)
+    with open(f"{run_dir}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def execute(spec: RunSpec, runner: Optional[Callable[[RunSpec], dict[str, Any]]] = default_runner,
             log: Callable[[str], None] = print) -> Optional[dict[str, Any]]:
     """The metrics of ``spec``: read from its folder if it finished before (resume), else run it with ``runner``
-    (``None``: report only, an unfinished run gives ``None``)."""
+    (``None``: report only, an unfinished run gives ``None``). A run another process is training is waited for
+    (:func:`run_lock`) and then read, not run twice."""
     metrics = load_metrics(spec.run_dir)
     if metrics is not None or runner is None:
+        return metrics
+    with run_lock(spec.run_dir):
+        return _run_locked(spec, runner, log)
+
+
+def _run_locked(spec: RunSpec, runner: Callable[[RunSpec], dict[str, Any]],
+                log: Callable[[str], None]) -> dict[str, Any]:
+    metrics = load_metrics(spec.run_dir)  # finished by another process while this one waited for the lock
+    if metrics is not None:
+        log(f"    read {spec.task}/{spec.setting.key}/{spec.method}/{os.path.basename(spec.run_dir)}: "
+            "finished by another process")
         return metrics
     if os.path.isdir(spec.run_dir):  # an interrupted run: start it again from scratch
         shutil.rmtree(spec.run_dir)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `benchmarks` without `python -m`
 
+from benchmarks import RESULTS, ROOT  # noqa: E402
 from benchmarks import generalization as gen  # noqa: E402
 from benchmarks import overhead as oh  # noqa: E402
 from benchmarks import run_all  # noqa: E402
@@ -308,6 +310,37 @@ class FakeRunner:
         return metrics
 
 
+def test_a_run_shared_by_two_processes_is_trained_once(tmp_path):
+    """Two calls sharing --runs that need the same run (seed 0 of a --seeds split): the second waits for the first's
+    lock, then reads its metrics; it neither trains the run again nor deletes the unfinished folder."""
+    import threading
+
+    spec = gen.spec_for(str(tmp_path), gen.TASKS["wordnet"], gen.Setting(8), gen.METHOD_BY_KEY["lora"], 0.01, (), 0,
+                        "select")
+    inner, started, release = FakeRunner(), threading.Event(), threading.Event()
+
+    def slow_runner(s):
+        os.makedirs(s.run_dir)  # an unfinished run folder, as a real run leaves while it trains
+        started.set()
+        assert release.wait(10)
+        return inner(s)
+
+    results, logs = {}, []
+    first = threading.Thread(target=lambda: results.update(first=gen.execute(spec, slow_runner, log=logs.append)))
+    second = threading.Thread(target=lambda: results.update(second=gen.execute(spec, FakeRunner(), log=logs.append)))
+    first.start()
+    assert started.wait(10)
+    second.start()
+    second.join(0.5)
+    assert second.is_alive()  # waiting for the lock, not training and not deleting the folder
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert inner.calls == [spec.run_dir]
+    assert results["second"] == results["first"] is not None
+    assert any("finished by another process" in line for line in logs)
+
+
 def _grid(tmp_path, runner, seeds=(0, 1, 2)):
     methods = [gen.METHOD_BY_KEY["lora"], gen.METHOD_BY_KEY["lora+tsrs"]]
     return gen.run_grid([gen.TASKS["wordnet"]], [gen.Setting(8)], methods, list(seeds), [], str(tmp_path),
@@ -426,6 +459,20 @@ def test_run_all_default_is_the_committed_cpu_plan(monkeypatch, tmp_path):
     calls.clear()
     run_all.main(["--only", "generalization", "--generalization-args", ""])  # the whole grid
     assert calls == [("generalization", [])]
+
+
+def test_committed_tables_were_made_by_the_cpu_plan():
+    """The calls recorded in each committed generalization.json (earlier calls, then the last) are, in order, the
+    CPU_PLAN entries writing to that folder: `make bench` reproduces what is committed, no more and no less."""
+    for folder in ("fmnist", "wordnet"):
+        with open(os.path.join(RESULTS, folder, "generalization.json")) as f:
+            meta = json.load(f)["meta"]
+        recorded = [*(c["command"] if isinstance(c, dict) else c for c in meta.get("earlier_calls") or []),
+                    meta["command"]]
+        recorded = [[a for a in shlex.split(c[len(gen.COMMAND):]) if a != "--report-only"] for c in recorded]
+        planned = [[os.path.relpath(a, ROOT) if a.startswith(RESULTS) else a for a in p]
+                   for p in run_all.CPU_PLAN if p[p.index("--out") + 1] == os.path.join(RESULTS, folder)]
+        assert recorded == planned, folder
 
 
 def test_no_counterparts_runs_exactly_the_given_methods(tmp_path, monkeypatch):
