@@ -598,7 +598,8 @@ def markdown(results: dict[str, Any], notes: Optional[dict[str, str]] = None) ->
         "# Cost of the regularizers (`python -m benchmarks.overhead`)",
         "",
         f"Measured {meta['date']} on {meta['machine']} ({meta['torch_threads']} torch "
-        f"thread{'' if meta['torch_threads'] == 1 else 's'}; the load average below says what else ran), torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}. "
+        f"thread{'' if meta['torch_threads'] == 1 else 's'}; the load average below says what else ran), "
+        f"torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}. "
         f"{meta['steps']} timed steps per method after {meta['warmup']} warm-up steps, interleaved round-robin "
         f"in one process; times are medians. Ratio = median / median of the un-regularized base; "
         f"\"paired\" = median over rounds of the per-round ratio (robust to load drift).{_load_line(meta)}",

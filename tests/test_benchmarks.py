@@ -467,8 +467,7 @@ def test_committed_tables_were_made_by_the_cpu_plan():
     for folder in ("fmnist", "wordnet"):
         with open(os.path.join(RESULTS, folder, "generalization.json")) as f:
             meta = json.load(f)["meta"]
-        recorded = [*(c["command"] if isinstance(c, dict) else c for c in meta.get("earlier_calls") or []),
-                    meta["command"]]
+        recorded = [*(c["command"] for c in meta.get("earlier_calls") or []), meta["command"]]
         recorded = [[a for a in shlex.split(c[len(gen.COMMAND):]) if a != "--report-only"] for c in recorded]
         planned = [[os.path.relpath(a, ROOT) if a.startswith(RESULTS) else a for a in p]
                    for p in run_all.CPU_PLAN if p[p.index("--out") + 1] == os.path.join(RESULTS, folder)]
