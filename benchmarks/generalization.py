@@ -45,7 +45,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from . import CONFIGS, RESULTS, ROOT
@@ -96,7 +96,15 @@ SETTINGS = (Setting(8), Setting(32), Setting(32, 0.2), Setting(32, 0.4))
 LR_MULTIPLIERS = (0.3, 1.0, 3.0)
 SEEDS = (0, 1, 2, 3, 4)
 
-_TSRS_GRID = (("regularizers.tsrs_weight=0.1",), ("regularizers.tsrs_weight=1.0",))
+TSRS_WEIGHTS = (0.1, 1.0)  # the TSRS λ grid; its first point is the --no-search / --lr-only value
+
+
+def tsrs_grid(weights: Sequence[float]) -> tuple[tuple[str, ...], ...]:
+    """The ``hparams`` grid of the TSRS methods for these λ values (grid order = tie-breaking order)."""
+    return tuple((f"regularizers.tsrs_weight={float(w)}",) for w in weights)
+
+
+_TSRS_GRID = tsrs_grid(TSRS_WEIGHTS)
 # self-labeling starts scaled with the budget (the paper's epochs 10 / 5 assume a longer schedule)
 _SELF_LABEL_START = {
     "wordnet": ("regularizers.label_correction_start_epoch=4", "regularizers.reweight_start_epoch=2"),
@@ -519,19 +527,27 @@ def _p(x: float) -> str:
     return "—" if math.isnan(x) else (f"{x:.3f}" if x >= 0.001 else "<0.001")
 
 
+def _weights_text(weights: Optional[Sequence[float]], first_only: bool) -> str:
+    """``λ = 0.1`` (the first point) or ``λ ∈ {0.1, 1}`` (the grid) of a call's TSRS λ values."""
+    weights = list(weights or TSRS_WEIGHTS)
+    return f"λ = {weights[0]:g}" if first_only else "λ ∈ {" + ", ".join(f"{w:g}" for w in weights) + "}"
+
+
 def selection_text(meta: dict[str, Any]) -> str:
     """How the configurations of a call were chosen, from its ``meta``."""
+    weights = meta.get("tsrs_weights")
     if not meta.get("search", True):
         text = ("no search (`--no-search`): every method at its recipe's learning rate and the first point of its "
-                "own grid (TSRS λ = 0.1), as shipped in configs/")
+                f"own grid (TSRS {_weights_text(weights, True)}), as shipped in configs/")
     elif meta.get("lr_only"):
         text = (f"learning-rate grid = {meta.get('lr_multipliers')} × the recipe's default, chosen per (task, "
                 f"setting, method) on seed 0's validation accuracy, each method's own grid at its first point (TSRS "
-                f"λ = 0.1, `--lr-only`); test accuracy is reported at the selected configuration")
+                f"{_weights_text(weights, True)}, `--lr-only`); test accuracy is reported at the selected "
+                "configuration")
     else:
         text = (f"learning-rate grid = {meta.get('lr_multipliers')} × the recipe's default, chosen per (task, "
                 f"setting, method) on seed 0's validation accuracy (plus the method's own grid, e.g. TSRS "
-                f"λ ∈ {{0.1, 1}}); test accuracy is reported at the selected configuration")
+                f"{_weights_text(weights, False)}); test accuracy is reported at the selected configuration")
     if meta.get("select_on_clean"):
         text += ("; settings with noisy labels use the configuration selected for the clean setting with the "
                  "same shots (`--select-on-clean`)")
@@ -546,7 +562,9 @@ def call_protocol(command: str) -> str:
     if args.no_search:
         return " (no search)"
     if args.lr_only:
-        return " (learning rate selected on validation, λ = 0.1)"
+        return f" (learning rate selected on validation, {_weights_text(args.tsrs_weights, True)})"
+    if args.tsrs_weights:
+        return f" (configuration selected on validation, TSRS {_weights_text(args.tsrs_weights, False)})"
     return " (configuration selected on validation)"
 
 
@@ -721,6 +739,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", default=None, help="parent folder of the run folders (default benchmarks/runs)")
     parser.add_argument("--out", default=None, help="folder of the results (default benchmarks/results)")
     parser.add_argument("--override", nargs="+", default=[], help="extra recipe overrides for every run")
+    parser.add_argument("--tsrs-weights", nargs="+", type=float, default=None,
+                        help=f"the TSRS λ grid of the TSRS methods (default {' '.join(map(str, TSRS_WEIGHTS))}); "
+                             "its first value is the one --no-search and --lr-only use")
     parser.add_argument("--no-search", action="store_true",
                         help="no selection: every method at its recipe's learning rate and the first point of its own "
                              "grid (TSRS λ = 0.1), for grids too costly to search")
@@ -768,6 +789,11 @@ def plan_call(args: argparse.Namespace) -> CallPlan:
     if not args.no_counterparts:
         chosen |= {METHOD_BY_KEY[k].counterpart for k in list(chosen) if METHOD_BY_KEY[k].counterpart}
     methods = [m for m in METHODS if m.key in chosen]
+    if args.tsrs_weights:
+        if any(w < 0 for w in args.tsrs_weights):
+            raise ValueError(f"--tsrs-weights must be >= 0, got {args.tsrs_weights}")
+        grid = tsrs_grid(args.tsrs_weights)
+        methods = [replace(m, hparams=grid) if m.hparams == _TSRS_GRID else m for m in methods]
     if quick or args.no_search or args.lr_only:  # one point of each method's own grid
         methods = first_grid_point(methods)
     return CallPlan([TASKS[k] for k in args.tasks], settings, methods, seeds, multipliers)
@@ -814,6 +840,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
             "select_on_clean": args.select_on_clean,
             "tasks": args.tasks, "settings": [s.key for s in settings], "methods": [m.key for m in methods],
             "seeds": seeds, "lr_multipliers": multipliers, "extra_overrides": extra,
+            **({"tsrs_weights": args.tsrs_weights} if args.tsrs_weights else {}),
             "command": " ".join([COMMAND, *(sys.argv[1:] if argv is None else argv)])}
     groups = plan.groups
     earlier: list[dict[str, Any]] = []  # without --merge nothing is kept: merge_records returns this call's rows

@@ -138,6 +138,8 @@ def run_recipe(recipe: Recipe, progress: bool = True, keep_checkpoints: bool = F
         "total_parameters": total,
         "n_train": len(data.splits["train"]),
         "history": trainer.state.log_history,
+        # step of the CollapseWarning (every validation example predicted as one class, evaluations in a row)
+        "collapsed_at_step": None if trainer.collapse_monitor is None else trainer.collapse_monitor.reported_at,
     }
     if recipe.diagnostics:
         metrics["diagnostics"] = _diagnose(model, trainer, data, reference)

@@ -9,6 +9,10 @@ Terms (each optional, composable, for any classification model: plain, LoRA, RLR
 * Layer-wise distance constraint — projection after every optimizer step, or a soft penalty.
 * Regularized self-labeling — label correction and loss reweighting with the temperature schedule.
 
+Every evaluation also logs ``<split>_predicted_classes`` (how many classes the model predicts there) and warns
+(:class:`~peft_tsrs.collapse.CollapseWarning`) when two evaluations in a row predict one class for every example, a
+collapse that too large a learning rate or TSRS weight can cause.
+
 Loss scaling follows the Trainer's ``num_items_in_batch`` convention, so gradient accumulation and several processes
 give the same update as one large batch. Regularizer state (corrected labels, PACE-fast store) is saved in every
 checkpoint and restored by ``train(resume_from_checkpoint=...)``; updates are gathered across processes so every
@@ -29,6 +33,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoint_loading import load_renamed_checkpoint, needs_renamed_load
+from .collapse import CollapseMonitor
 from .regularizers import (
     DistanceConstraint,
     FastConsistencyStore,
@@ -46,6 +51,7 @@ from .tsrs_config import TSRSConfig
 
 STATE_FILE = "tsrs_state.pt"
 LABEL_COLUMNS = ("label", "labels")
+_NOT_SINGLE_LABEL = ("regression", "multi_label_classification")  # no single predicted class to count
 
 
 def recipe_from_model(model: nn.Module) -> Optional[TSRSConfig]:
@@ -106,6 +112,7 @@ class TSRSTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self._components: dict[str, list[float]] = defaultdict(list)
         self._build_regularizers()
+        self.collapse_monitor: Optional[CollapseMonitor] = self._build_collapse_monitor()
 
     # ------------------------------------------------------------------ construction
     def _build_regularizers(self) -> None:
@@ -285,6 +292,54 @@ class TSRSTrainer(Trainer):
         if "loss" in logs and self.distance is not None:
             logs["distance_max_violation"] = round(float(self.distance.max_violation()), 6)
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ collapse check
+    def _build_collapse_monitor(self) -> Optional[CollapseMonitor]:
+        """Counts each evaluation's predicted classes (logged as ``<split>_predicted_classes``) and warns once when
+        the model predicts a single class several evaluations in a row; ``None`` for models without
+        ``config.num_labels`` >= 2 and for regression / multi-label models."""
+        config = getattr(self.model, "config", None)
+        num = getattr(config, "num_labels", None)
+        if not isinstance(num, int) or num < 2 or getattr(config, "problem_type", None) in _NOT_SINGLE_LABEL:
+            return None
+        return CollapseMonitor(num, advice=self._collapse_advice)
+
+    def _collapse_advice(self) -> str:
+        lr = f"learning_rate (now {self.args.learning_rate:g})"
+        if self.noise_stability is None:
+            return f"Lower {lr}."
+        return (f"With TSRS this is the noise-stability term's trivial minimum (an input-independent representation "
+                f"is perfectly noise-stable): lower tsrs_weight (now {self.tsrs.tsrs_weight:g}; try 10x smaller) or "
+                f"{lr}.")
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        monitor = self.collapse_monitor
+        if monitor is None or not monitor.counting:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        # the logits are needed for the count even when the caller keeps only the loss (no compute_metrics)
+        loss, logits, labels = super().prediction_step(model, inputs, False, ignore_keys=ignore_keys)
+        monitor.observe(logits, labels)
+        return (loss, None, None) if prediction_loss_only else (loss, logits, labels)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        monitor = self.collapse_monitor
+        if monitor is None:
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                           metric_key_prefix)
+        monitor.start()
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
+        finally:
+            pred, true = monitor.stop()
+        if self.accelerator.num_processes > 1:  # every process evaluates its shard: sum the histograms
+            both = torch.stack([pred, true]).to(self.args.device, torch.float64)
+            pred, true = self.accelerator.reduce(both, reduction="sum").round().long().cpu()
+        if int(pred.sum()):
+            output.metrics[f"{metric_key_prefix}_predicted_classes"] = int((pred > 0).sum())
+        monitor.update(pred, true, self.state.global_step, metric_key_prefix)
+        return output
 
     # ------------------------------------------------------------------ state in checkpoints
     def regularizer_state(self) -> dict[str, Any]:

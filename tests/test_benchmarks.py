@@ -538,6 +538,35 @@ def test_lr_only_searches_the_learning_rate_at_the_first_grid_point(tmp_path, mo
         gen.main(["--no-search", "--lr-only"])
 
 
+def test_tsrs_weights_set_the_lambda_grid_and_keep_the_run_names(tmp_path, monkeypatch):
+    # the default grid's run names are those of the committed runs (tsrs_weight0.1, tsrs_weight1.0)
+    assert [gen.config_tag(0.01, h) for h in gen._TSRS_GRID] == ["lr0.01-tsrs_weight0.1", "lr0.01-tsrs_weight1.0"]
+    runner = SpecRecorder()
+    monkeypatch.setattr(gen, "default_runner", runner)
+    out = tmp_path / "out"
+    argv = ["--tasks", "wordnet", "--settings", "32", "--lr-multipliers", "0.4", "--methods", "lora+tsrs",
+            "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--seeds", "0", "1",
+            "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    gen.main(argv)
+    selection = [s.hparams for s in runner.specs if s.seed == 0]
+    assert selection == [(f"regularizers.tsrs_weight={w}",) for w in ("0.1", "0.03", "0.01")]
+    assert len(runner.specs) == 4  # 3 selection runs on seed 0, then seed 1 at the chosen λ
+    assert "TSRS λ ∈ {0.1, 0.03, 0.01}" in (out / "generalization.md").read_text()
+    data = json.loads((out / "generalization.json").read_text())
+    assert data["meta"]["tsrs_weights"] == [0.1, 0.03, 0.01]
+    cmd = data["meta"]["command"]
+    assert gen.call_protocol(cmd) == " (configuration selected on validation, TSRS λ ∈ {0.1, 0.03, 0.01})"
+    lr_only = cmd.replace("--tsrs-weights 0.1 0.03 0.01", "--tsrs-weights 0.03 0.1") + " --lr-only"
+    assert gen.call_protocol(lr_only) == " (learning rate selected on validation, λ = 0.03)"
+    # methods without a TSRS term keep their grid; --no-search takes the first λ given
+    plan = gen.plan_call(gen.build_parser().parse_args(["--no-search", "--tsrs-weights", "0.03", "1"]))
+    grids = {m.key: m.hparams for m in plan.methods}
+    assert grids["lora+tsrs"] == grids["rlrr+tsrs+pacefast"] == (("regularizers.tsrs_weight=0.03",),)
+    assert grids["pace"] == ((),)
+    with pytest.raises(ValueError, match="--tsrs-weights"):
+        gen.plan_call(gen.build_parser().parse_args(["--tsrs-weights", "-1"]))
+
+
 def test_command_groups_follow_the_cli():
     cmd = "python -m benchmarks.generalization --tasks wordnet --settings 8:0.4 --no-search --methods lora+tsrs"
     assert gen.command_groups(cmd) == {("wordnet", 8, 0.4, "lora"), ("wordnet", 8, 0.4, "lora+tsrs")}

@@ -51,6 +51,11 @@ def test_two_processes_match_single_process(tmp_path):
     for name, p in single["params"].items():
         torch.testing.assert_close(ranks[0]["params"][name], p, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(ranks[1]["params"][name], p, atol=1e-5, rtol=1e-4)
+    # the collapse check counts the predicted classes of the whole evaluation set on every process
+    assert int(single["predicted_histogram"].sum()) == 32
+    for r in ranks:
+        assert torch.equal(r["predicted_histogram"], single["predicted_histogram"])
+        assert r["predicted_classes"] == single["predicted_classes"]
 
 
 def test_two_processes_with_stochastic_regularizers(tmp_path):

@@ -33,7 +33,7 @@ START_NOW = ["regularizers.label_correction_start_epoch=0", "regularizers.reweig
 METRICS_KEYS = {
     "name", "method", "task", "shots_per_class", "label_noise", "seed", "validation", "test", "best_checkpoint",
     "train_time_s", "train_steps", "seconds_per_step", "trainable_parameters", "total_parameters", "n_train",
-    "history",
+    "history", "collapsed_at_step",
 }
 
 
@@ -261,6 +261,7 @@ def test_every_config_runs(task_file, method_file, tmp_path, monkeypatch):
     metrics = run_recipe(recipe, progress=False)
     assert recipe.run_dir == str(tmp_path / recipe.name)
     assert metrics["train_steps"] == 2
+    assert 1 <= metrics["validation"]["predicted_classes"] <= 3  # the collapse check counted the validation split
     check_run_folder(recipe.run_dir, metrics)
     if task == "fashion_mnist":
         assert any((tmp_path / "cache").iterdir())

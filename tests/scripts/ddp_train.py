@@ -42,6 +42,7 @@ def main(out: str, mode: str, per_device_batch: int) -> None:
     )
     trainer = TSRSTrainer(model=model, args=args, train_dataset=make_dataset(32), tsrs=cfg)
     trainer.train()
+    evaluation = trainer.evaluate(make_dataset(32, seed=1))  # sharded over the processes: histograms are summed
     rank = trainer.accelerator.process_index
     torch.save(
         {
@@ -51,6 +52,8 @@ def main(out: str, mode: str, per_device_batch: int) -> None:
             "logs": [h for h in trainer.state.log_history if "loss" in h],
             "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
             "world": trainer.accelerator.num_processes,
+            "predicted_classes": evaluation["eval_predicted_classes"],
+            "predicted_histogram": trainer.collapse_monitor.last_predicted,
         },
         os.path.join(out, f"rank{rank}.pt"),
     )
