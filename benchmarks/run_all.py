@@ -20,11 +20,11 @@ from . import RESULTS, generalization, overhead
 # The generalization grids behind benchmarks/results/{fmnist,wordnet}. Fashion-MNIST ViT (seconds a run): every
 # method and setting, 5 seeds, selection on validation (noisy settings reuse the clean 32-shot selection). MiniLM
 # (1.5-12 min a run on 2 cores, depending on the machine, the method and the load): 5 seeds, each method at its
-# recipe's configuration (no search) at 8 shots (clean, 20% and 40% noisy labels) and 32 shots, and at 32 shots with
-# 40% noisy labels every method but the combination; LoRA and LoRA+TSRS at 32 shots select their
-# learning rate on validation (`--lr-only`: the recipe's 5e-3 diverges there; the noisy setting reuses the clean
-# selection). The calls were added one by one to the same table (`--merge`); a call that rewrites all of an earlier
-# call's rows replaces it.
+# recipe's configuration (no search) at 8 shots (clean, 20% and 40% noisy labels), 32 shots and 32 shots with 40% noisy
+# labels; LoRA and LoRA+TSRS at 32 shots select their learning rate on validation (`--lr-only`: the recipe's 5e-3
+# diverges there), LoRA+TSRS selects TSRS λ from {0.1, 0.03, 0.01} on validation in every setting, and RLRR+TSRS does
+# so with 40% noisy labels (`--tsrs-weights`). The calls were added one by one to the same table (`--merge`); a call
+# that rewrites all of an earlier call's rows replaces it.
 CPU_PLAN: tuple[tuple[str, ...], ...] = (
     ("--tasks", "fmnist", "--select-on-clean", "--out", f"{RESULTS}/fmnist"),
     ("--tasks", "wordnet", "--settings", "8", "--no-search", "--methods", "lora+tsrs", "rlrr+tsrs",
@@ -51,8 +51,14 @@ CPU_PLAN: tuple[tuple[str, ...], ...] = (
      "--merge", "--out", f"{RESULTS}/wordnet"),
     ("--tasks", "wordnet", "--settings", "32", "32:0.4", "--lr-multipliers", "1", "0.4", "0.2", "0.1", "--lr-only",
      "--select-on-clean", "--methods", "lora+tsrs", "--merge", "--out", f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "32:0.4", "--no-search", "--methods", "rlrr+tsrs", "--merge",
+    ("--tasks", "wordnet", "--settings", "32:0.4", "--no-search", "--methods", "rlrr+tsrs+pacefast", "--merge",
      "--out", f"{RESULTS}/wordnet"),
+    ("--tasks", "wordnet", "--settings", "8", "8:0.2", "8:0.4", "--lr-multipliers", "1", "--methods", "lora+tsrs",
+     "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--merge", "--out", f"{RESULTS}/wordnet"),
+    ("--tasks", "wordnet", "--settings", "32", "32:0.4", "--lr-multipliers", "0.4", "--methods", "lora+tsrs",
+     "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--merge", "--out", f"{RESULTS}/wordnet"),
+    ("--tasks", "wordnet", "--settings", "8:0.4", "32:0.4", "--lr-multipliers", "1", "--methods", "rlrr+tsrs",
+     "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--merge", "--out", f"{RESULTS}/wordnet"),
 )
 
 
