@@ -24,10 +24,9 @@ import tempfile
 from typing import Any, Optional, Sequence
 
 import torch
-from peft import get_peft_model
 from transformers import TrainerCallback, set_seed
 
-from peft_tsrs.adapters import adapter_config
+from peft_tsrs.adapters import apply_adapter
 from peft_tsrs.recipes import load_recipe
 from peft_tsrs.run import training_arguments
 from peft_tsrs.tasks import build_model, build_task
@@ -65,9 +64,7 @@ def probe(weight: float, steps: int, overrides: Sequence[str] = ()) -> dict[str,
                                            *overrides])
         set_seed(recipe.training.seed)
         data = build_task(recipe)
-        model = build_model(recipe, data)
-        model = get_peft_model(model, adapter_config(recipe.adapter, model.config.model_type,
-                                                     recipe.regularizers.to_dict()))
+        model = apply_adapter(build_model(recipe, data), recipe)
         args = training_arguments(recipe, recipe.run_dir, progress=False)
         args.eval_strategy, args.save_strategy, args.load_best_model_at_end = "no", "no", False
         trainer = TSRSTrainer(model=model, args=args, train_dataset=data.splits["train"], data_collator=data.collator,

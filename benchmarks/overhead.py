@@ -3,7 +3,7 @@ un-regularized base, and inference after ``merge_and_unload`` relative to the pl
 
 For each model (MiniLM on a WordNet batch of 16; the Fashion-MNIST ViT on a batch of 64) every method is built
 from the recipe files in ``configs/`` exactly as ``peft_tsrs.run.run_recipe`` builds it (``build_task``,
-``build_model``, ``adapter_config`` + ``get_peft_model``, ``TSRSTrainer``), all on the same fixed batch. One
+``build_model``, ``apply_adapter``, ``TSRSTrainer``), all on the same fixed batch. One
 timed step is what the HF training loop does per batch::
 
     trainer.training_step(model, batch)        # TSRSTrainer.compute_loss (all regularizer terms) + backward
@@ -276,9 +276,7 @@ def _target_roles(model, model_type: str) -> dict[str, list[tuple[int, int]]]:
 
 def build_entry(setup: ModelSetup, method: Method, data, workdir: str) -> Entry:
     import torch
-    from peft import get_peft_model
-
-    from peft_tsrs.adapters import adapter_config
+    from peft_tsrs.adapters import apply_adapter
     from peft_tsrs.run import training_arguments
     from peft_tsrs.tasks import build_model
     from peft_tsrs.trainer import TSRSTrainer
@@ -297,10 +295,7 @@ def build_entry(setup: ModelSetup, method: Method, data, workdir: str) -> Entry:
         recipe.adapter.options["r"] = max(ranks.values())
         recipe.validate()
         extra.update(rank_by_role=ranks, adapter_params_lora=lora_count, adapter_params_rlrr=rlrr_count)
-    tsrs = None if recipe.regularizers.is_noop else recipe.regularizers.to_dict()
-    peft_config = adapter_config(recipe.adapter, model_type, tsrs)
-    if peft_config is not None:
-        model = get_peft_model(model, peft_config)
+    model = apply_adapter(model, recipe)
     params = [p for p in model.parameters() if p.requires_grad]
     trainer = TSRSTrainer(
         model=model, args=training_arguments(recipe, recipe.run_dir, progress=False),

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from peft import LoraConfig, PeftConfig
+from peft import LoraConfig, PeftConfig, get_peft_model
+from torch import nn
 
-from .recipes import AdapterSpec
+from .recipes import AdapterSpec, Recipe
 from .tuners.defaults import LINEAR_TARGETS, default_targets
 HEAD = ["classifier"]
 
@@ -48,6 +49,14 @@ def adapter_config(spec: AdapterSpec, model_type: Optional[str], recipe: Optiona
         options.setdefault("tsrs", recipe)
     check_options(spec.type, options)
     return cls(**options)
+
+
+def apply_adapter(model: nn.Module, recipe: Recipe) -> nn.Module:
+    """``model`` wrapped with the PEFT adapter of ``recipe.adapter`` (returned as is for full fine-tuning); a recipe
+    with any regularizer on is stored in the adapter config (see :func:`adapter_config`)."""
+    stored = None if recipe.regularizers.is_noop else recipe.regularizers.to_dict()
+    config = adapter_config(recipe.adapter, getattr(model.config, "model_type", None), stored)
+    return model if config is None else get_peft_model(model, config)
 
 
 def check_options(adapter_type: str, options: dict[str, Any]) -> None:

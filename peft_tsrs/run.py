@@ -19,11 +19,10 @@ from typing import Any, Optional
 
 import torch
 import yaml
-from peft import get_peft_model
 from transformers import TrainingArguments, set_seed
 
 from . import diagnostics
-from .adapters import adapter_config
+from .adapters import apply_adapter
 from .metrics import compute_metrics
 from .model_card import write_model_card
 from .plots import plot_training_curves
@@ -103,10 +102,7 @@ def run_recipe(recipe: Recipe, progress: bool = True, keep_checkpoints: bool = F
     data = build_task(recipe)
     model = build_model(recipe, data)
     reference = diagnostics.snapshot_effective_weights(model) if recipe.diagnostics else {}
-    recipe_dict = None if recipe.regularizers.is_noop else recipe.regularizers.to_dict()
-    peft_config = adapter_config(recipe.adapter, getattr(model.config, "model_type", None), recipe_dict)
-    if peft_config is not None:
-        model = get_peft_model(model, peft_config)
+    model = apply_adapter(model, recipe)
     trainable, total = _count_parameters(model)
 
     trainer = TSRSTrainer(

@@ -265,3 +265,18 @@ def test_every_config_runs(task_file, method_file, tmp_path, monkeypatch):
     check_run_folder(recipe.run_dir, metrics)
     if task == "fashion_mnist":
         assert any((tmp_path / "cache").iterdir())
+
+
+def test_apply_adapter_wraps_as_the_recipe_says():
+    from conftest import make_tiny_bert
+    from peft import PeftModel
+
+    from peft_tsrs.adapters import apply_adapter
+
+    plain = make_tiny_bert()
+    assert apply_adapter(plain, load_recipe([], ["adapter.type=full"])) is plain  # full fine-tuning: no wrapper
+    bare = apply_adapter(make_tiny_bert(), load_recipe([], ["adapter.type=rlrr"]))
+    assert isinstance(bare, PeftModel) and not bare.peft_config["default"].tsrs  # no regularizer: nothing stored
+    recipe = load_recipe([], ["adapter.type=rlrr", "regularizers.tsrs_weight=0.3"])
+    regularized = apply_adapter(make_tiny_bert(), recipe)
+    assert regularized.peft_config["default"].tsrs["tsrs_weight"] == 0.3
