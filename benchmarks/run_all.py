@@ -17,6 +17,12 @@ from typing import Optional, Sequence
 
 from . import RESULTS, generalization, overhead
 
+
+def _wordnet(*args: str) -> tuple[str, ...]:
+    """One call of the WordNet table: ``--tasks wordnet ARGS --out results/wordnet``."""
+    return ("--tasks", "wordnet", *args, "--out", f"{RESULTS}/wordnet")
+
+
 # The generalization grids behind benchmarks/results/{fmnist,wordnet}. Fashion-MNIST ViT (seconds a run): every
 # method and setting, 5 seeds, selection on validation (noisy settings reuse the clean 32-shot selection). MiniLM
 # (1.5-12 min a run on 2 cores, depending on the machine, the method and the load): 5 seeds at 8 shots (clean, 20% and
@@ -28,40 +34,31 @@ from . import RESULTS, generalization, overhead
 # table (`--merge`); a call that rewrites all of an earlier call's rows replaces it.
 CPU_PLAN: tuple[tuple[str, ...], ...] = (
     ("--tasks", "fmnist", "--select-on-clean", "--out", f"{RESULTS}/fmnist"),
-    ("--tasks", "wordnet", "--settings", "8", "--no-search", "--methods", "lora+tsrs", "rlrr+tsrs",
-     "rlrr+tsrs+pacefast", "full+selflabel", "--out", f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "8", "--no-search", "--methods", "pace", "pace-fast", "--merge", "--out",
-     f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "8:0.4", "--no-search", "--methods", "lora+tsrs", "--merge", "--out",
-     f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "8:0.2", "--no-search", "--methods", "lora+tsrs", "--merge", "--out",
-     f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "8:0.4", "--no-search", "--methods", "pace", "pace-fast",
-     "rlrr+tsrs+pacefast", "--merge", "--out", f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "8:0.2", "--no-search", "--methods", "pace", "pace-fast",
-     "rlrr+tsrs+pacefast", "--merge", "--out", f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "32", "--no-search", "--methods", "pace", "pace-fast", "full+selflabel",
-     "rlrr+tsrs+pacefast", "--merge", "--out", f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "32:0.4", "--no-search", "--methods", "pace", "pace-fast", "full+selflabel",
-     "--merge", "--out", f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "32", "32:0.4", "--lr-multipliers", "1", "0.4", "0.2", "0.1", "--lr-only",
-     "--select-on-clean", "--methods", "lora+tsrs", "--merge", "--out", f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "32:0.4", "--no-search", "--methods", "rlrr+tsrs+pacefast", "--merge",
-     "--out", f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "8", "8:0.2", "8:0.4", "--lr-multipliers", "1", "--methods", "lora+tsrs",
-     "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--merge", "--out", f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "32", "32:0.4", "--lr-multipliers", "0.4", "--methods", "lora+tsrs",
-     "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--merge", "--out", f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "8:0.4", "32:0.4", "--lr-multipliers", "1", "--methods", "rlrr+tsrs",
-     "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--merge", "--out", f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "8", "8:0.2", "8:0.4", "32", "32:0.4", "--lr-multipliers", "1", "--methods",
-     "rlrr+tsrs+pacefast", "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--merge", "--out",
-     f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "8", "8:0.2", "32", "--lr-multipliers", "1", "--methods", "rlrr+tsrs",
-     "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--merge", "--out", f"{RESULTS}/wordnet"),
-    ("--tasks", "wordnet", "--settings", "8", "8:0.2", "8:0.4", "--lr-multipliers", "1", "3", "10", "20",
-     "--lr-only", "--select-on-clean", "--methods", "full", "full+selflabel", "--no-counterparts", "--merge",
-     "--out", f"{RESULTS}/wordnet"),
+    _wordnet("--settings", "8", "--no-search", "--methods", "lora+tsrs", "rlrr+tsrs", "rlrr+tsrs+pacefast",
+             "full+selflabel"),
+    _wordnet("--settings", "8", "--no-search", "--methods", "pace", "pace-fast", "--merge"),
+    _wordnet("--settings", "8:0.4", "--no-search", "--methods", "lora+tsrs", "--merge"),
+    _wordnet("--settings", "8:0.2", "--no-search", "--methods", "lora+tsrs", "--merge"),
+    _wordnet("--settings", "8:0.4", "--no-search", "--methods", "pace", "pace-fast", "rlrr+tsrs+pacefast", "--merge"),
+    _wordnet("--settings", "8:0.2", "--no-search", "--methods", "pace", "pace-fast", "rlrr+tsrs+pacefast", "--merge"),
+    _wordnet("--settings", "32", "--no-search", "--methods", "pace", "pace-fast", "full+selflabel",
+             "rlrr+tsrs+pacefast", "--merge"),
+    _wordnet("--settings", "32:0.4", "--no-search", "--methods", "pace", "pace-fast", "full+selflabel", "--merge"),
+    _wordnet("--settings", "32", "32:0.4", "--lr-multipliers", "1", "0.4", "0.2", "0.1", "--lr-only",
+             "--select-on-clean", "--methods", "lora+tsrs", "--merge"),
+    _wordnet("--settings", "32:0.4", "--no-search", "--methods", "rlrr+tsrs+pacefast", "--merge"),
+    _wordnet("--settings", "8", "8:0.2", "8:0.4", "--lr-multipliers", "1", "--methods", "lora+tsrs", "--tsrs-weights",
+             "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
+    _wordnet("--settings", "32", "32:0.4", "--lr-multipliers", "0.4", "--methods", "lora+tsrs", "--tsrs-weights",
+             "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
+    _wordnet("--settings", "8:0.4", "32:0.4", "--lr-multipliers", "1", "--methods", "rlrr+tsrs", "--tsrs-weights",
+             "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
+    _wordnet("--settings", "8", "8:0.2", "8:0.4", "32", "32:0.4", "--lr-multipliers", "1", "--methods",
+             "rlrr+tsrs+pacefast", "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
+    _wordnet("--settings", "8", "8:0.2", "32", "--lr-multipliers", "1", "--methods", "rlrr+tsrs", "--tsrs-weights",
+             "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
+    _wordnet("--settings", "8", "8:0.2", "8:0.4", "--lr-multipliers", "1", "3", "10", "20", "--lr-only",
+             "--select-on-clean", "--methods", "full", "full+selflabel", "--no-counterparts", "--merge"),
 )
 
 
