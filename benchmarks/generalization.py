@@ -105,6 +105,25 @@ def tsrs_grid(weights: Sequence[float]) -> tuple[tuple[str, ...], ...]:
 
 
 _TSRS_GRID = tsrs_grid(TSRS_WEIGHTS)
+# The self-labeling radius D_l = ratio·‖W0_l‖ of the distance constraint (configs/methods/self_labeling.yaml); the
+# paper tunes its radius per data set, ``--distance-ratios`` makes it a grid of the self-labeling method.
+SELF_LABEL_FILE = "self_labeling.yaml"
+_DISTANCE_RATIO_KEY = "regularizers.distance_ratio"
+
+
+def recipe_distance_ratio() -> float:
+    """The distance ratio of the shipped self-labeling recipe."""
+    from peft_tsrs.recipes import read_yaml
+
+    return float(read_yaml(os.path.join(CONFIGS, "methods", SELF_LABEL_FILE))["regularizers"]["distance_ratio"])
+
+
+def distance_grid(ratios: Sequence[float]) -> tuple[tuple[str, ...], ...]:
+    """The ``hparams`` grid of the self-labeling method for these radius ratios (grid order = tie-breaking order).
+    The recipe's own ratio is the empty point, so its runs keep the names of the calls made without a grid."""
+    shipped = recipe_distance_ratio()
+    return tuple(() if math.isclose(r, shipped) else (f"{_DISTANCE_RATIO_KEY}={float(r)}",) for r in ratios)
+
 # self-labeling starts scaled with the budget (the paper's epochs 10 / 5 assume a longer schedule)
 _SELF_LABEL_START = {
     "wordnet": ("regularizers.label_correction_start_epoch=4", "regularizers.reweight_start_epoch=2"),
@@ -136,7 +155,7 @@ METHODS: tuple[Method, ...] = (
            per_task={"fmnist": _ADAPTER_VIT_LR, "wordnet": _LORA_TEXT_LR}),
     Method("rlrr+tsrs", "RLRR + TSRS", ("tsrs.yaml",), counterpart="rlrr", hparams=_TSRS_GRID,
            per_task={"fmnist": _RLRR_VIT_LR}),
-    Method("full+selflabel", "full + distance + self-labeling", ("self_labeling.yaml",), counterpart="full",
+    Method("full+selflabel", "full + distance + self-labeling", (SELF_LABEL_FILE,), counterpart="full",
            per_task={"wordnet": _SELF_LABEL_START["wordnet"], "fmnist": _SELF_LABEL_START["fmnist"] + _FULL_VIT_LR}),
     # candidate "best combination", fixed before any result (the demo's): RLRR + TSRS + PACE-fast consistency
     Method("rlrr+tsrs+pacefast", "RLRR + TSRS + PACE-fast", ("tsrs.yaml",),
@@ -527,27 +546,37 @@ def _p(x: float) -> str:
     return "—" if math.isnan(x) else (f"{x:.3f}" if x >= 0.001 else "<0.001")
 
 
+def _values_text(values: Sequence[float], first_only: bool) -> str:
+    """``= 0.1`` (the first point) or ``∈ {0.1, 1}`` (the grid)."""
+    return f"= {values[0]:g}" if first_only else "∈ {" + ", ".join(f"{v:g}" for v in values) + "}"
+
+
 def _weights_text(weights: Optional[Sequence[float]], first_only: bool) -> str:
     """``λ = 0.1`` (the first point) or ``λ ∈ {0.1, 1}`` (the grid) of a call's TSRS λ values."""
-    weights = list(weights or TSRS_WEIGHTS)
-    return f"λ = {weights[0]:g}" if first_only else "λ ∈ {" + ", ".join(f"{w:g}" for w in weights) + "}"
+    return "λ " + _values_text(list(weights or TSRS_WEIGHTS), first_only)
+
+
+def _ratios_text(ratios: Optional[Sequence[float]], first_only: bool) -> str:
+    """``, self-labeling radius ratio ∈ {0.05, 0.1}`` of a call's ``--distance-ratios`` ('' without them)."""
+    return f", self-labeling radius ratio {_values_text(list(ratios), first_only)}" if ratios else ""
 
 
 def selection_text(meta: dict[str, Any]) -> str:
     """How the configurations of a call were chosen, from its ``meta``."""
-    weights = meta.get("tsrs_weights")
+    weights, ratios = meta.get("tsrs_weights"), meta.get("distance_ratios")
     if not meta.get("search", True):
         text = ("no search (`--no-search`): every method at its recipe's learning rate and the first point of its "
-                f"own grid (TSRS {_weights_text(weights, True)}), as shipped in configs/")
+                f"own grid (TSRS {_weights_text(weights, True)}{_ratios_text(ratios, True)}), as shipped in configs/")
     elif meta.get("lr_only"):
         text = (f"learning-rate grid = {meta.get('lr_multipliers')} × the recipe's default, chosen per (task, "
                 f"setting, method) on seed 0's validation accuracy, each method's own grid at its first point (TSRS "
-                f"{_weights_text(weights, True)}, `--lr-only`); test accuracy is reported at the selected "
-                "configuration")
+                f"{_weights_text(weights, True)}{_ratios_text(ratios, True)}, `--lr-only`); test accuracy is reported "
+                "at the selected configuration")
     else:
         text = (f"learning-rate grid = {meta.get('lr_multipliers')} × the recipe's default, chosen per (task, "
                 f"setting, method) on seed 0's validation accuracy (plus the method's own grid, e.g. TSRS "
-                f"{_weights_text(weights, False)}); test accuracy is reported at the selected configuration")
+                f"{_weights_text(weights, False)}{_ratios_text(ratios, False)}); test accuracy is reported at the "
+                "selected configuration")
     if meta.get("select_on_clean"):
         text += ("; settings with noisy labels use the configuration selected for the clean setting with the "
                  "same shots (`--select-on-clean`)")
@@ -561,11 +590,11 @@ def call_protocol(command: str) -> str:
         return ""
     if args.no_search:
         return " (no search)"
+    ratios = _ratios_text(args.distance_ratios, args.lr_only)
     if args.lr_only:
-        return f" (learning rate selected on validation, {_weights_text(args.tsrs_weights, True)})"
-    if args.tsrs_weights:
-        return f" (configuration selected on validation, TSRS {_weights_text(args.tsrs_weights, False)})"
-    return " (configuration selected on validation)"
+        return f" (learning rate selected on validation, {_weights_text(args.tsrs_weights, True)}{ratios})"
+    tsrs = f", TSRS {_weights_text(args.tsrs_weights, False)}" if args.tsrs_weights else ""
+    return f" (configuration selected on validation{tsrs}{ratios})"
 
 
 def markdown_report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -612,10 +641,30 @@ def markdown_report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         for r in best:
             lines.append(f"| {r['task']} | {Setting(r['shots'], r['label_noise']).label} | "
                          f"{labels.get(r['method'], r['method'])} | {_pct(r['val_mean'])} | {_pct(r['test_mean'])} |")
+    lines += selection_lines(records, labels)
     n_sel = sum(1 for r in records if r["phase"] == "select")
     lines += ["", f"{len(records)} runs in all ({n_sel} selection runs on seed 0); every run with its validation and "
                   f"test accuracy is in `generalization.json`."]
     return "\n".join(lines).strip() + "\n"
+
+
+def selection_lines(records: Sequence[dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    """Markdown table of every seed-0 selection run of the groups that searched more than one configuration."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r["phase"] == "select":
+            groups[(r["task"], r["shots"], r["label_noise"], r["method"])].append(r)
+    searched = [(key, runs) for key, runs in sorted(groups.items()) if len(runs) > 1]
+    if not searched:
+        return []
+    lines = ["", "## Selection runs (seed 0, every configuration searched)", "",
+             "| task | setting | method | configuration | val acc | test acc | selected |", "|---|---|---|---|---:|---:|---|"]
+    for (task, shots, noise, method), runs in searched:
+        for r in runs:
+            lines.append(f"| {task} | {Setting(shots, noise).label} | {labels.get(method, method)} | {r['config']} | "
+                         f"{_pct(r['validation_accuracy'])} | {_pct(r['test_accuracy'])} | "
+                         f"{'yes' if r['selected'] else ''} |")
+    return lines
 
 
 def best_by_validation(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -742,6 +791,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tsrs-weights", nargs="+", type=float, default=None,
                         help=f"the TSRS λ grid of the TSRS methods (default {' '.join(map(str, TSRS_WEIGHTS))}); "
                              "its first value is the one --no-search and --lr-only use")
+    parser.add_argument("--distance-ratios", nargs="+", type=float, default=None,
+                        help="a grid of the self-labeling radius ratio (D_l = ratio·‖W0_l‖; the recipe's "
+                             f"{recipe_distance_ratio():g} when not given); its first value is the one --no-search and "
+                             "--lr-only use")
     parser.add_argument("--no-search", action="store_true",
                         help="no selection: every method at its recipe's learning rate and the first point of its own "
                              "grid (TSRS λ = 0.1), for grids too costly to search")
@@ -753,6 +806,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "the same shots (no selection runs of their own)")
     parser.add_argument("--report-only", action="store_true", help="rebuild the report from finished runs only")
     parser.add_argument("--keep-adapters", action="store_true", help="keep each run's adapter/ folder")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads of this process (default: torch's, one per core); give each of "
+                             "several processes sharing the cores its share (--threads 1 for two on 2 cores): "
+                             "two processes at 2 OpenMP threads each on 2 cores ran an 8-shot WordNet run in "
+                             "≈ 500 s against ≈ 105 s at 1 thread each")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of <out>/generalization.json for (task, setting, method) groups outside "
                              "this call's grid (extend a committed table with more methods or settings)")
@@ -794,6 +852,11 @@ def plan_call(args: argparse.Namespace) -> CallPlan:
             raise ValueError(f"--tsrs-weights must be >= 0, got {args.tsrs_weights}")
         grid = tsrs_grid(args.tsrs_weights)
         methods = [replace(m, hparams=grid) if m.hparams == _TSRS_GRID else m for m in methods]
+    if args.distance_ratios:
+        if any(r <= 0 for r in args.distance_ratios):
+            raise ValueError(f"--distance-ratios must be > 0, got {args.distance_ratios}")
+        grid = distance_grid(args.distance_ratios)
+        methods = [replace(m, hparams=grid) if SELF_LABEL_FILE in m.files else m for m in methods]
     if quick or args.no_search or args.lr_only:  # one point of each method's own grid
         methods = first_grid_point(methods)
     return CallPlan([TASKS[k] for k in args.tasks], settings, methods, seeds, multipliers)
@@ -830,6 +893,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         plan = plan_call(args)
     except ValueError as err:
         parser.error(str(err))
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     tasks, settings, methods, seeds, multipliers = (plan.tasks, plan.settings, plan.methods, plan.seeds,
                                                     plan.multipliers)
     runs = args.runs or os.path.join(RUNS, "quick" if quick else "full")
@@ -841,6 +910,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
             "tasks": args.tasks, "settings": [s.key for s in settings], "methods": [m.key for m in methods],
             "seeds": seeds, "lr_multipliers": multipliers, "extra_overrides": extra,
             **({"tsrs_weights": args.tsrs_weights} if args.tsrs_weights else {}),
+            **({"distance_ratios": args.distance_ratios} if args.distance_ratios else {}),
             "command": " ".join([COMMAND, *(sys.argv[1:] if argv is None else argv)])}
     groups = plan.groups
     earlier: list[dict[str, Any]] = []  # without --merge nothing is kept: merge_records returns this call's rows

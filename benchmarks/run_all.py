@@ -18,9 +18,9 @@ from typing import Optional, Sequence
 from . import RESULTS, generalization, overhead
 
 
-def _wordnet(*args: str) -> tuple[str, ...]:
-    """One call of the WordNet table: ``--tasks wordnet ARGS --out results/wordnet``."""
-    return ("--tasks", "wordnet", *args, "--out", f"{RESULTS}/wordnet")
+def _wordnet(*args: str, out: str = "wordnet") -> tuple[str, ...]:
+    """One WordNet call: ``--tasks wordnet ARGS --out results/<out>`` (the table by default, or a probe's folder)."""
+    return ("--tasks", "wordnet", *args, "--out", f"{RESULTS}/{out}")
 
 
 # The generalization grids behind benchmarks/results/{fmnist,wordnet}. Fashion-MNIST ViT (seconds a run): every
@@ -59,6 +59,12 @@ CPU_PLAN: tuple[tuple[str, ...], ...] = (
              "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
     _wordnet("--settings", "8", "8:0.2", "8:0.4", "--lr-multipliers", "1", "3", "10", "20", "--lr-only",
              "--select-on-clean", "--methods", "full", "full+selflabel", "--no-counterparts", "--merge"),
+    # seed-0 probes, each in its own folder: the self-labeling radius ratio at 8 shots (at the selected lr 5e-4), and
+    # the learning rate of the PACE methods at 8 shots (they run at RLRR's validation-selected 1e-2 in the table)
+    _wordnet("--settings", "8", "--seeds", "0", "--lr-multipliers", "10", "--distance-ratios", "0.05", "0.1", "0.2",
+             "0.4", "--methods", "full+selflabel", "--no-counterparts", out="wordnet-probe-radius"),
+    _wordnet("--settings", "8", "--seeds", "0", "--lr-multipliers", "0.3", "1", "3", "--methods", "pace-base", "pace",
+             "pace-fast", "--no-counterparts", out="wordnet-probe-adapter-lr"),
 )
 
 

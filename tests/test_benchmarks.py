@@ -257,6 +257,17 @@ def test_markdown_report_formatting():
     assert "Best method per setting" in text
 
 
+def test_markdown_report_lists_every_selection_run_of_a_searched_group():
+    recs = _hand_records()  # lora: one select run only (not searched), listed nowhere
+    assert "Selection runs" not in gen.markdown_report(recs, {})
+    recs += [_rec("wordnet", "lora+tsrs", 0, 0.40, val=0.45, selected=False, phase="select", lr=3e-3),
+             _rec("wordnet", "lora+tsrs", 0, 0.60, val=0.55, selected=True, phase="select", lr=1e-2)]
+    text = gen.markdown_report(recs, {})
+    assert "| wordnet | 8 shots | LoRA + TSRS | lr0.003 | 45.0 | 40.0 |  |" in text
+    assert "| wordnet | 8 shots | LoRA + TSRS | lr0.01 | 55.0 | 60.0 | yes |" in text
+    assert "| wordnet | 8 shots | LoRA r8 | lr0.03 |" not in text
+
+
 def test_write_outputs(tmp_path):
     gen.write_outputs(_hand_records(), {"date": "d"}, str(tmp_path))
     data = json.loads((tmp_path / "generalization.json").read_text())
@@ -464,7 +475,11 @@ def test_run_all_default_is_the_committed_cpu_plan(monkeypatch, tmp_path):
 def test_committed_tables_were_made_by_the_cpu_plan():
     """The calls recorded in each committed generalization.json (earlier calls, then the last) are, in order, the
     CPU_PLAN entries writing to that folder: `make bench` reproduces what is committed, no more and no less."""
-    for folder in ("fmnist", "wordnet"):
+    folders = sorted(d for d in os.listdir(RESULTS) if d != "quick"
+                     and os.path.isfile(os.path.join(RESULTS, d, "generalization.json")))
+    assert {"fmnist", "wordnet"} <= set(folders)
+    assert {p[p.index("--out") + 1] for p in run_all.CPU_PLAN} == {os.path.join(RESULTS, d) for d in folders}
+    for folder in folders:
         with open(os.path.join(RESULTS, folder, "generalization.json")) as f:
             meta = json.load(f)["meta"]
         recorded = [*(c["command"] for c in meta.get("earlier_calls") or []), meta["command"]]
@@ -538,23 +553,28 @@ def test_lr_only_searches_the_learning_rate_at_the_first_grid_point(tmp_path, mo
         gen.main(["--no-search", "--lr-only"])
 
 
-def test_tsrs_weights_set_the_lambda_grid_and_keep_the_run_names(tmp_path, monkeypatch):
-    # the default grid's run names are those of the committed runs (tsrs_weight0.1, tsrs_weight1.0)
-    assert [gen.config_tag(0.01, h) for h in gen._TSRS_GRID] == ["lr0.01-tsrs_weight0.1", "lr0.01-tsrs_weight1.0"]
+def _two_seed_wordnet_call(tmp_path, monkeypatch, *args: str):
+    """``benchmarks.generalization --tasks wordnet --no-counterparts --seeds 0 1 ARGS`` with nothing trained: the
+    specs it would train, in order, the written meta and the Markdown report."""
     runner = SpecRecorder()
     monkeypatch.setattr(gen, "default_runner", runner)
     out = tmp_path / "out"
-    argv = ["--tasks", "wordnet", "--settings", "32", "--lr-multipliers", "0.4", "--methods", "lora+tsrs",
-            "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--seeds", "0", "1",
-            "--runs", str(tmp_path / "runs"), "--out", str(out)]
-    gen.main(argv)
-    selection = [s.hparams for s in runner.specs if s.seed == 0]
+    gen.main(["--tasks", "wordnet", *args, "--no-counterparts", "--seeds", "0", "1",
+              "--runs", str(tmp_path / "runs"), "--out", str(out)])
+    meta = json.loads((out / "generalization.json").read_text())["meta"]
+    return runner.specs, meta, (out / "generalization.md").read_text()
+
+
+def test_tsrs_weights_set_the_lambda_grid_and_keep_the_run_names(tmp_path, monkeypatch):
+    # the default grid's run names are those of the committed runs (tsrs_weight0.1, tsrs_weight1.0)
+    assert [gen.config_tag(0.01, h) for h in gen._TSRS_GRID] == ["lr0.01-tsrs_weight0.1", "lr0.01-tsrs_weight1.0"]
+    specs, meta, report = _two_seed_wordnet_call(tmp_path, monkeypatch, "--settings", "32", "--lr-multipliers", "0.4",
+                                                 "--methods", "lora+tsrs", "--tsrs-weights", "0.1", "0.03", "0.01")
+    selection = [s.hparams for s in specs if s.seed == 0]
     assert selection == [(f"regularizers.tsrs_weight={w}",) for w in ("0.1", "0.03", "0.01")]
-    assert len(runner.specs) == 4  # 3 selection runs on seed 0, then seed 1 at the chosen λ
-    assert "TSRS λ ∈ {0.1, 0.03, 0.01}" in (out / "generalization.md").read_text()
-    data = json.loads((out / "generalization.json").read_text())
-    assert data["meta"]["tsrs_weights"] == [0.1, 0.03, 0.01]
-    cmd = data["meta"]["command"]
+    assert len(specs) == 4  # 3 selection runs on seed 0, then seed 1 at the chosen λ
+    assert "TSRS λ ∈ {0.1, 0.03, 0.01}" in report and meta["tsrs_weights"] == [0.1, 0.03, 0.01]
+    cmd = meta["command"]
     assert gen.call_protocol(cmd) == " (configuration selected on validation, TSRS λ ∈ {0.1, 0.03, 0.01})"
     lr_only = cmd.replace("--tsrs-weights 0.1 0.03 0.01", "--tsrs-weights 0.03 0.1") + " --lr-only"
     assert gen.call_protocol(lr_only) == " (learning rate selected on validation, λ = 0.03)"
@@ -565,6 +585,50 @@ def test_tsrs_weights_set_the_lambda_grid_and_keep_the_run_names(tmp_path, monke
     assert grids["pace"] == ((),)
     with pytest.raises(ValueError, match="--tsrs-weights"):
         gen.plan_call(gen.build_parser().parse_args(["--tsrs-weights", "-1"]))
+
+
+def test_distance_ratios_set_the_self_labeling_radius_grid(tmp_path, monkeypatch):
+    shipped = gen.recipe_distance_ratio()
+    assert shipped == 0.05  # configs/methods/self_labeling.yaml
+    # the recipe's ratio is the empty point: its runs keep the names of the runs made without the grid
+    assert gen.distance_grid([0.05, 0.2]) == ((), ("regularizers.distance_ratio=0.2",))
+    specs, meta, report = _two_seed_wordnet_call(tmp_path, monkeypatch, "--settings", "8", "--lr-multipliers", "10",
+                                                 "--methods", "full+selflabel", "--distance-ratios", "0.05", "0.1", "0.2")
+    selection = [s for s in specs if s.seed == 0]
+    assert [s.hparams for s in selection] == [(), ("regularizers.distance_ratio=0.1",),
+                                             ("regularizers.distance_ratio=0.2",)]
+    assert [os.path.basename(s.run_dir) for s in selection] == [
+        "lr0.0005-s0", "lr0.0005-distance_ratio0.1-s0", "lr0.0005-distance_ratio0.2-s0"]
+    # the override reaches the recipe the run trains with
+    from peft_tsrs.recipes import load_recipe
+    assert load_recipe(list(selection[2].files), list(selection[2].overrides)).regularizers.distance_ratio == 0.2
+    assert len(specs) == 4  # 3 selection runs on seed 0, then seed 1 at the chosen ratio
+    assert "self-labeling radius ratio ∈ {0.05, 0.1, 0.2}" in report and meta["distance_ratios"] == [0.05, 0.1, 0.2]
+    cmd = meta["command"]
+    assert gen.call_protocol(cmd) == (
+        " (configuration selected on validation, self-labeling radius ratio ∈ {0.05, 0.1, 0.2})")
+    assert gen.call_protocol(cmd + " --lr-only") == (
+        " (learning rate selected on validation, λ = 0.1, self-labeling radius ratio = 0.05)")
+    # only the self-labeling method gets the grid; --no-search takes its first ratio
+    plan = gen.plan_call(gen.build_parser().parse_args(["--no-search", "--distance-ratios", "0.1", "0.05"]))
+    grids = {m.key: m.hparams for m in plan.methods}
+    assert grids["full+selflabel"] == (("regularizers.distance_ratio=0.1",),)
+    assert grids["full"] == ((),) and grids["lora+tsrs"] == gen._TSRS_GRID[:1]
+    with pytest.raises(ValueError, match="--distance-ratios"):
+        gen.plan_call(gen.build_parser().parse_args(["--distance-ratios", "0"]))
+
+
+def test_threads_sets_the_torch_threads_of_the_call(tmp_path, monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    _two_seed_wordnet_call(tmp_path, monkeypatch, "--settings", "8", "--no-search", "--methods", "lora",
+                           "--threads", "1")
+    assert calls == [1]
+    with pytest.raises(SystemExit):
+        gen.main(["--threads", "0"])
+    assert calls == [1]
 
 
 def test_command_groups_follow_the_cli():
