@@ -29,9 +29,10 @@ def _wordnet(*args: str, out: str = "wordnet") -> tuple[str, ...]:
 # 40% noisy labels), 32 shots and 32 shots with 40% noisy labels; each method at its recipe's configuration except:
 # LoRA and LoRA+TSRS at 32 shots select their learning rate on validation (`--lr-only`: the recipe's 5e-3 diverges
 # there), full fine-tuning and full+self-labeling at 8 shots select theirs on the clean setting (the recipe's 5e-5
-# underfits), and every method with TSRS (LoRA+TSRS, RLRR+TSRS, RLRR+TSRS+PACE-fast) selects TSRS λ from
-# {0.1, 0.03, 0.01} on validation in every setting (`--tsrs-weights`). The calls were added one by one to the same
-# table (`--merge`); a call that rewrites all of an earlier call's rows replaces it.
+# underfits), PACE full and PACE-fast at 8 clean shots select theirs from {3e-3, 1e-2, 3e-2}, and every method with
+# TSRS (LoRA+TSRS, RLRR+TSRS, RLRR+TSRS+PACE-fast) selects TSRS λ from {0.1, 0.03, 0.01} on validation in every
+# setting (`--tsrs-weights`). The calls were added one by one to the same table (`--merge`); a call that rewrites all
+# of an earlier call's rows replaces it. Run two calls at once with `--threads 1` each on 2 cores.
 CPU_PLAN: tuple[tuple[str, ...], ...] = (
     ("--tasks", "fmnist", "--select-on-clean", "--out", f"{RESULTS}/fmnist"),
     _wordnet("--settings", "8", "--no-search", "--methods", "lora+tsrs", "rlrr+tsrs", "rlrr+tsrs+pacefast",
@@ -59,6 +60,8 @@ CPU_PLAN: tuple[tuple[str, ...], ...] = (
              "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
     _wordnet("--settings", "8", "8:0.2", "8:0.4", "--lr-multipliers", "1", "3", "10", "20", "--lr-only",
              "--select-on-clean", "--methods", "full", "full+selflabel", "--no-counterparts", "--merge"),
+    _wordnet("--settings", "8", "--lr-multipliers", "0.3", "1", "3", "--methods", "pace", "pace-fast",
+             "--no-counterparts", "--merge"),
     # seed-0 probes, each in its own folder: the self-labeling radius ratio at 8 shots (at the selected lr 5e-4), and
     # the learning rate of the PACE methods at 8 shots (they run at RLRR's validation-selected 1e-2 in the table)
     _wordnet("--settings", "8", "--seeds", "0", "--lr-multipliers", "10", "--distance-ratios", "0.05", "0.1", "0.2",
