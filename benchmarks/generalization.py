@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import io
 import json
 import math
@@ -111,8 +112,9 @@ SELF_LABEL_FILE = "self_labeling.yaml"
 _DISTANCE_RATIO_KEY = "regularizers.distance_ratio"
 
 
+@functools.lru_cache(maxsize=None)
 def recipe_distance_ratio() -> float:
-    """The distance ratio of the shipped self-labeling recipe."""
+    """The distance ratio of the shipped self-labeling recipe (read once: every parser build and grid asks for it)."""
     from peft_tsrs.recipes import read_yaml
 
     return float(read_yaml(os.path.join(CONFIGS, "methods", SELF_LABEL_FILE))["regularizers"]["distance_ratio"])
@@ -653,7 +655,7 @@ def selection_lines(records: Sequence[dict[str, Any]], labels: dict[str, str]) -
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         if r["phase"] == "select":
-            groups[(r["task"], r["shots"], r["label_noise"], r["method"])].append(r)
+            groups[group_key(r)].append(r)
     searched = [(key, runs) for key, runs in sorted(groups.items()) if len(runs) > 1]
     if not searched:
         return []
