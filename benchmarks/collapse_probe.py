@@ -26,10 +26,10 @@ from typing import Any, Optional, Sequence
 import torch
 from transformers import TrainerCallback, set_seed
 
-from peft_tsrs.adapters import apply_adapter
-from peft_tsrs.recipes import load_recipe
-from peft_tsrs.run import training_arguments
-from peft_tsrs.tasks import build_model, build_task
+from peft_tsrs.app.adapters import apply_adapter
+from peft_tsrs.app.recipes import load_recipe
+from peft_tsrs.app.run import training_arguments
+from peft_tsrs.app.tasks import build_model, build_task
 from peft_tsrs.trainer import TSRSTrainer
 
 from . import CONFIGS, RESULTS

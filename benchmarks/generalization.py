@@ -115,7 +115,7 @@ _DISTANCE_RATIO_KEY = "regularizers.distance_ratio"
 @functools.lru_cache(maxsize=None)
 def recipe_distance_ratio() -> float:
     """The distance ratio of the shipped self-labeling recipe (read once: every parser build and grid asks for it)."""
-    from peft_tsrs.recipes import read_yaml
+    from peft_tsrs.app.recipes import read_yaml
 
     return float(read_yaml(os.path.join(CONFIGS, "methods", SELF_LABEL_FILE))["regularizers"]["distance_ratio"])
 
@@ -221,7 +221,7 @@ def run_dir_for(runs: str, task: str, setting: Setting, method: str, lr: float, 
 
 def default_lr(task: Task, method: Method) -> float:
     """The learning rate of the merged task + method recipe files and the method's overrides (the grid's centre)."""
-    from peft_tsrs.recipes import load_recipe
+    from peft_tsrs.app.recipes import load_recipe
 
     overrides = [*method.overrides, *method.per_task.get(task.key, ())]
     return load_recipe(recipe_files(task, method), overrides).training.learning_rate
@@ -257,17 +257,17 @@ def selection_specs(runs: str, task: Task, setting: Setting, method: Method, lrs
 
 # ---------------------------------------------------------------------------------------------- running
 def load_metrics(run_dir: str) -> Optional[dict[str, Any]]:
-    """The run's metrics.json (``peft_tsrs.run.load_metrics``), ``None`` while unfinished."""
-    from peft_tsrs.run import load_metrics as _load
+    """The run's metrics.json (``peft_tsrs.app.run.load_metrics``), ``None`` while unfinished."""
+    from peft_tsrs.app.run import load_metrics as _load
 
     return _load(run_dir)
 
 
 def default_runner(spec: RunSpec, keep_adapter: bool = False) -> dict[str, Any]:
-    """``peft_tsrs.run.run_recipe`` on the spec's recipe; the ``adapter/`` folder (a whole model for full
+    """``peft_tsrs.app.run.run_recipe`` on the spec's recipe; the ``adapter/`` folder (a whole model for full
     fine-tuning, 90 MB for MiniLM) is deleted afterwards unless ``keep_adapter``: the report needs metrics.json."""
-    from peft_tsrs.recipes import load_recipe
-    from peft_tsrs.run import run_recipe
+    from peft_tsrs.app.recipes import load_recipe
+    from peft_tsrs.app.run import run_recipe
 
     recipe = load_recipe(list(spec.files), list(spec.overrides))
     metrics = run_recipe(recipe, progress=False)

@@ -2,7 +2,7 @@
 un-regularized base, and inference after ``merge_and_unload`` relative to the plain model — measured in ONE process.
 
 For each model (MiniLM on a WordNet batch of 16; the Fashion-MNIST ViT on a batch of 64) every method is built
-from the recipe files in ``configs/`` exactly as ``peft_tsrs.run.run_recipe`` builds it (``build_task``,
+from the recipe files in ``configs/`` exactly as ``peft_tsrs.app.run.run_recipe`` builds it (``build_task``,
 ``build_model``, ``apply_adapter``, ``TSRSTrainer``), all on the same fixed batch. One
 timed step is what the HF training loop does per batch::
 
@@ -252,7 +252,7 @@ def _quiet():
 
 
 def _recipe(setup: ModelSetup, method: Method, workdir: str, extra: Sequence[str] = ()):
-    from peft_tsrs.recipes import load_recipe
+    from peft_tsrs.app.recipes import load_recipe
 
     files = [os.path.join(CONFIGS, "tasks", setup.task_file)] + [os.path.join(CONFIGS, "methods", f) for f in
                                                                 method.files]
@@ -276,9 +276,9 @@ def _target_roles(model, model_type: str) -> dict[str, list[tuple[int, int]]]:
 
 def build_entry(setup: ModelSetup, method: Method, data, workdir: str) -> Entry:
     import torch
-    from peft_tsrs.adapters import apply_adapter
-    from peft_tsrs.run import training_arguments
-    from peft_tsrs.tasks import build_model
+    from peft_tsrs.app.adapters import apply_adapter
+    from peft_tsrs.app.run import training_arguments
+    from peft_tsrs.app.tasks import build_model
     from peft_tsrs.trainer import TSRSTrainer
 
     recipe = _recipe(setup, method, workdir)
@@ -392,7 +392,7 @@ def run_model(setup: ModelSetup, methods: Sequence[Method], steps: int, warmup: 
               profile_steps: int, log: Callable[[str], None]) -> dict[str, Any]:
     import torch
 
-    from peft_tsrs.tasks import build_model, build_task
+    from peft_tsrs.app.tasks import build_model, build_task
 
     workdir = tempfile.mkdtemp(prefix=f"overhead-{setup.key}-")
     first = _recipe(setup, methods[0], workdir)

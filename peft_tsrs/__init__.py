@@ -13,10 +13,8 @@ from .tuners.rlrr import RLRRConfig, RLRRModel  # noqa: E402
 
 register_all()
 
-from .collapse import CollapseWarning  # noqa: E402
-from .trainer import TSRSTrainer  # noqa: E402
-from .training_args import TSRSTrainingArguments  # noqa: E402
-from .tsrs_config import TSRSConfig  # noqa: E402
+from .trainer import CollapseWarning, TSRSTrainer, TSRSTrainingArguments  # noqa: E402
+from .config import TSRSConfig  # noqa: E402
 
 from .version import __version__  # noqa: E402
 

@@ -292,7 +292,7 @@ def test_tags_dirs_and_grids(tmp_path):
 
 
 def test_methods_are_consistent_and_recipes_load():
-    from peft_tsrs.recipes import load_recipe
+    from peft_tsrs.app.recipes import load_recipe
 
     for m in gen.METHODS:
         assert m.counterpart is None or m.counterpart in gen.METHOD_BY_KEY
@@ -600,7 +600,7 @@ def test_distance_ratios_set_the_self_labeling_radius_grid(tmp_path, monkeypatch
     assert [os.path.basename(s.run_dir) for s in selection] == [
         "lr0.0005-s0", "lr0.0005-distance_ratio0.1-s0", "lr0.0005-distance_ratio0.2-s0"]
     # the override reaches the recipe the run trains with
-    from peft_tsrs.recipes import load_recipe
+    from peft_tsrs.app.recipes import load_recipe
     assert load_recipe(list(selection[2].files), list(selection[2].overrides)).regularizers.distance_ratio == 0.2
     assert len(specs) == 4  # 3 selection runs on seed 0, then seed 1 at the chosen ratio
     assert "self-labeling radius ratio ∈ {0.05, 0.1, 0.2}" in report and meta["distance_ratios"] == [0.05, 0.1, 0.2]

@@ -8,9 +8,9 @@ import torch
 from conftest import make_tiny_bert, make_tiny_vit
 from transformers import TrainingArguments, ViTForImageClassification
 
-from peft_tsrs.checkpoint_loading import checkpoint_weight_names, load_renamed_checkpoint, needs_renamed_load
+from peft_tsrs.trainer.checkpoint_loading import checkpoint_weight_names, load_renamed_checkpoint, needs_renamed_load
 from peft_tsrs.trainer import TSRSTrainer
-from peft_tsrs.tsrs_config import TSRSConfig
+from peft_tsrs.config import TSRSConfig
 
 
 def image_dataset(n: int = 16) -> datasets.Dataset:

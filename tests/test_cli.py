@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_recipes import TINY, TINY_TASK, check_run_folder
 
-from peft_tsrs.cli import main
+from peft_tsrs.app.cli import main
 
 QUICK = [*TINY, *TINY_TASK["wordnet_minilm"]]
 
@@ -145,8 +145,8 @@ def fake_hub(monkeypatch, tmp_path):
 def test_push_uploads_the_run_folder(trained, fake_hub, capsys):
     from peft import PeftModel
 
-    from peft_tsrs.recipes import load_recipe
-    from peft_tsrs.tasks import build_model, build_task
+    from peft_tsrs.app.recipes import load_recipe
+    from peft_tsrs.app.tasks import build_model, build_task
     from test_recipes import _logits
 
     assert main(["push", str(trained), "me/wordnet-rlrr", "--private"]) == 0
@@ -180,7 +180,7 @@ def test_push_uploads_the_run_folder(trained, fake_hub, capsys):
 
 
 def test_push_api_returns_the_url_and_rejects_a_folder_without_adapter(tmp_path, fake_hub):
-    from peft_tsrs.hub import push_run_to_hub
+    from peft_tsrs.app.hub import push_run_to_hub
 
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "metrics.json").write_text("{}")

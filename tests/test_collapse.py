@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_trainer import make_args, make_dataset, no_dropout_bert
 
-from peft_tsrs.collapse import CollapseMonitor, CollapseWarning, predicted_class_counts
+from peft_tsrs.trainer.collapse import CollapseMonitor, CollapseWarning, predicted_class_counts
 from peft_tsrs.trainer import TSRSTrainer
-from peft_tsrs.tsrs_config import TSRSConfig
+from peft_tsrs.config import TSRSConfig
 
 
 def one_hot_logits(classes: list[int], num_classes: int = 3) -> torch.Tensor:

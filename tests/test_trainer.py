@@ -16,8 +16,8 @@ from transformers import HfArgumentParser, TrainingArguments
 from peft_tsrs import RLRRConfig
 from peft_tsrs.regularizers import consistency_mse
 from peft_tsrs.trainer import STATE_FILE, TSRSTrainer
-from peft_tsrs.training_args import TSRSTrainingArguments
-from peft_tsrs.tsrs_config import TSRSConfig
+from peft_tsrs.trainer.training_args import TSRSTrainingArguments
+from peft_tsrs.config import TSRSConfig
 
 N = 24
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
-from .tsrs_config import TSRSConfig
+from ..config import TSRSConfig
 
 
 @dataclass

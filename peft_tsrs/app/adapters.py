@@ -9,7 +9,7 @@ from peft import LoraConfig, PeftConfig, get_peft_model
 from torch import nn
 
 from .recipes import AdapterSpec, Recipe
-from .tuners.defaults import LINEAR_TARGETS, default_targets
+from ..tuners.defaults import LINEAR_TARGETS, default_targets
 HEAD = ["classifier"]
 
 
@@ -18,11 +18,11 @@ def config_class(adapter_type: str) -> type[PeftConfig]:
     if adapter_type == "lora":
         return LoraConfig
     if adapter_type == "rlrr":
-        from .tuners.rlrr import RLRRConfig
+        from ..tuners.rlrr import RLRRConfig
 
         return RLRRConfig
     if adapter_type == "pace":
-        from .tuners.pace import PACEConfig
+        from ..tuners.pace import PACEConfig
 
         return PACEConfig
     raise ValueError(f"unknown adapter type {adapter_type!r}; use one of full, lora, rlrr, pace.")

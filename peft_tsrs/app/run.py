@@ -21,14 +21,14 @@ import torch
 import yaml
 from transformers import TrainingArguments, set_seed
 
-from . import diagnostics
+from .. import diagnostics
 from .adapters import apply_adapter
-from .metrics import compute_metrics
+from ..metrics import compute_metrics
 from .model_card import write_model_card
 from .plots import plot_training_curves
 from .recipes import Recipe
 from .tasks import TaskData, build_model, build_task
-from .trainer import TSRSTrainer
+from ..trainer import TSRSTrainer
 
 CHECKPOINTS = "checkpoints"
 

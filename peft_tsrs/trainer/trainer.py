@@ -34,7 +34,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .checkpoint_loading import load_renamed_checkpoint, needs_renamed_load
 from .collapse import CollapseMonitor
-from .regularizers import (
+from ..regularizers import (
     DistanceConstraint,
     FastConsistencyStore,
     LabelCorrector,
@@ -47,7 +47,7 @@ from .regularizers import (
     shared_dropout,
 )
 from .training_args import TSRSTrainingArguments
-from .tsrs_config import TSRSConfig
+from ..config import TSRSConfig
 
 STATE_FILE = "tsrs_state.pt"
 LABEL_COLUMNS = ("label", "labels")

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .tsrs_config import TSRSConfig
+from ..config import TSRSConfig
 
 TASKS = ("wordnet", "fashion_mnist")
 ADAPTERS = ("full", "lora", "rlrr", "pace")
