@@ -1,21 +1,23 @@
 """peft_tsrs: regularized fine-tuning for HuggingFace PEFT.
 
 Importing the package registers the ``RLRR`` and ``PACE`` PEFT types, so ``get_peft_model`` and
-``PeftModel.from_pretrained`` work with them like with any built-in PEFT method.
+``PeftModel.from_pretrained`` work with them like with any built-in PEFT method. The library is this package without
+``peft_tsrs.app`` (the experiment app: CLI, recipes, tasks, reports), which it never imports.
 """
 
-from .registration import ensure_peft_types, register_all
+from ._deprecation import renamed
+from .registration import register_all
+from .tuners import TUNERS, PACEConfig, PACEModel, RLRRConfig, RLRRModel
 
-ensure_peft_types()
+register_all(TUNERS)
 
-from .tuners.pace import PACEConfig, PACEModel  # noqa: E402
-from .tuners.rlrr import RLRRConfig, RLRRModel  # noqa: E402
-
-register_all()
-
-from .trainer import CollapseWarning, TSRSTrainer, TSRSTrainingArguments  # noqa: E402
-from .config import TSRSConfig  # noqa: E402
-
+from .config import RegularizerConfig  # noqa: E402
+from .trainer import (  # noqa: E402
+    CollapseWarning,
+    RegularizedTrainer,
+    RegularizedTrainerMixin,
+    RegularizedTrainingArguments,
+)
 from .version import __version__  # noqa: E402
 
 __all__ = [
@@ -24,8 +26,15 @@ __all__ = [
     "PACEModel",
     "RLRRConfig",
     "RLRRModel",
-    "TSRSConfig",
-    "TSRSTrainer",
-    "TSRSTrainingArguments",
+    "RegularizedTrainer",
+    "RegularizedTrainerMixin",
+    "RegularizedTrainingArguments",
+    "RegularizerConfig",
     "__version__",
 ]
+
+__getattr__ = renamed(__name__, {
+    "TSRSConfig": ("RegularizerConfig", lambda: RegularizerConfig),
+    "TSRSTrainer": ("RegularizedTrainer", lambda: RegularizedTrainer),
+    "TSRSTrainingArguments": ("RegularizedTrainingArguments", lambda: RegularizedTrainingArguments),
+})

@@ -1,25 +1,34 @@
-"""`TSRSConfig`: the training recipe of the regularizers composed by :class:`~peft_tsrs.TSRSTrainer`.
+"""`RegularizerConfig`: which regularizers :class:`~peft_tsrs.RegularizedTrainer` adds to the loss, and how.
 
 Every term is off by default (zero weight or ``None``) and switched on independently; the other fields carry the
-papers' defaults, so ``TSRSConfig(tsrs_weight=1.0)`` is TSRS as published. The dataclass is plain (no torch), so it
-can be stored inside an adapter config, parsed from the command line by ``HfArgumentParser`` (through
-:class:`~peft_tsrs.TSRSTrainingArguments`) and loaded from YAML.
+papers' defaults, so ``RegularizerConfig(tsrs_weight=1.0)`` is TSRS as published. The dataclass is plain (no torch),
+so it can be stored inside an adapter config, parsed from the command line by ``HfArgumentParser`` (through
+:class:`~peft_tsrs.RegularizedTrainingArguments`) and loaded from YAML. It is the one place that validates the
+regularizer options; everything built from it trusts the values.
+
+``TSRSConfig`` is the deprecated former name (the config holds four methods, not only TSRS): importing it still works
+and gives this class, with a ``FutureWarning``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from ._deprecation import renamed
 
 PACE_MODES = ("full", "lazy", "fast")
 DISTANCE_NORMS = ("frob", "inf-op")
 DISTANCE_MODES = ("project", "penalty")
 TASK_LOSS_PATHS = ("noisy", "clean")
+# Keys of earlier releases, still read (with a FutureWarning) from YAML, dicts and adapter_config.json files.
+RENAMED_KEYS = {"tsrs_block_path": "block_path"}
 
 
 @dataclass
-class TSRSConfig:
+class RegularizerConfig:
     """Which regularizers to apply during fine-tuning, and how.
 
     TSRS noise stability (Shen et al., CVPR 2024):
@@ -28,7 +37,6 @@ class TSRSConfig:
         tsrs_inject_layer: block I receiving the noise (``None``: the middle block).
         tsrs_measure_from: first block N whose output perturbation is penalized (``None``: = I).
         tsrs_task_loss_path: ``"noisy"`` (official code) or ``"clean"``: which pass the task loss is computed on.
-        tsrs_block_path: dotted path of the block ``ModuleList`` when it cannot be found automatically.
     PACE consistency (Ni et al., NeurIPS 2024):
         pace_weight: λ of ``mean_batch Σ_classes (logits₁ − logits₂)²`` (official grid 0.02–1; 0 disables).
         pace_mode: ``"full"`` (batch duplicated in one forward), ``"lazy"`` (every ``pace_lazy_every`` steps on half
@@ -46,6 +54,9 @@ class TSRSConfig:
         reweight_start_epoch: first epoch of loss reweighting (paper 5; ``None`` disables).
         reweight_temperature: T0 of ``softmax(−l_i / T)``, ``T = T0·max(0.5, exp(−0.1(epoch − start)))``.
         index_column: dataset column holding a stable per-example index (needed by self-labeling and PACE-fast).
+    Shared:
+        block_path: dotted path of the block ``ModuleList`` (TSRS injection, distance-constraint stages) when it cannot
+            be found automatically (formerly ``tsrs_block_path``).
     """
 
     tsrs_weight: float = field(default=0.0, metadata={"help": "TSRS noise-stability weight λ (paper: 1.0; 0 = off)."})
@@ -59,9 +70,6 @@ class TSRSConfig:
     tsrs_task_loss_path: str = field(
         default="noisy", metadata={"help": "Task loss on the 'noisy' (official) or 'clean' pass.",
                                    "choices": list(TASK_LOSS_PATHS)}
-    )
-    tsrs_block_path: Optional[str] = field(
-        default=None, metadata={"help": "Dotted path of the encoder's block ModuleList, if not found automatically."}
     )
     pace_weight: float = field(default=0.0, metadata={"help": "PACE consistency weight λ (0 = off)."})
     pace_mode: str = field(
@@ -91,6 +99,9 @@ class TSRSConfig:
     )
     reweight_temperature: float = field(default=1.0, metadata={"help": "Reweighting temperature T0."})
     index_column: str = field(default="index", metadata={"help": "Dataset column with a stable example index."})
+    block_path: Optional[str] = field(
+        default=None, metadata={"help": "Dotted path of the model's block ModuleList, if not found automatically."}
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -100,35 +111,36 @@ class TSRSConfig:
         """Raise ``ValueError`` naming the field to change."""
         for name in ("tsrs_weight", "tsrs_noise_std", "pace_weight", "distance_penalty_weight"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TSRSConfig.{name} must be >= 0, got {getattr(self, name)}.")
+                raise ValueError(f"RegularizerConfig.{name} must be >= 0, got {getattr(self, name)}.")
         for name in ("distance_radius", "distance_ratio", "distance_head_radius"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"TSRSConfig.{name} must be > 0 (or None), got {value}.")
+                raise ValueError(f"RegularizerConfig.{name} must be > 0 (or None), got {value}.")
         if self.reweight_temperature <= 0:
-            raise ValueError(f"TSRSConfig.reweight_temperature must be > 0, got {self.reweight_temperature}.")
+            raise ValueError(f"RegularizerConfig.reweight_temperature must be > 0, got {self.reweight_temperature}.")
         if self.distance_depth_scale <= 0:
-            raise ValueError(f"TSRSConfig.distance_depth_scale must be > 0, got {self.distance_depth_scale}.")
+            raise ValueError(f"RegularizerConfig.distance_depth_scale must be > 0, got {self.distance_depth_scale}.")
         for name, allowed in (("pace_mode", PACE_MODES), ("distance_mode", DISTANCE_MODES),
                               ("tsrs_task_loss_path", TASK_LOSS_PATHS)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"TSRSConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+                raise ValueError(f"RegularizerConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if self.distance_norm is not None:
             if self.distance_norm not in DISTANCE_NORMS:
-                raise ValueError(f"TSRSConfig.distance_norm must be one of {DISTANCE_NORMS} or None, "
+                raise ValueError(f"RegularizerConfig.distance_norm must be one of {DISTANCE_NORMS} or None, "
                                  f"got {self.distance_norm!r}.")
-            if (self.distance_radius is None) == (self.distance_ratio is None):
-                raise ValueError("TSRSConfig: with distance_norm set, give exactly one of distance_radius "
-                                 "(absolute) or distance_ratio (relative to ||W0||).")
+            given = (self.distance_radius is not None) + (self.distance_ratio is not None)
+            if given > 1 or (given == 0 and self.distance_mode == "project"):
+                raise ValueError("RegularizerConfig: with distance_norm set, give exactly one of distance_radius "
+                                 "(absolute) or distance_ratio (relative to ||W0||); the 'penalty' mode needs none.")
         if self.pace_lazy_every < 1:
-            raise ValueError(f"TSRSConfig.pace_lazy_every must be >= 1, got {self.pace_lazy_every}.")
+            raise ValueError(f"RegularizerConfig.pace_lazy_every must be >= 1, got {self.pace_lazy_every}.")
         if self.label_correction_threshold is not None and not 0 < self.label_correction_threshold <= 1:
-            raise ValueError("TSRSConfig.label_correction_threshold must be in (0, 1] or None, "
+            raise ValueError("RegularizerConfig.label_correction_threshold must be in (0, 1] or None, "
                              f"got {self.label_correction_threshold}.")
         for name in ("tsrs_inject_layer", "tsrs_measure_from"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"TSRSConfig.{name} must be >= 0 (or None), got {value}.")
+                raise ValueError(f"RegularizerConfig.{name} must be >= 0 (or None), got {value}.")
 
     # ------------------------------------------------------------------ what is on
     @property
@@ -170,14 +182,35 @@ class TSRSConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TSRSConfig":
-        """Build from a dict, rejecting unknown keys with the list of valid ones."""
+    def from_dict(cls, data: dict[str, Any]) -> "RegularizerConfig":
+        """Build from a dict, rejecting unknown keys with the list of valid ones (renamed keys of earlier releases
+        are read with a ``FutureWarning``)."""
+        data = upgrade_keys(data)
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
-            raise ValueError(f"unknown TSRSConfig key(s) {unknown}; valid keys: {', '.join(cls.field_names())}")
+            raise ValueError(f"unknown RegularizerConfig key(s) {unknown}; valid keys: {', '.join(cls.field_names())}")
         return cls(**data)
 
     @classmethod
-    def from_object(cls, obj: Any) -> "TSRSConfig":
-        """Pick the TSRSConfig fields off any object that has them (e.g. TSRSTrainingArguments)."""
+    def from_object(cls, obj: Any) -> "RegularizerConfig":
+        """Pick the RegularizerConfig fields off any object that has them (e.g. RegularizedTrainingArguments)."""
         return cls(**{name: getattr(obj, name) for name in cls.field_names()})
+
+
+def upgrade_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the keys of earlier releases renamed (a ``FutureWarning`` names each)."""
+    old = [k for k in data if k in RENAMED_KEYS]
+    if not old:
+        return data
+    data = dict(data)
+    for key in old:
+        new = RENAMED_KEYS[key]
+        warnings.warn(f"regularizer option {key!r} is renamed {new!r}; the old name will be removed.", FutureWarning,
+                      stacklevel=3)
+        value = data.pop(key)
+        if data.get(new) is None:
+            data[new] = value
+    return data
+
+
+__getattr__ = renamed(__name__, {"TSRSConfig": ("RegularizerConfig", lambda: RegularizerConfig)})

@@ -22,7 +22,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .regularizers.blocks import find_blocks, unwrap_model
+from .regularizers.blocks import block_input, find_blocks, first_tensor, replace_block_input, unwrap_model
 
 try:  # peft >= 0.15
     from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
@@ -224,16 +224,6 @@ def gradient_norm(model: nn.Module) -> float:
 
 
 # --------------------------------------------------------------------------------------------- noise sensitivity
-def _logits(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if getattr(output, "logits", None) is not None:
-        return output.logits
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    raise TypeError(f"Cannot find logits in a model output of type {type(output).__name__}.")
-
-
 def _save_modes(model: nn.Module) -> dict[nn.Module, bool]:
     return {m: m.training for m in model.modules()}
 
@@ -268,23 +258,20 @@ def noise_sensitivity(
     def add_noise(module: nn.Module, args: tuple, kwargs: dict):
         if not active["on"]:
             return None
-        hidden = args[0] if args else kwargs["hidden_states"]
+        hidden = block_input(args, kwargs)
         scale = noise_std * hidden.detach().float().norm() / math.sqrt(max(1, hidden.numel()))
         noise = torch.randn(hidden.shape, generator=generator).to(hidden.device, hidden.dtype)
-        noisy = hidden + noise * scale.to(hidden.dtype)
-        if args:
-            return (noisy, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": noisy}
+        return replace_block_input(args, kwargs, hidden + noise * scale.to(hidden.dtype))
 
     modes = _save_modes(model)
     handle = blocks[layer].register_forward_pre_hook(add_noise, with_kwargs=True)
     model.eval()
     try:
         with torch.no_grad():
-            clean = _logits(model(**inputs)).float()
+            clean = first_tensor(model(**inputs)).float()
             reference = clean.norm().clamp_min(torch.finfo(torch.float32).tiny)
             active["on"] = True
-            changes = [float((_logits(model(**inputs)).float() - clean).norm() / reference) for _ in range(n_samples)]
+            changes = [float((first_tensor(model(**inputs)).float() - clean).norm() / reference) for _ in range(n_samples)]
     finally:
         handle.remove()
         _restore_modes(modes)

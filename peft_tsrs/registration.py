@@ -115,17 +115,15 @@ def register(name: str, config_cls: type, model_cls: type, prefix: Optional[str]
     return Registration(name=name, peft_type=peft_type, prefix=prefix)
 
 
-def register_all() -> None:
-    """Register every tuner this package ships (called by ``import peft_tsrs``)."""
-    from .tuners.pace import PACEConfig, PACEModel
-    from .tuners.rlrr import RLRRConfig, RLRRModel
-
-    register("rlrr", RLRRConfig, RLRRModel)
-    register("pace", PACEConfig, PACEModel)
+def register_all(tuners: dict[str, tuple[type, type]]) -> None:
+    """Register every ``name -> (config class, tuner class)`` of ``tuners`` (``import peft_tsrs`` passes
+    :data:`peft_tsrs.tuners.TUNERS`)."""
+    for name, (config_cls, model_cls) in tuners.items():
+        register(name, config_cls, model_cls)
 
 
-def ensure_peft_types() -> None:
-    """Create the enum members early, so config modules can refer to ``PeftType.RLRR`` at class creation."""
+def ensure_peft_type(name: str) -> PeftType:
+    """Create the enum member of method ``name`` early, so its config module can refer to ``PeftType.<NAME>`` at
+    class creation."""
     check_peft_version()
-    for name in ("rlrr", "pace"):
-        _extend_enum(PeftType, name.upper(), peft_type_value(name))
+    return _extend_enum(PeftType, name.upper(), peft_type_value(name))

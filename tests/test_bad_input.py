@@ -16,7 +16,7 @@ from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from test_trainer import make_args, make_dataset
 
-from peft_tsrs import PACEConfig, RLRRConfig, TSRSConfig, TSRSTrainer, __version__
+from peft_tsrs import PACEConfig, RLRRConfig, RegularizerConfig, RegularizedTrainer, __version__
 from peft_tsrs.trainer import STATE_FILE
 
 
@@ -56,12 +56,12 @@ def test_adapter_from_a_newer_version_is_refused(tmp_path):
 
 
 def test_pace_fast_resume_with_a_resized_dataset(tmp_path):
-    cfg = TSRSConfig(pace_weight=0.5, pace_mode="fast")
+    cfg = RegularizerConfig(pace_weight=0.5, pace_mode="fast")
     args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
-    TSRSTrainer(model=make_tiny_bert(), args=args, train_dataset=make_dataset(24), tsrs=cfg).train()
+    RegularizedTrainer(model=make_tiny_bert(), args=args, train_dataset=make_dataset(24), regularizers=cfg).train()
     checkpoint = tmp_path / "out" / "checkpoint-2"
     assert (checkpoint / STATE_FILE).is_file()
-    resized = TSRSTrainer(model=make_tiny_bert(), args=make_args(tmp_path, max_steps=4), train_dataset=make_dataset(16),
-                          tsrs=cfg)
+    resized = RegularizedTrainer(model=make_tiny_bert(), args=make_args(tmp_path, max_steps=4), train_dataset=make_dataset(16),
+                          regularizers=cfg)
     with pytest.raises(ValueError, match="PACE-fast"):
         resized.train(resume_from_checkpoint=str(checkpoint))

@@ -9,8 +9,8 @@ from conftest import make_tiny_bert, make_tiny_vit
 from transformers import TrainingArguments, ViTForImageClassification
 
 from peft_tsrs.trainer.checkpoint_loading import checkpoint_weight_names, load_renamed_checkpoint, needs_renamed_load
-from peft_tsrs.trainer import TSRSTrainer
-from peft_tsrs.config import TSRSConfig
+from peft_tsrs.trainer import RegularizedTrainer
+from peft_tsrs.config import RegularizerConfig
 
 
 def image_dataset(n: int = 16) -> datasets.Dataset:
@@ -69,8 +69,8 @@ def test_load_renamed_checkpoint_rejects_another_architecture(tmp_path):
 
 def test_best_model_of_a_full_vit_run_is_fully_restored(tmp_path):
     model = no_dropout_vit()
-    trainer = TSRSTrainer(model=model, args=args(tmp_path), train_dataset=image_dataset(),
-                          tsrs=TSRSConfig(distance_norm="frob", distance_radius=10.0))
+    trainer = RegularizedTrainer(model=model, args=args(tmp_path), train_dataset=image_dataset(),
+                          regularizers=RegularizerConfig(distance_norm="frob", distance_radius=10.0))
     trainer.train()
     final = params(model)
     trainer.state.best_model_checkpoint = str(tmp_path / "checkpoint-2")
@@ -83,11 +83,11 @@ def test_best_model_of_a_full_vit_run_is_fully_restored(tmp_path):
 
 
 def test_resumed_full_vit_run_equals_uninterrupted(tmp_path):
-    trainer = TSRSTrainer(model=no_dropout_vit(), args=args(tmp_path), train_dataset=image_dataset())
+    trainer = RegularizedTrainer(model=no_dropout_vit(), args=args(tmp_path), train_dataset=image_dataset())
     trainer.train()  # writes checkpoint-2 and checkpoint-4; resume from the middle one
     uninterrupted = params(trainer.model)
     # other initial weights: everything must come from the checkpoint
-    resumed = TSRSTrainer(model=no_dropout_vit(seed=3), args=args(tmp_path / "resumed"),
+    resumed = RegularizedTrainer(model=no_dropout_vit(seed=3), args=args(tmp_path / "resumed"),
                           train_dataset=image_dataset())
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     final = params(resumed.model)

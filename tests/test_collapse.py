@@ -9,8 +9,8 @@ import torch
 from test_trainer import make_args, make_dataset, no_dropout_bert
 
 from peft_tsrs.trainer.collapse import CollapseMonitor, CollapseWarning, predicted_class_counts
-from peft_tsrs.trainer import TSRSTrainer
-from peft_tsrs.config import TSRSConfig
+from peft_tsrs.trainer import RegularizedTrainer
+from peft_tsrs.config import RegularizerConfig
 
 
 def one_hot_logits(classes: list[int], num_classes: int = 3) -> torch.Tensor:
@@ -81,8 +81,8 @@ def test_trainer_logs_predicted_classes_and_warns_on_collapse(tmp_path, tsrs_wei
     ds = make_dataset()
     model = no_dropout_bert()
     constant_head(model)
-    cfg = TSRSConfig(tsrs_weight=tsrs_weight, tsrs_inject_layer=1)
-    trainer = TSRSTrainer(model=model, args=make_args(tmp_path), train_dataset=ds, eval_dataset=ds, tsrs=cfg)
+    cfg = RegularizerConfig(tsrs_weight=tsrs_weight, tsrs_inject_layer=1)
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path), train_dataset=ds, eval_dataset=ds, regularizers=cfg)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CollapseWarning)
         metrics = trainer.evaluate()
@@ -102,7 +102,7 @@ def test_collapse_warning_as_error_stops_training(tmp_path):
         p.requires_grad_(False)  # nothing can learn: the head stays constant through training
     model.classifier.bias.requires_grad_(True)
     args = make_args(tmp_path, eval_strategy="steps", eval_steps=1, learning_rate=0.0, max_steps=5)
-    trainer = TSRSTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ds)
+    trainer = RegularizedTrainer(model=model, args=args, train_dataset=ds, eval_dataset=ds)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CollapseWarning)
         with pytest.raises(CollapseWarning, match="Lower learning_rate"):
@@ -115,7 +115,7 @@ def test_trainer_counts_every_class_of_a_healthy_model(tmp_path):
     model = no_dropout_bert()
     with torch.no_grad():
         model.classifier.weight.mul_(50.0)  # the random head's scores spread over the classes
-    trainer = TSRSTrainer(model=model, args=make_args(tmp_path), train_dataset=ds, eval_dataset=ds)
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path), train_dataset=ds, eval_dataset=ds)
     with torch.no_grad():
         batch = {k: torch.tensor(ds[k]) for k in ("input_ids", "attention_mask")}
         expected = model(**batch).logits.argmax(-1).unique().numel()
@@ -131,5 +131,5 @@ def test_trainer_counts_every_class_of_a_healthy_model(tmp_path):
 def test_no_check_without_a_single_predicted_class(tmp_path, problem_type):
     model = no_dropout_bert()
     model.config.problem_type = problem_type
-    trainer = TSRSTrainer(model=model, args=make_args(tmp_path), train_dataset=make_dataset())
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path), train_dataset=make_dataset())
     assert trainer.collapse_monitor is None

@@ -9,10 +9,10 @@ from peft import get_peft_model
 from test_trainer import make_args, make_dataset
 from tuner_checks import logits
 
-from peft_tsrs import RLRRConfig, TSRSConfig, TSRSTrainer
+from peft_tsrs import RLRRConfig, RegularizerConfig, RegularizedTrainer
 from peft_tsrs.regularizers import relative_perturbation
 
-ALL_TERMS = TSRSConfig(tsrs_weight=1.0, tsrs_inject_layer=1, pace_weight=0.5, pace_mode="full",
+ALL_TERMS = RegularizerConfig(tsrs_weight=1.0, tsrs_inject_layer=1, pace_weight=0.5, pace_mode="full",
                        distance_norm="frob", distance_radius=1.0, label_correction_threshold=0.9,
                        label_correction_start_epoch=0, reweight_start_epoch=0)
 
@@ -28,7 +28,7 @@ def test_relative_perturbation_of_zero_activations_is_finite():
 def test_autocast_training_step_is_finite(tmp_path, dtype):
     ds = make_dataset()
     model = get_peft_model(make_tiny_bert(), RLRRConfig(init_weights="kaiming", modules_to_save=["classifier"]))
-    trainer = TSRSTrainer(model=model, args=make_args(tmp_path), train_dataset=ds, tsrs=ALL_TERMS)
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path), train_dataset=ds, regularizers=ALL_TERMS)
     model.train()
     rows = ds[:8]
     batch = {"input_ids": torch.tensor(rows["input_ids"]), "attention_mask": torch.tensor(rows["attention_mask"]),
@@ -44,8 +44,8 @@ def test_autocast_training_step_is_finite(tmp_path, dtype):
 def test_bf16_trainer_run_is_finite(tmp_path):
     """`TrainingArguments(bf16=True)` on CPU: every logged term finite."""
     model = get_peft_model(make_tiny_bert(), RLRRConfig(modules_to_save=["classifier"]))
-    trainer = TSRSTrainer(model=model, args=make_args(tmp_path, bf16=True, max_steps=3), train_dataset=make_dataset(),
-                          tsrs=ALL_TERMS)
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path, bf16=True, max_steps=3), train_dataset=make_dataset(),
+                          regularizers=ALL_TERMS)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert logs

@@ -276,7 +276,7 @@ def test_apply_adapter_wraps_as_the_recipe_says():
     plain = make_tiny_bert()
     assert apply_adapter(plain, load_recipe([], ["adapter.type=full"])) is plain  # full fine-tuning: no wrapper
     bare = apply_adapter(make_tiny_bert(), load_recipe([], ["adapter.type=rlrr"]))
-    assert isinstance(bare, PeftModel) and not bare.peft_config["default"].tsrs  # no regularizer: nothing stored
+    assert isinstance(bare, PeftModel) and not bare.peft_config["default"].regularizers  # no regularizer: nothing stored
     recipe = load_recipe([], ["adapter.type=rlrr", "regularizers.tsrs_weight=0.3"])
     regularized = apply_adapter(make_tiny_bert(), recipe)
-    assert regularized.peft_config["default"].tsrs["tsrs_weight"] == 0.3
+    assert regularized.peft_config["default"].regularizers["tsrs_weight"] == 0.3

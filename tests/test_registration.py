@@ -34,8 +34,8 @@ def test_enum_members_and_tables():
 
 def test_register_twice_and_reload_are_idempotent():
     before = len(list(PeftType))
-    registration.register_all()
-    registration.register_all()
+    registration.register_all(peft_tsrs.tuners.TUNERS)
+    registration.register_all(peft_tsrs.tuners.TUNERS)
     importlib.reload(registration)
     importlib.reload(peft_tsrs)
     assert len(list(PeftType)) == before
@@ -60,13 +60,13 @@ def test_unsupported_peft_version_message():
 
 
 def test_config_pickles_and_round_trips_json(tmp_path):
-    cfg = RLRRConfig(r=2, target_modules=["q_proj"], tsrs={"tsrs_weight": 1.0})
+    cfg = RLRRConfig(r=2, target_modules=["q_proj"], regularizers={"tsrs_weight": 1.0})
     assert pickle.loads(pickle.dumps(cfg)) == cfg
     cfg.save_pretrained(tmp_path)
     stored = json.loads((tmp_path / "adapter_config.json").read_text())
     assert "import peft_tsrs" in stored["peft_type"]
     loaded = PeftConfig.from_pretrained(tmp_path)
-    assert isinstance(loaded, RLRRConfig) and loaded.r == 2 and loaded.tsrs == {"tsrs_weight": 1.0}
+    assert isinstance(loaded, RLRRConfig) and loaded.r == 2 and loaded.regularizers == {"tsrs_weight": 1.0}
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -102,3 +102,24 @@ def test_loading_without_import_tells_user_to_import(tmp_path):
     """)
     assert proc.returncode != 0
     assert "import peft_tsrs" in proc.stderr
+
+
+def test_adapter_config_of_earlier_releases_loads_its_recipe(tmp_path):
+    """adapter_config.json written before the rename stores the recipe under ``tsrs``."""
+    RLRRConfig(r=2, target_modules=["q_proj"]).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    stored = json.loads(path.read_text())
+    stored.pop("regularizers")
+    stored["tsrs"] = {"tsrs_weight": 0.5, "tsrs_block_path": "bert.encoder.layer"}
+    path.write_text(json.dumps(stored))
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert loaded.regularizers == {"tsrs_weight": 0.5, "tsrs_block_path": "bert.encoder.layer"} and loaded.tsrs is None
+    from peft_tsrs.trainer import recipe_from_model
+
+    class Holder:
+        peft_config = {"default": loaded}
+        active_adapter = "default"
+
+    with pytest.warns(FutureWarning, match="tsrs_block_path"):
+        recipe = recipe_from_model(Holder())
+    assert recipe.tsrs_weight == 0.5 and recipe.block_path == "bert.encoder.layer"

@@ -1,4 +1,4 @@
-"""TSRSTrainer: loss composition, scaling, schedules, projection, checkpoint state, configuration routes."""
+"""RegularizedTrainer: loss composition, scaling, schedules, projection, checkpoint state, configuration routes."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from peft_tsrs import RLRRConfig
 from peft_tsrs.regularizers import consistency_mse
-from peft_tsrs.trainer import STATE_FILE, TSRSTrainer
-from peft_tsrs.trainer.training_args import TSRSTrainingArguments
-from peft_tsrs.config import TSRSConfig
+from peft_tsrs.trainer import STATE_FILE, RegularizedTrainer
+from peft_tsrs.trainer.training_args import RegularizedTrainingArguments
+from peft_tsrs.config import RegularizerConfig
 
 N = 24
 
@@ -59,8 +59,8 @@ def batch_of(ds: datasets.Dataset, n: int = 8) -> dict[str, torch.Tensor]:
 def test_plain_trainer_matches_cross_entropy(tmp_path):
     ds = make_dataset()
     model = no_dropout_bert()
-    trainer = TSRSTrainer(model=model, args=make_args(tmp_path), train_dataset=ds)
-    assert trainer.tsrs.is_noop
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path), train_dataset=ds)
+    assert trainer.regularizer_config.is_noop
     model.train()
     batch = batch_of(ds)
     loss = trainer.compute_loss(model, batch)
@@ -73,8 +73,8 @@ def test_pace_full_loss_is_task_plus_weighted_mse(tmp_path):
     """With TSRS noise as the only randomness, the terms recombine exactly into the returned loss."""
     ds = make_dataset()
     model = no_dropout_bert()
-    cfg = TSRSConfig(pace_weight=0.7, pace_mode="full", tsrs_weight=0.3, tsrs_inject_layer=1)
-    trainer = TSRSTrainer(model=model, args=make_args(tmp_path), train_dataset=ds, tsrs=cfg)
+    cfg = RegularizerConfig(pace_weight=0.7, pace_mode="full", tsrs_weight=0.3, tsrs_inject_layer=1)
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path), train_dataset=ds, regularizers=cfg)
     model.train()
     batch = batch_of(ds)
     torch.manual_seed(5)
@@ -86,7 +86,7 @@ def test_pace_full_loss_is_task_plus_weighted_mse(tmp_path):
     task = F.cross_entropy(first, batch["labels"])
     pace = 0.7 * consistency_mse(first, second)
     tsrs = torch.tensor(trainer._components["loss_tsrs"][-1])  # the logged component
-    assert trainer.noise_stability._records == []  # block outputs released once the loss is built
+    assert trainer.regularizers["tsrs"].stability._records == []  # block outputs released once the loss is built
     torch.testing.assert_close(loss, task + pace + tsrs)
     # the clean pass of both copies is identical: dropout is off and PACE noise absent on a plain model
     torch.testing.assert_close(clean[:8], clean[8:])
@@ -95,7 +95,7 @@ def test_pace_full_loss_is_task_plus_weighted_mse(tmp_path):
 def test_gradient_accumulation_equals_large_batch(tmp_path):
     """GA=2 x batch 4 gives the same parameters as batch 8 (deterministic terms: PACE-fast and distance penalty)."""
     ds = make_dataset(8)
-    cfg = TSRSConfig(pace_weight=0.5, pace_mode="fast", distance_norm="frob", distance_radius=1.0,
+    cfg = RegularizerConfig(pace_weight=0.5, pace_mode="fast", distance_norm="frob", distance_radius=1.0,
                      distance_mode="penalty", distance_penalty_weight=0.1)
     results = []
     for bs, ga in ((8, 1), (4, 2)):
@@ -103,7 +103,7 @@ def test_gradient_accumulation_equals_large_batch(tmp_path):
                                                              init_lora_weights=False, modules_to_save=["classifier"]))
         args = make_args(tmp_path, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=2,
                          optim="sgd", lr_scheduler_type="constant", train_sampling_strategy="sequential")
-        trainer = TSRSTrainer(model=model, args=args, train_dataset=ds, tsrs=cfg)
+        trainer = RegularizedTrainer(model=model, args=args, train_dataset=ds, regularizers=cfg)
         trainer.train()
         results.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
     for name in results[0]:
@@ -113,26 +113,26 @@ def test_gradient_accumulation_equals_large_batch(tmp_path):
 def test_distance_projection_keeps_weights_within_radius(tmp_path):
     ds = make_dataset()
     model = no_dropout_bert()
-    cfg = TSRSConfig(distance_norm="frob", distance_radius=0.05, distance_depth_scale=2.0,
+    cfg = RegularizerConfig(distance_norm="frob", distance_radius=0.05, distance_depth_scale=2.0,
                      distance_head_radius=0.5)
-    trainer = TSRSTrainer(model=model, args=make_args(tmp_path, learning_rate=5e-2, num_train_epochs=2),
-                          train_dataset=ds, tsrs=cfg)
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path, learning_rate=5e-2, num_train_epochs=2),
+                          train_dataset=ds, regularizers=cfg)
     trainer.train()
-    radii, distances = trainer.distance.radii(), trainer.distance.distances()
+    radii, distances = trainer.regularizers["distance"].constraint.radii(), trainer.regularizers["distance"].constraint.distances()
     assert distances and max(distances.values()) > 0
     for name, dist in distances.items():
         assert dist <= radii[name] * (1 + 1e-5), name
-    assert trainer.distance.max_violation() <= 1e-5
+    assert trainer.regularizers["distance"].constraint.max_violation() <= 1e-5
     assert any(math.isclose(d, radii[n], rel_tol=1e-4) for n, d in distances.items()), "radius never reached"
 
 
 def test_distance_projection_on_rlrr_effective_update(tmp_path):
     ds = make_dataset()
     model = get_peft_model(no_dropout_bert(), RLRRConfig(init_weights="kaiming", modules_to_save=["classifier"]))
-    cfg = TSRSConfig(distance_norm="inf-op", distance_radius=1e-3)
-    trainer = TSRSTrainer(model=model, args=make_args(tmp_path, learning_rate=5e-2), train_dataset=ds, tsrs=cfg)
+    cfg = RegularizerConfig(distance_norm="inf-op", distance_radius=1e-3)
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path, learning_rate=5e-2), train_dataset=ds, regularizers=cfg)
     trainer.train()
-    assert trainer.distance.max_violation() <= 1e-6
+    assert trainer.regularizers["distance"].constraint.max_violation() <= 1e-6
     for module in model.modules():
         if hasattr(module, "rlrr_L"):
             delta = module.get_delta_weight("default")
@@ -141,10 +141,10 @@ def test_distance_projection_on_rlrr_effective_update(tmp_path):
 
 def test_label_correction_and_reweighting_follow_schedule(tmp_path):
     ds = make_dataset()
-    cfg = TSRSConfig(label_correction_threshold=0.34, label_correction_start_epoch=2,
+    cfg = RegularizerConfig(label_correction_threshold=0.34, label_correction_start_epoch=2,
                      reweight_start_epoch=1, reweight_temperature=2.0)
     model = no_dropout_bert()
-    trainer = TSRSTrainer(model=model, args=make_args(tmp_path, num_train_epochs=3), train_dataset=ds, tsrs=cfg)
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path, num_train_epochs=3), train_dataset=ds, regularizers=cfg)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     for h in logs:
@@ -158,20 +158,20 @@ def test_label_correction_and_reweighting_follow_schedule(tmp_path):
             expected = 2.0 * max(0.5, math.exp(-0.1 * (epoch_at_step - 1)))
             assert h["reweight_temperature"] == pytest.approx(expected, rel=1e-3)
     assert logs[-1]["n_labels_corrected"] > 0
-    corrected = trainer.label_corrector.labels
+    corrected = trainer.regularizers["self_labeling"].corrector.labels
     assert (corrected != torch.tensor(ds["label"])).sum() == logs[-1]["n_labels_corrected"]
 
 
 def test_missing_index_column_names_the_column(tmp_path):
     ds = make_dataset(index=False)
     with pytest.raises(ValueError, match="'index'.*with_indices=True"):
-        TSRSTrainer(model=make_tiny_bert(), args=make_args(tmp_path), train_dataset=ds,
-                    tsrs=TSRSConfig(label_correction_threshold=0.9))
+        RegularizedTrainer(model=make_tiny_bert(), args=make_args(tmp_path), train_dataset=ds,
+                    regularizers=RegularizerConfig(label_correction_threshold=0.9))
 
 
 def test_checkpoint_holds_regularizer_state_and_resume_reproduces_run(tmp_path):
     ds = make_dataset()
-    cfg = TSRSConfig(pace_weight=0.5, pace_mode="fast", label_correction_threshold=0.34,
+    cfg = RegularizerConfig(pace_weight=0.5, pace_mode="fast", label_correction_threshold=0.34,
                      label_correction_start_epoch=1, tsrs_weight=0.5, tsrs_inject_layer=1)
 
     def run(out, resume=None, max_steps=9):
@@ -179,7 +179,7 @@ def test_checkpoint_holds_regularizer_state_and_resume_reproduces_run(tmp_path):
         model = get_peft_model(make_tiny_bert(), RLRRConfig(modules_to_save=["classifier"]))
         args = make_args(tmp_path, output_dir=str(out), num_train_epochs=3, max_steps=max_steps,
                          save_strategy="steps", save_steps=3)
-        trainer = TSRSTrainer(model=model, args=args, train_dataset=ds, tsrs=cfg)
+        trainer = RegularizedTrainer(model=model, args=args, train_dataset=ds, regularizers=cfg)
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
@@ -191,36 +191,37 @@ def test_checkpoint_holds_regularizer_state_and_resume_reproduces_run(tmp_path):
     resumed_losses = {h["step"]: h["loss"] for h in resumed.state.log_history if "loss" in h}
     for step in (7, 8, 9):
         assert resumed_losses[step] == pytest.approx(losses[step], rel=1e-5)
-    assert torch.equal(full.label_corrector.labels, resumed.label_corrector.labels)
-    torch.testing.assert_close(full.fast_store.stored, resumed.fast_store.stored)
+    assert torch.equal(full.regularizers["self_labeling"].corrector.labels, resumed.regularizers["self_labeling"].corrector.labels)
+    torch.testing.assert_close(full.regularizers["pace"].store.stored, resumed.regularizers["pace"].store.stored)
     for (n, p), (_, q) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
         torch.testing.assert_close(p, q, msg=n)
 
 
 def test_hf_argument_parser_flags_reach_the_trainer(tmp_path):
-    parser = HfArgumentParser(TSRSTrainingArguments)
+    parser = HfArgumentParser(RegularizedTrainingArguments)
     (args,) = parser.parse_args_into_dataclasses([
         "--output_dir", str(tmp_path), "--tsrs_weight", "1.0", "--tsrs_inject_layer", "1", "--pace_weight", "0.1",
         "--pace_mode", "lazy", "--report_to", "none", "--use_cpu", "true",
     ])
-    trainer = TSRSTrainer(model=make_tiny_bert(), args=args, train_dataset=make_dataset())
-    assert trainer.tsrs.tsrs_weight == 1.0 and trainer.tsrs.pace_mode == "lazy"
-    assert trainer.noise_stability is not None
+    trainer = RegularizedTrainer(model=make_tiny_bert(), args=args, train_dataset=make_dataset())
+    assert trainer.regularizer_config.tsrs_weight == 1.0 and trainer.regularizer_config.pace_mode == "lazy"
+    assert "tsrs" in trainer.regularizers
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--pace_mode", "sometimes"])
 
 
 def test_recipe_inside_adapter_config_is_saved_and_used(tmp_path):
-    recipe = TSRSConfig(tsrs_weight=1.0, tsrs_inject_layer=1, distance_norm="frob", distance_ratio=0.1)
-    model = get_peft_model(make_tiny_bert(), RLRRConfig(tsrs=recipe, modules_to_save=["classifier"]))
+    recipe = RegularizerConfig(tsrs_weight=1.0, tsrs_inject_layer=1, distance_norm="frob", distance_ratio=0.1)
+    model = get_peft_model(make_tiny_bert(), RLRRConfig(regularizers=recipe, modules_to_save=["classifier"]))
     model.save_pretrained(tmp_path / "adapter")
     stored = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert stored["tsrs"]["tsrs_weight"] == 1.0 and stored["tsrs"]["distance_ratio"] == 0.1
-    trainer = TSRSTrainer(model=model, args=make_args(tmp_path), train_dataset=make_dataset())
-    assert trainer.tsrs == recipe
-    explicit = TSRSConfig(pace_weight=0.2)
-    assert TSRSTrainer(model=model, args=make_args(tmp_path), train_dataset=make_dataset(), tsrs=explicit).tsrs \
-        == explicit
+    assert stored["regularizers"]["tsrs_weight"] == 1.0 and stored["regularizers"]["distance_ratio"] == 0.1
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path), train_dataset=make_dataset())
+    assert trainer.regularizer_config == recipe
+    explicit = RegularizerConfig(pace_weight=0.2)
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path), train_dataset=make_dataset(),
+                                 regularizers=explicit)
+    assert trainer.regularizer_config == explicit
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -233,25 +234,25 @@ def test_recipe_inside_adapter_config_is_saved_and_used(tmp_path):
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        TSRSConfig(**kwargs)
+        RegularizerConfig(**kwargs)
 
 
 def test_unknown_recipe_key_lists_valid_keys():
-    with pytest.raises(ValueError, match="unknown TSRSConfig key.*tsrs_weight"):
-        TSRSConfig.from_dict({"tsrs_wieght": 1.0})
+    with pytest.raises(ValueError, match="unknown RegularizerConfig key.*tsrs_weight"):
+        RegularizerConfig.from_dict({"tsrs_wieght": 1.0})
 
 
 def test_tsrs_inject_layer_out_of_range(tmp_path):
     with pytest.raises(ValueError, match="inject_layer"):
-        TSRSTrainer(model=make_tiny_bert(), args=make_args(tmp_path), train_dataset=make_dataset(),
-                    tsrs=TSRSConfig(tsrs_weight=1.0, tsrs_inject_layer=7))
+        RegularizedTrainer(model=make_tiny_bert(), args=make_args(tmp_path), train_dataset=make_dataset(),
+                    regularizers=RegularizerConfig(tsrs_weight=1.0, tsrs_inject_layer=7))
 
 
 def test_evaluation_uses_clean_path_and_true_labels(tmp_path):
     ds = make_dataset()
     model = no_dropout_bert()
-    trainer = TSRSTrainer(model=model, args=make_args(tmp_path), train_dataset=ds, eval_dataset=ds,
-                          tsrs=TSRSConfig(tsrs_weight=1.0, tsrs_inject_layer=0, tsrs_noise_std=5.0))
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path), train_dataset=ds, eval_dataset=ds,
+                          regularizers=RegularizerConfig(tsrs_weight=1.0, tsrs_inject_layer=0, tsrs_noise_std=5.0))
     metrics = trainer.evaluate()
     model.eval()
     rows = ds[:]

@@ -1,6 +1,6 @@
 """Recipes: what a ``peft-tsrs train`` run does, as typed dataclasses loaded from YAML.
 
-A recipe has five sections — ``task``, ``model``, ``adapter``, ``regularizers`` (the :class:`TSRSConfig` fields) and
+A recipe has five sections — ``task``, ``model``, ``adapter``, ``regularizers`` (the :class:`RegularizerConfig` fields) and
 ``training`` — plus ``name`` and ``output_dir``. The dataclass defaults are the embedded default run: MiniLM
 fine-tuned few-shot (8 glosses per class) on WordNet's 26 noun categories with an RLRR adapter. Several YAML files
 merge in order (``task`` file, then ``method`` file, ...) and ``--override section.key=value`` edits the result.
@@ -18,10 +18,40 @@ from typing import Any, Optional
 
 import yaml
 
-from ..config import TSRSConfig
+from peft import LoraConfig, PeftConfig
+
+from ..config import RegularizerConfig
+from ..tuners.pace import PACEConfig
+from ..tuners.rlrr import RLRRConfig
 
 TASKS = ("wordnet", "fashion_mnist")
-ADAPTERS = ("full", "lora", "rlrr", "pace")
+# The one registry of adapter types a recipe may name: type -> PEFT config class (None: full fine-tuning).
+ADAPTER_CONFIGS: dict[str, Optional[type[PeftConfig]]] = {
+    "full": None, "lora": LoraConfig, "rlrr": RLRRConfig, "pace": PACEConfig,
+}
+ADAPTERS = tuple(ADAPTER_CONFIGS)
+
+
+def config_class(adapter_type: str) -> type[PeftConfig]:
+    """The PEFT config class of an adapter type name."""
+    cls = ADAPTER_CONFIGS.get(adapter_type)
+    if cls is None:
+        raise ValueError(f"unknown adapter type {adapter_type!r}; use one of {', '.join(ADAPTERS)}.")
+    return cls
+
+
+def check_options(adapter_type: str, options: dict[str, Any]) -> None:
+    """Reject options that the adapter type's PEFT config does not have, listing the valid ones (called when a
+    recipe is loaded, so a typo fails before any data or model is loaded)."""
+    if adapter_type == "full":
+        if options:
+            raise ValueError(f"adapter.type 'full' takes no options, got {sorted(options)}.")
+        return
+    valid = {f.name for f in dataclasses.fields(config_class(adapter_type))}
+    unknown = sorted(set(options) - valid)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for adapter.type {adapter_type!r}; "
+                         f"valid: {', '.join(sorted(valid))}")
 
 
 @dataclass
@@ -66,8 +96,6 @@ class AdapterSpec:
     def validate(self) -> None:
         if self.type not in ADAPTERS:
             raise ValueError(f"adapter.type must be one of {ADAPTERS}, got {self.type!r}.")
-        from .adapters import check_options  # late: adapters imports this module
-
         check_options(self.type, self.options)
 
 
@@ -102,15 +130,14 @@ class Recipe:
     task: TaskSpec = field(default_factory=TaskSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     adapter: AdapterSpec = field(default_factory=AdapterSpec)
-    regularizers: TSRSConfig = field(default_factory=TSRSConfig)
+    regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)
     training: TrainSpec = field(default_factory=TrainSpec)
     diagnostics: bool = True
 
     def validate(self) -> "Recipe":
         self.task.validate()
         self.adapter.validate()
-        self.training.validate()
-        self.regularizers.validate()
+        self.training.validate()  # the regularizers validated themselves when built
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -182,7 +209,7 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     recipe.adapter = AdapterSpec(type=adapter.pop("type", "rlrr"), options=adapter)
     regularizers = data.get("regularizers") or {}
     try:
-        recipe.regularizers = TSRSConfig.from_dict(regularizers)
+        recipe.regularizers = RegularizerConfig.from_dict(regularizers)
     except ValueError as err:
         raise ValueError(f"recipe section 'regularizers': {err}") from None
     return recipe.validate()

@@ -1,4 +1,4 @@
-"""Run a recipe end to end: data, model, adapter, TSRSTrainer, selection on validation, test, diagnostics, and a
+"""Run a recipe end to end: data, model, adapter, RegularizedTrainer, selection on validation, test, diagnostics, and a
 Hub-ready output folder.
 
 Output folder ``<output_dir>/<name>/``:
@@ -28,7 +28,7 @@ from .model_card import write_model_card
 from .plots import plot_training_curves
 from .recipes import Recipe
 from .tasks import TaskData, build_model, build_task
-from ..trainer import TSRSTrainer
+from ..trainer import RegularizedTrainer
 
 CHECKPOINTS = "checkpoints"
 
@@ -63,7 +63,7 @@ def training_arguments(recipe: Recipe, run_dir: str, progress: bool = True) -> T
     )
 
 
-def _diagnose(model, trainer: TSRSTrainer, data: TaskData, reference: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _diagnose(model, trainer: RegularizedTrainer, data: TaskData, reference: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The papers' explanatory quantities on the trained model (merged effective weights)."""
     report = diagnostics.summarize(model, reference=reference)
     collate = data.collator
@@ -105,10 +105,10 @@ def run_recipe(recipe: Recipe, progress: bool = True, keep_checkpoints: bool = F
     model = apply_adapter(model, recipe)
     trainable, total = _count_parameters(model)
 
-    trainer = TSRSTrainer(
+    trainer = RegularizedTrainer(
         model=model, args=training_arguments(recipe, run_dir, progress), train_dataset=data.splits["train"],
         eval_dataset=data.splits["validation"], data_collator=data.collator, compute_metrics=compute_metrics,
-        tsrs=recipe.regularizers,
+        regularizers=recipe.regularizers,
     )
     start = time.perf_counter()
     train_output = trainer.train()

@@ -1,22 +1,50 @@
-"""Pure-torch, Trainer-free regularizers: TSRS noise stability, PACE consistency, distance constraints,
-regularized self-labeling."""
+"""Pure-torch, Trainer-free regularizers — TSRS noise stability, PACE consistency, distance constraints, regularized
+self-labeling — each behind the one :class:`~peft_tsrs.regularizers.base.Regularizer` protocol.
 
-from .blocks import find_blocks, unwrap_model
-from .consistency import FastConsistencyStore, consistency_mse, lazy_should_apply, shared_dropout
-from .distance import DistanceConstraint, project_frobenius_, project_inf_op_
-from .noise_stability import NoiseStability, relative_perturbation
-from .self_labeling import LabelCorrector, reweight_temperature, reweighted_loss
+The registry order below is the order of the loss terms, of ``select`` (see ``base.py``: the regularizer that adds rows
+deepest in the forward comes first) and of the log entries. A new regularizer is one file and one line here.
+"""
+
+from .base import (
+    BuildContext,
+    Regularizer,
+    StepContext,
+    build_regularizers,
+    register_regularizer,
+    registered_regularizers,
+)
+from .blocks import find_blocks, first_tensor, unwrap_model
+from .consistency import FastConsistencyStore, PACERegularizer, consistency_mse, lazy_should_apply, shared_dropout
+from .distance import DistanceConstraint, DistanceRegularizer, project_frobenius_, project_inf_op_
+from .noise_stability import NoiseStability, TSRSRegularizer, relative_perturbation
+from .self_labeling import LabelCorrector, SelfLabeling, reweight_temperature, reweighted_loss
+
+register_regularizer("tsrs", TSRSRegularizer)
+register_regularizer("pace", PACERegularizer)
+register_regularizer("distance", DistanceRegularizer)
+register_regularizer("self_labeling", SelfLabeling)
 
 __all__ = [
+    "BuildContext",
     "DistanceConstraint",
+    "DistanceRegularizer",
     "FastConsistencyStore",
     "LabelCorrector",
     "NoiseStability",
+    "PACERegularizer",
+    "Regularizer",
+    "SelfLabeling",
+    "StepContext",
+    "TSRSRegularizer",
+    "build_regularizers",
     "consistency_mse",
     "find_blocks",
+    "first_tensor",
     "lazy_should_apply",
     "project_frobenius_",
     "project_inf_op_",
+    "register_regularizer",
+    "registered_regularizers",
     "relative_perturbation",
     "reweight_temperature",
     "reweighted_loss",

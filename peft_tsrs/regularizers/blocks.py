@@ -1,10 +1,42 @@
-"""Locate the list of encoder blocks of a (possibly PEFT-wrapped) model."""
+"""Locate the list of blocks of a (possibly PEFT-wrapped) model, and read or replace what flows through a block."""
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
 
-__all__ = ["find_blocks", "unwrap_model"]
+from torch import Tensor, nn
+
+__all__ = ["block_input", "find_blocks", "first_tensor", "replace_block_input", "unwrap_model"]
+
+
+def first_tensor(output: Any) -> Tensor:
+    """The main tensor of a block or model output: a tensor itself, ``output.logits`` when present, else the first
+    value of a ``ModelOutput`` / tuple / list."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, dict):  # ModelOutput is an OrderedDict
+        output = tuple(output.values())
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"cannot read a tensor from an output of type {type(output).__name__}")
+
+
+def block_input(args: tuple, kwargs: dict) -> Tensor | None:
+    """The hidden states a block is called with: its first positional argument or ``hidden_states=``."""
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    hidden = kwargs.get("hidden_states")
+    return hidden if isinstance(hidden, Tensor) else None
+
+
+def replace_block_input(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of a block call with its hidden states (as found by :func:`block_input`) replaced."""
+    if args and isinstance(args[0], Tensor):
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
 
 # Exact paths of the models this package is tested on (transformers 5.x names).
 _KNOWN_PATHS = ("vit.layers", "bert.encoder.layer")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FastConsistencyStore", "consistency_mse", "lazy_should_apply", "shared_dropout"]
+from .base import BuildContext, Regularizer, StepContext, batch_rows, map_batch
+
+__all__ = ["FastConsistencyStore", "PACERegularizer", "consistency_mse", "lazy_should_apply", "shared_dropout"]
 
 
 def consistency_mse(logits_a: Tensor, logits_b: Tensor) -> Tensor:
@@ -146,3 +148,78 @@ class FastConsistencyStore:
                 f"({self.num_examples}, {self.num_classes}); the dataset size or number of classes changed."
             )
         self.stored = stored.detach().to(self.stored.device, self.stored.dtype).clone()
+
+
+class PACERegularizer(Regularizer):
+    """PACE consistency as a trainer regularizer, in one of three modes.
+
+    * ``full``: the batch is duplicated at the input (``[x, x]``) and both copies run in the step's one forward with
+      shared dropout masks; the task loss uses the first copy; the term is ``weight · consistency_mse``.
+    * ``lazy``: every ``lazy_every`` steps, ``full`` on the first half of the batch (the cost of one normal step);
+      the half batch's mean keeps the whole batch's weight.
+    * ``fast``: one pass; the term compares with the logits stored at the example's previous visit.
+    """
+
+    def __init__(self, weight: float, mode: str = "full", lazy_every: int = 2,
+                 store: Optional[FastConsistencyStore] = None) -> None:
+        if mode == "fast" and store is None:
+            raise ValueError("PACERegularizer: the 'fast' mode needs a FastConsistencyStore.")
+        self.weight = weight
+        self.mode = mode
+        self.lazy_every = lazy_every
+        self.store = store
+        self.needs_index = mode == "fast"
+        self._paired = False
+        self._second: Optional[Tensor] = None
+
+    @classmethod
+    def from_config(cls, build: BuildContext) -> Optional["PACERegularizer"]:
+        cfg = build.config
+        if not cfg.uses_pace:
+            return None
+        store = None
+        if cfg.pace_mode == "fast":
+            indices, _ = build.index_and_labels()
+            num_examples = int(indices.max()) + 1 if len(indices) else 0
+            store = FastConsistencyStore(num_examples, build.num_labels(), index_column=cfg.index_column)
+        return cls(cfg.pace_weight, cfg.pace_mode, cfg.pace_lazy_every, store)
+
+    def prepare(self, step: StepContext) -> None:
+        self._paired = self.mode == "full" or (self.mode == "lazy" and lazy_should_apply(step.step, self.lazy_every))
+        if not self._paired:
+            return
+        rows = batch_rows(step.inputs)
+        if self.mode == "lazy":  # half a batch, duplicated: the cost of one normal step
+            half = max(1, rows // 2)
+            step.inputs = map_batch(step.inputs, rows, lambda t: t[:half])
+            step.labels = step.labels[:half]
+            step.indices = None if step.indices is None else step.indices[:half]
+            rows = half
+        step.inputs = map_batch(step.inputs, rows, lambda t: torch.cat([t, t], 0))
+
+    def forward_context(self, step: StepContext) -> ContextManager[Any]:
+        return shared_dropout(step.model) if self._paired else contextlib.nullcontext()
+
+    def select(self, logits: Tensor, step: StepContext) -> Tensor:
+        if not self._paired:
+            return logits
+        first, self._second = logits.chunk(2, dim=0)
+        return first
+
+    def loss(self, step: StepContext) -> dict[str, Tensor]:
+        if self._paired:
+            second, self._second = self._second, None
+            return {"loss_pace": self.weight * consistency_mse(step.logits.float(), second.float())}
+        if self.store is None:  # lazy mode on a step without the pair
+            return {}
+        term = self.weight * self.store.loss(step.indices, step.logits.float())
+        # every process stores every process's logits, so the store is identical everywhere
+        self.store.update(step.gather(step.indices), step.gather(step.logits.detach().float()))
+        return {"loss_pace": term}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.store is None else {"fast_store": self.store.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.store is not None and "fast_store" in state:
+            self.store.load_state_dict(state["fast_store"])

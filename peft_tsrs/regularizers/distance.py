@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor, nn
 
+from .base import BuildContext, Regularizer, StepContext
 from .blocks import find_blocks
 
-__all__ = ["DistanceConstraint", "project_frobenius_", "project_inf_op_"]
+__all__ = ["DistanceConstraint", "DistanceRegularizer", "project_frobenius_", "project_inf_op_"]
 
 Norm = Literal["frob", "inf-op"]
 # Relative slack on the radius: a tensor just projected onto the sphere may come out a rounding error
@@ -393,3 +394,31 @@ class DistanceConstraint:
             it.anchor = src.to(it.anchor.device, it.anchor.dtype).clone()  # type: ignore[union-attr]
             if self.ratio is not None and it.kind == "weight":
                 it.radius = self.ratio * _norm(it.anchor, self.norm)
+
+
+class DistanceRegularizer(Regularizer):
+    """The layer-wise distance constraint as a trainer regularizer: a projection after every optimizer step
+    (``project`` mode) or a soft penalty term ``loss_distance`` (``penalty`` mode)."""
+
+    def __init__(self, constraint: DistanceConstraint) -> None:
+        self.constraint = constraint
+
+    @classmethod
+    def from_config(cls, build: BuildContext) -> Optional["DistanceRegularizer"]:
+        cfg = build.config
+        if not cfg.uses_distance:
+            return None
+        return cls(DistanceConstraint(
+            build.model, norm=cfg.distance_norm, radius=cfg.distance_radius, ratio=cfg.distance_ratio,
+            depth_scale=cfg.distance_depth_scale, head_radius=cfg.distance_head_radius, mode=cfg.distance_mode,
+            penalty_weight=cfg.distance_penalty_weight, block_path=cfg.block_path,
+        ))
+
+    def loss(self, step: StepContext) -> dict[str, Tensor]:
+        return {"loss_distance": self.constraint.penalty()} if self.constraint.mode == "penalty" else {}
+
+    def after_step(self) -> None:
+        self.constraint.after_step()
+
+    def logs(self) -> dict[str, float]:
+        return {"distance_max_violation": round(float(self.constraint.max_violation()), 6)}

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .blocks import find_blocks
+from .base import BuildContext, Regularizer, StepContext
+from .blocks import block_input, find_blocks, first_tensor, replace_block_input
 
-__all__ = ["NoiseStability", "relative_perturbation"]
+__all__ = ["NoiseStability", "TSRSRegularizer", "relative_perturbation"]
 
 _EPS = 1e-12
 # Keyword arguments that never carry a batch dimension even when their length happens to equal B.
@@ -33,16 +34,6 @@ def relative_perturbation(clean: Tensor, noisy: Tensor, eps: float = _EPS) -> Te
     return num / den
 
 
-def _first_tensor(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, dict):  # ModelOutput is an OrderedDict
-        output = tuple(output.values())
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"cannot read the hidden states from a block output of type {type(output).__name__}")
-
-
 def _dup(value: Any, batch: int) -> Any:
     """Duplicate along dim 0 every tensor (also inside tuples/lists) whose first dimension is ``batch``."""
     if isinstance(value, Tensor):
@@ -54,7 +45,7 @@ def _dup(value: Any, batch: int) -> Any:
 
 class NoiseStability:
     """Noise-stability loss over blocks ``measure_from .. n-1`` with Gaussian noise injected before block
-    ``inject_layer``.
+    ``inject_layer`` (default: the middle block ``n // 2``; ``measure_from`` defaults to ``inject_layer``).
 
     Use ``with ns.capture(): out = model(**inputs)`` for exactly one forward; then ``ns.split(out.logits)``
     gives ``(clean, noisy)`` logits (task loss on either half) and ``ns.loss()`` the regularizer; call
@@ -68,7 +59,7 @@ class NoiseStability:
     def __init__(
         self,
         model: nn.Module,
-        inject_layer: int,
+        inject_layer: int | None = None,
         measure_from: int | None = None,
         noise_std: float = 0.2,
         weight: float = 1.0,
@@ -77,6 +68,7 @@ class NoiseStability:
         self.model = model
         self.block_path, self.blocks = find_blocks(model, block_path)
         n = len(self.blocks)
+        inject_layer = n // 2 if inject_layer is None else inject_layer
         if not 0 <= inject_layer < n:
             raise ValueError(
                 f"inject_layer={inject_layer} is out of range: the model has {n} blocks at "
@@ -103,11 +95,8 @@ class NoiseStability:
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self.model.training:
             return None
-        if args and isinstance(args[0], Tensor):
-            h = args[0]
-        elif isinstance(kwargs.get("hidden_states"), Tensor):
-            h = kwargs["hidden_states"]
-        else:
+        h = block_input(args, kwargs)
+        if h is None:
             raise RuntimeError(
                 f"NoiseStability: block {self.inject_layer} received no hidden states (first positional "
                 "argument or `hidden_states=` keyword); pass block_path to point at the right blocks."
@@ -116,15 +105,14 @@ class NoiseStability:
         self.active_batch = batch
         self._records = []  # one forward per capture: a new injection starts a new record
         noisy = torch.cat([h, h + self.noise_std * torch.randn_like(h)], 0)
-        if args and args[0] is h:
-            new_args = (noisy,) + tuple(_dup(a, batch) for a in args[1:])
-            new_kwargs = {k: v if k in _NO_BATCH_KWARGS else _dup(v, batch) for k, v in kwargs.items()}
-        else:
-            new_args = tuple(_dup(a, batch) for a in args)
-            new_kwargs = {
-                k: noisy if k == "hidden_states" else (v if k in _NO_BATCH_KWARGS else _dup(v, batch))
-                for k, v in kwargs.items()
-            }
+        args, kwargs = replace_block_input(args, kwargs, noisy)
+        return self._duplicated(args, kwargs, batch)  # the noisy states have 2B rows: left as they are
+
+    @staticmethod
+    def _duplicated(args: tuple, kwargs: dict, batch: int) -> tuple[tuple, dict]:
+        """Every per-batch tensor argument (``batch`` rows) duplicated."""
+        new_args = tuple(_dup(a, batch) for a in args)
+        new_kwargs = {k: v if k in _NO_BATCH_KWARGS else _dup(v, batch) for k, v in kwargs.items()}
         return new_args, new_kwargs
 
     def _later_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -132,14 +120,11 @@ class NoiseStability:
         loop: duplicate those still at batch ``B`` (the hidden states already have ``2B`` rows)."""
         if self.active_batch is None or not self.model.training:
             return None
-        batch = self.active_batch
-        new_args = tuple(_dup(a, batch) for a in args)
-        new_kwargs = {k: v if k in _NO_BATCH_KWARGS else _dup(v, batch) for k, v in kwargs.items()}
-        return new_args, new_kwargs
+        return self._duplicated(args, kwargs, self.active_batch)
 
     def _forward_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         if self.active_batch is not None and self.model.training:
-            self._records.append(_first_tensor(output))
+            self._records.append(first_tensor(output))
 
     @contextlib.contextmanager
     def capture(self) -> Iterator["NoiseStability"]:
@@ -184,3 +169,38 @@ class NoiseStability:
         """Drop the recorded block outputs (``2B`` rows per block) once the loss is built, so they do not stay
         alive until the next step; ``split`` keeps working, ``loss`` needs a new capture."""
         self._records = []
+
+
+class TSRSRegularizer(Regularizer):
+    """TSRS as a trainer regularizer: the noisy copy rides in the step's one forward (rows added at block I), the
+    task loss is computed on the ``task_loss_path`` half, the term is ``NoiseStability.loss()``."""
+
+    def __init__(self, stability: NoiseStability, task_loss_path: str = "noisy") -> None:
+        self.stability = stability
+        self.task_loss_path = task_loss_path
+
+    @classmethod
+    def from_config(cls, build: BuildContext) -> Optional["TSRSRegularizer"]:
+        cfg = build.config
+        if not cfg.uses_tsrs:
+            return None
+        stability = NoiseStability(build.model, inject_layer=cfg.tsrs_inject_layer, measure_from=cfg.tsrs_measure_from,
+                                   noise_std=cfg.tsrs_noise_std, weight=cfg.tsrs_weight, block_path=cfg.block_path)
+        return cls(stability, cfg.tsrs_task_loss_path)
+
+    def forward_context(self, step: StepContext) -> ContextManager[Any]:
+        return self.stability.capture()
+
+    def select(self, logits: Tensor, step: StepContext) -> Tensor:
+        clean, noisy = self.stability.split(logits)
+        return noisy if self.task_loss_path == "noisy" else clean
+
+    def loss(self, step: StepContext) -> dict[str, Tensor]:
+        term = self.stability.loss()
+        self.stability.release()
+        return {"loss_tsrs": term}
+
+    def collapse_advice(self, learning_rate: str) -> Optional[str]:
+        return (f"With TSRS this is the noise-stability term's trivial minimum (an input-independent representation "
+                f"is perfectly noise-stable): lower tsrs_weight (now {self.stability.weight:g}; try 10x smaller) or "
+                f"{learning_rate}.")

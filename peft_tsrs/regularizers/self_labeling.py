@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["LabelCorrector", "reweight_temperature", "reweighted_loss"]
+from .base import BuildContext, Regularizer, StepContext
+
+__all__ = ["LabelCorrector", "SelfLabeling", "reweight_temperature", "reweighted_loss"]
 
 
 class LabelCorrector:
@@ -109,3 +111,56 @@ def reweighted_loss(per_sample_loss: Tensor, temperature: float) -> Tensor:
     with torch.no_grad():
         weights = torch.softmax(-per_sample_loss.detach().float() / temperature, dim=0).to(per_sample_loss.dtype)
     return (weights * per_sample_loss).sum()
+
+
+class SelfLabeling(Regularizer):
+    """Regularized self-labeling's two training-time parts as a trainer regularizer, each optional: label correction
+    (the batch trains on the stored, possibly corrected labels; confident disagreeing predictions overwrite them after
+    the step) and loss reweighting (``softmax(−l_i / T)`` weights from ``reweight_start_epoch`` on)."""
+
+    def __init__(self, corrector: Optional[LabelCorrector] = None, reweight_start_epoch: Optional[int] = None,
+                 reweight_temperature: float = 1.0) -> None:
+        self.corrector = corrector
+        self.reweight_start_epoch = reweight_start_epoch
+        self.temperature = reweight_temperature
+        self.needs_index = corrector is not None
+
+    @classmethod
+    def from_config(cls, build: BuildContext) -> Optional["SelfLabeling"]:
+        cfg = build.config
+        if not (cfg.uses_label_correction or cfg.uses_reweighting):
+            return None
+        corrector = None
+        if cfg.uses_label_correction:
+            indices, labels = build.index_and_labels()
+            initial = torch.full((int(indices.max()) + 1 if len(indices) else 0,), -100, dtype=torch.long)
+            initial[indices] = labels
+            corrector = LabelCorrector(initial, threshold=cfg.label_correction_threshold,
+                                       start_epoch=cfg.label_correction_start_epoch, index_column=cfg.index_column)
+        return cls(corrector, cfg.reweight_start_epoch, cfg.reweight_temperature)
+
+    def prepare(self, step: StepContext) -> None:
+        if self.corrector is not None:
+            step.labels = self.corrector.labels_for(step.indices).to(step.labels.device)
+
+    def task_loss(self, per_example: Tensor, step: StepContext) -> Optional[Tensor]:
+        if self.reweight_start_epoch is None or step.epoch < self.reweight_start_epoch:
+            return None
+        temperature = reweight_temperature(self.temperature, step.epoch, self.reweight_start_epoch)
+        step.record("reweight_temperature", temperature)
+        return reweighted_loss(per_example, temperature)
+
+    def observe(self, step: StepContext) -> None:
+        if self.corrector is not None:
+            probs = step.logits.detach().float().softmax(-1)
+            self.corrector.update(step.gather(step.indices).cpu(), step.gather(probs).cpu(), step.epoch)
+
+    def logs(self) -> dict[str, float]:
+        return {} if self.corrector is None else {"n_labels_corrected": int(self.corrector.num_corrected)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.corrector is None else {"label_corrector": self.corrector.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.corrector is not None and "label_corrector" in state:
+            self.corrector.load_state_dict(state["label_corrector"])

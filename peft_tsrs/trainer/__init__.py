@@ -1,9 +1,15 @@
-"""The ``transformers.Trainer`` side of the library: :class:`TSRSTrainer`, its arguments, the collapse check and
-checkpoint loading."""
+"""The ``transformers.Trainer`` side of the library: :class:`RegularizedTrainer` (and its mixin for other Trainer
+subclasses), its arguments, the collapse check and checkpoint loading."""
 
+from .._deprecation import renamed
 from .collapse import CollapseMonitor, CollapseWarning
-from .trainer import STATE_FILE, TSRSTrainer, recipe_from_model
-from .training_args import TSRSTrainingArguments
+from .trainer import STATE_FILE, RegularizedTrainer, RegularizedTrainerMixin, recipe_from_model
+from .training_args import RegularizedTrainingArguments
 
-__all__ = ["STATE_FILE", "CollapseMonitor", "CollapseWarning", "TSRSTrainer", "TSRSTrainingArguments",
-           "recipe_from_model"]
+__all__ = ["STATE_FILE", "CollapseMonitor", "CollapseWarning", "RegularizedTrainer", "RegularizedTrainerMixin",
+           "RegularizedTrainingArguments", "recipe_from_model"]
+
+__getattr__ = renamed(__name__, {
+    "TSRSTrainer": ("RegularizedTrainer", lambda: RegularizedTrainer),
+    "TSRSTrainingArguments": ("RegularizedTrainingArguments", lambda: RegularizedTrainingArguments),
+})

@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
+from ..regularizers.blocks import first_tensor
+
 __all__ = ["CollapseMonitor", "CollapseWarning", "predicted_class_counts"]
 
 IGNORE_INDEX = -100
@@ -30,11 +32,10 @@ class CollapseWarning(UserWarning):
 
 
 def _logits_of(output: Any) -> Optional[Tensor]:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    return None
+    try:
+        return first_tensor(output)
+    except TypeError:
+        return None
 
 
 def predicted_class_counts(logits: Any, labels: Optional[Tensor], num_classes: int) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,5 @@
-"""`TSRSTrainingArguments`: ``transformers.TrainingArguments`` plus every :class:`TSRSConfig` field, so an HF
-training script gets each regularizer option as a command-line flag through ``HfArgumentParser``."""
+"""`RegularizedTrainingArguments`: ``transformers.TrainingArguments`` plus every :class:`RegularizerConfig` field, so an
+HF training script gets each regularizer option as a command-line flag through ``HfArgumentParser``."""
 
 from __future__ import annotations
 
@@ -8,18 +8,20 @@ from typing import Optional
 
 from transformers import TrainingArguments
 
-from ..config import TSRSConfig
+from ..config import RegularizerConfig
 
 
 @dataclass
-class TSRSTrainingArguments(TrainingArguments, TSRSConfig):
-    """``TrainingArguments`` with the regularizer fields of :class:`TSRSConfig` (``--tsrs_weight 1.0`` ...)."""
+class RegularizedTrainingArguments(TrainingArguments, RegularizerConfig):
+    """``TrainingArguments`` with the fields of :class:`RegularizerConfig` (``--tsrs_weight 1.0`` ...)."""
 
     def __post_init__(self) -> None:
         TrainingArguments.__post_init__(self)
-        TSRSConfig.validate(self)
+        RegularizerConfig.validate(self)
 
-    def tsrs_config(self) -> Optional[TSRSConfig]:
+    def regularizer_config(self) -> Optional[RegularizerConfig]:
         """The recipe given on the command line, or ``None`` when every field is at its default."""
-        cfg = TSRSConfig.from_object(self)
-        return None if cfg == TSRSConfig() else cfg
+        cfg = RegularizerConfig.from_object(self)
+        return None if cfg == RegularizerConfig() else cfg
+
+    tsrs_config = regularizer_config  # the name of earlier releases

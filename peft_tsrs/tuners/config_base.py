@@ -33,28 +33,35 @@ class TunerConfigBase(PeftConfig):
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter, e.g. ['classifier']."}
     )
+    regularizers: Optional[dict] = field(
+        default=None, metadata={"help": "Training recipe (RegularizerConfig fields) saved with the adapter."}
+    )
     tsrs: Optional[dict] = field(
-        default=None, metadata={"help": "Training recipe (TSRSConfig fields) saved with the adapter."}
+        default=None, metadata={"help": "Deprecated name of `regularizers` (still read from older adapter folders)."}
     )
     peft_tsrs_version: Optional[str] = field(
         default=None, metadata={"help": "peft-tsrs version that wrote the adapter (set automatically)."}
     )
 
     def _post_init_common(self, method: str, list_fields: tuple[str, ...] = ()) -> None:
-        """Lists become sets (PEFT convention), ``layers_pattern`` needs ``layers_to_transform``, a ``tsrs`` recipe
-        object is stored as its dict (so it lands in adapter_config.json without the tuner importing the trainer
-        side), and the stored version is checked."""
+        """Lists become sets (PEFT convention), ``layers_pattern`` needs ``layers_to_transform``, a ``regularizers``
+        recipe object is stored as its dict (so it lands in adapter_config.json without the tuner importing the
+        trainer side; the deprecated ``tsrs`` field moves there), and the stored version is checked."""
         for name in ("target_modules", "exclude_modules", *list_fields):
             value = getattr(self, name)
             if isinstance(value, list):
                 setattr(self, name, set(value))
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"{method}: `layers_pattern` only makes sense together with `layers_to_transform`.")
-        if self.tsrs is not None and not isinstance(self.tsrs, dict):
-            to_dict = getattr(self.tsrs, "to_dict", None)
+        if self.tsrs is not None:
+            if self.regularizers is None:
+                self.regularizers = self.tsrs
+            self.tsrs = None
+        if self.regularizers is not None and not isinstance(self.regularizers, dict):
+            to_dict = getattr(self.regularizers, "to_dict", None)
             if to_dict is None:
-                raise TypeError(f"{method}: `tsrs` must be a TSRSConfig or a dict of its fields.")
-            self.tsrs = to_dict()
+                raise TypeError(f"{method}: `regularizers` must be a RegularizerConfig or a dict of its fields.")
+            self.regularizers = to_dict()
         self.peft_tsrs_version = check_saved_version(self.peft_tsrs_version, method)
 
     @classmethod

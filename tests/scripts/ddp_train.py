@@ -1,4 +1,4 @@
-"""Train a tiny model with TSRSTrainer and dump the regularizer state of this process (used by test_distributed).
+"""Train a tiny model with RegularizedTrainer and dump the regularizer state of this process (used by test_distributed).
 
 Run as ``accelerate launch --multi_gpu --num_processes 2 ddp_train.py OUT MODE PER_DEVICE_BATCH`` or as a plain
 single process. MODE is ``deterministic`` (PACE-fast, distance projection, label correction on RLRR, no dropout) or
@@ -17,7 +17,7 @@ from peft import get_peft_model  # noqa: E402
 from test_trainer import make_dataset  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
-from peft_tsrs import PACEConfig, RLRRConfig, TSRSConfig, TSRSTrainer  # noqa: E402
+from peft_tsrs import PACEConfig, RLRRConfig, RegularizerConfig, RegularizedTrainer  # noqa: E402
 
 
 def main(out: str, mode: str, per_device_batch: int) -> None:
@@ -29,26 +29,27 @@ def main(out: str, mode: str, per_device_batch: int) -> None:
     if mode == "deterministic":
         model = get_peft_model(base, RLRRConfig(init_weights="kaiming", modules_to_save=["classifier"]))
         # threshold 0.2 < 1/3: every disagreeing 3-class prediction from epoch 1 on overwrites its label
-        cfg = TSRSConfig(pace_weight=0.5, pace_mode="fast", distance_norm="frob", distance_radius=0.05,
+        cfg = RegularizerConfig(pace_weight=0.5, pace_mode="fast", distance_norm="frob", distance_radius=0.05,
                          label_correction_threshold=0.2, label_correction_start_epoch=1)
     else:
         model = get_peft_model(base, PACEConfig(r=2, sigma=0.5, modules_to_save=["classifier"]))
-        cfg = TSRSConfig(pace_weight=0.5, pace_mode="full", tsrs_weight=0.5, tsrs_inject_layer=1,
+        cfg = RegularizerConfig(pace_weight=0.5, pace_mode="full", tsrs_weight=0.5, tsrs_inject_layer=1,
                          label_correction_threshold=0.34, label_correction_start_epoch=1, reweight_start_epoch=1)
     args = TrainingArguments(
         output_dir=out, per_device_train_batch_size=per_device_batch, num_train_epochs=3, learning_rate=1e-2,
         report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1, seed=0,
         train_sampling_strategy="sequential", optim="sgd", lr_scheduler_type="constant",
     )
-    trainer = TSRSTrainer(model=model, args=args, train_dataset=make_dataset(32), tsrs=cfg)
+    trainer = RegularizedTrainer(model=model, args=args, train_dataset=make_dataset(32), regularizers=cfg)
     trainer.train()
     evaluation = trainer.evaluate(make_dataset(32, seed=1))  # sharded over the processes: histograms are summed
     rank = trainer.accelerator.process_index
+    store = trainer.regularizers["pace"].store
     torch.save(
         {
-            "labels": trainer.label_corrector.labels,
+            "labels": trainer.regularizers["self_labeling"].corrector.labels,
             "initial_labels": trainer.train_dataset["label"],
-            "fast_store": None if trainer.fast_store is None else trainer.fast_store.stored.cpu(),
+            "fast_store": None if store is None else store.stored.cpu(),
             "logs": [h for h in trainer.state.log_history if "loss" in h],
             "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
             "world": trainer.accelerator.num_processes,

@@ -7,11 +7,11 @@ from typing import Literal, Optional, Union
 
 from peft.utils import PeftType
 
-from ...registration import ensure_peft_types
+from ...registration import ensure_peft_type
 from ..config_base import TunerConfigBase
 from ..tuners_utils import check_rank
 
-ensure_peft_types()
+ensure_peft_type("pace")
 
 PACE_VARIANTS = ("lora_mul_vpt_add", "lora_add", "vpt_add")
 NOISE_SHAPES = ("BC", "BTC")
@@ -21,7 +21,7 @@ NOISE_SCHEDULES = ("linear", "constant")
 @dataclass
 class PACEConfig(TunerConfigBase):
     """Configuration of a :class:`PACEModel`: an adapter whose branch is multiplied by noise ``z ~ N(1, σ_l²)`` in
-    training (pair it with the consistency loss of ``TSRSTrainer``, ``TSRSConfig(pace_weight=...)``).
+    training (pair it with the consistency loss of ``RegularizedTrainer``, ``RegularizerConfig(pace_weight=...)``).
 
     Args:
         r: Rank of the adapter (official default 10).
@@ -38,7 +38,7 @@ class PACEConfig(TunerConfigBase):
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in PEFT.
         init_weights: ``True``: start exactly at the pretrained model (``A = 0``, ``q = 0``, ``δb = 0``);
             ``False``: a random non-identity adapter (for tests).
-        tsrs: An optional training recipe (``TSRSConfig`` or its dict) saved with the adapter.
+        regularizers: An optional training recipe (``RegularizerConfig`` or its dict) saved with the adapter.
     """
 
     r: int = field(default=10, metadata={"help": "Rank of the adapter (official: 10)."})

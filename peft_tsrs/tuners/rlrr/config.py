@@ -7,11 +7,11 @@ from typing import Literal, Optional, Union
 
 from peft.utils import PeftType
 
-from ...registration import ensure_peft_types
+from ...registration import ensure_peft_type
 from ..config_base import TunerConfigBase
 from ..tuners_utils import check_rank
 
-ensure_peft_types()
+ensure_peft_type("rlrr")
 
 RLRR_INITS = ("identity", "kaiming", "random")
 
@@ -39,8 +39,8 @@ class RLRRConfig(TunerConfigBase):
             ``γ ~ N(1, .02), β ~ N(0, .02)`` with ``"kaiming"``.
         ssf_modules: LayerNorm / Conv2d modules that get SSF (``None``: defaults of the model type).
         modules_to_save: Extra modules trained in full and saved with the adapter (e.g. the classifier head).
-        tsrs: An optional training recipe (a ``TSRSConfig`` or its dict) saved with the adapter and picked up by
-            ``TSRSTrainer`` when no recipe is passed to it.
+        regularizers: An optional training recipe (a ``RegularizerConfig`` or its dict) saved with the adapter and picked up by
+            ``RegularizedTrainer`` when no recipe is passed to it.
     """
 
     r: int = field(default=1, metadata={"help": "Rank of the rescaling matrix L R (1 = the paper)."})
