@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from abc import abstractmethod
 from typing import Iterable, Optional, Union
 
 import torch
@@ -94,11 +95,15 @@ class ComposedWeightLayer(BaseTunerLayer):
         self._had_bias = getattr(base_layer, "bias", None) is not None
 
     # ------------------------------------------------------------------ the method-specific part
+    @abstractmethod
     def compose(
         self, weight: torch.Tensor, bias: Optional[torch.Tensor], adapter_names: list[str]
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Effective ``(weight, bias)`` of the given adapters applied to the original ``(weight, bias)``."""
-        raise TypeError(f"{type(self).__name__} must implement compose()")
+        """Effective ``(weight, bias)`` of the given adapters applied to the original ``(weight, bias)``.
+
+        Abstract: a subclass without it cannot be instantiated (``BaseTunerLayer`` is an ``ABC``, so a layer class
+        ``Linear(nn.Module, SomeLayer)`` gets ``ABCMeta`` as its metaclass and the check applies).
+        """
 
     def available_adapters(self) -> set[str]:
         """Names of the adapters this layer holds."""
