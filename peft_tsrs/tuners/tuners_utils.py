@@ -94,6 +94,16 @@ class ComposedWeightLayer(BaseTunerLayer):
         self.register_buffer("_original_bias", None, persistent=False)
         self._had_bias = getattr(base_layer, "bias", None) is not None
 
+    def _init_linear(self, base_layer: nn.Module, method: str) -> None:
+        """The shared start of a layer adapting an ``nn.Linear``: the composed-weight state, an empty rank table
+        ``r`` (adapter name -> rank) and ``in_features`` / ``out_features``; any other base module is refused."""
+        self._init_composed(base_layer)
+        self.r: dict[str, int] = {}
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"{method} adapts nn.Linear layers, got {type(base).__name__}.")
+        self.in_features, self.out_features = base.in_features, base.out_features
+
     # ------------------------------------------------------------------ the method-specific part
     @abstractmethod
     def compose(

@@ -39,8 +39,7 @@ class PACELayer(ComposedWeightLayer):
     other_param_names = ("r", "variant", "sigma", "noise_shape")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self._init_composed(base_layer)
-        self.r: dict[str, int] = {}
+        self._init_linear(base_layer, "PACE")
         self.variant: dict[str, str] = {}
         self.sigma: dict[str, float] = {}
         self.noise_shape: dict[str, str] = {}
@@ -50,10 +49,6 @@ class PACELayer(ComposedWeightLayer):
         self.pace_P = nn.ParameterDict({})
         self.pace_q = nn.ParameterDict({})
         self.pace_bias_scale = nn.ParameterDict({})
-        base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"PACE adapts nn.Linear layers, got {type(base).__name__}.")
-        self.in_features, self.out_features = base.in_features, base.out_features
 
     def available_adapters(self) -> set[str]:
         return set(self.variant)

@@ -19,15 +19,10 @@ class RLRRLayer(ComposedWeightLayer):
     other_param_names = ("r",)
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self._init_composed(base_layer)
-        self.r: dict[str, int] = {}
+        self._init_linear(base_layer, "RLRR")
         self.rlrr_L = nn.ParameterDict({})
         self.rlrr_R = nn.ParameterDict({})
         self.rlrr_shift = nn.ParameterDict({})
-        base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"RLRR adapts nn.Linear layers, got {type(base).__name__}.")
-        self.in_features, self.out_features = base.in_features, base.out_features
 
     def update_layer(self, adapter_name: str, r: int, init_mode: str, inference_mode: bool = False) -> None:
         """Create (or re-create) the parameters of ``adapter_name``."""
