@@ -115,6 +115,12 @@ class ComposedWeightLayer(BaseTunerLayer):
         ``Linear(nn.Module, SomeLayer)`` gets ``ABCMeta`` as its metaclass and the check applies).
         """
 
+    def _adapter_created(self, adapter_name: str, inference_mode: bool) -> None:
+        """The end of every ``update_layer``: move the new parameters to the base layer's device and re-activate the
+        active adapters (which sets ``requires_grad``: off for inactive adapters and in inference mode)."""
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
     def available_adapters(self) -> set[str]:
         """Names of the adapters this layer holds."""
         return set(getattr(self, self.adapter_layer_names[0]).keys())

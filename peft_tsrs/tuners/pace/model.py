@@ -65,16 +65,14 @@ class PACEModel(BaseTuner):
         sigma = depth_sigma(config.sigma, block_index(current_key), self._num_blocks(adapter_name),
                             config.noise_schedule, config.noise_first_block)
         if isinstance(target, PACELayer):
-            target.update_layer(adapter_name, config.r, config.variant, sigma, config.noise_shape,
-                                config.init_weights, inference_mode=config.inference_mode)
+            target.update_layer(adapter_name, config, sigma=sigma)
             return
         if not isinstance(target, nn.Linear):
             raise ValueError(
                 f"PACE: target module {current_key!r} is a {type(target).__name__}; PACE adapts nn.Linear layers. "
                 f"Remove it from `target_modules`."
             )
-        new_module = Linear(target, adapter_name, r=config.r, variant=config.variant, sigma=sigma,
-                            noise_shape=config.noise_shape, init_weights=config.init_weights)
+        new_module = Linear(target, adapter_name, config, sigma=sigma)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

@@ -47,16 +47,13 @@ class RLRRModel(BaseTuner):
         is_ssf = config.ssf and matches_module_name(config.ssf_modules, current_key) and not isinstance(
             target, (nn.Linear, RLRRLayer)
         )
-        if isinstance(target, RLRRLayer):
-            target.update_layer(adapter_name, config.r, config.init_mode, inference_mode=config.inference_mode)
-            return
-        if isinstance(target, ScaleShift):
-            target.update_layer(adapter_name, config.init_mode, inference_mode=config.inference_mode)
+        if isinstance(target, (RLRRLayer, ScaleShift)):
+            target.update_layer(adapter_name, config)
             return
         if is_ssf:
-            new_module = ScaleShift(target, adapter_name, init_mode=config.init_mode)
+            new_module = ScaleShift(target, adapter_name, config)
         elif isinstance(target, nn.Linear):
-            new_module = Linear(target, adapter_name, r=config.r, init_mode=config.init_mode)
+            new_module = Linear(target, adapter_name, config)
         else:
             raise ValueError(
                 f"RLRR: target module {current_key!r} is a {type(target).__name__}; RLRR adapts nn.Linear layers "
