@@ -16,11 +16,13 @@ from typing import Iterable, Optional, Union
 
 import torch
 from packaging.version import InvalidVersion, Version
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..version import __version__
+from .defaults import LINEAR_TARGETS, default_targets
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -75,6 +77,26 @@ def check_adapter_folder(folder: str) -> None:
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is corrupted or truncated ({err}). Save the adapter again with "
                          f"`model.save_pretrained(...)` or copy/download the folder again.") from None
+
+
+class ComposedWeightTuner(BaseTuner):
+    """The model side shared by the RLRR and PACE tuners: the one place default ``target_modules`` are resolved.
+
+    PEFT's own ``_prepare_adapter_config`` reads ``target_module_mapping`` too, but answers an unknown model type
+    with a bare "Please specify `target_modules`"; this one uses the same mapping and says which model types have
+    defaults and how to pass the names. Subclasses set :attr:`method_name` (used in messages) and may extend
+    :meth:`_prepare_adapter_config` for defaults of their own fields.
+    """
+
+    target_module_mapping: dict[str, list[str]] = LINEAR_TARGETS
+    method_name: str = ""
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = default_targets(
+                self.target_module_mapping, model_config.get("model_type"), "target_modules", self.method_name
+            )
+        return peft_config
 
 
 class ComposedWeightLayer(BaseTunerLayer):

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from ..defaults import LINEAR_TARGETS, SSF_TARGETS, default_targets
-from ..tuners_utils import matches_module_name
+from ..defaults import SSF_TARGETS, default_targets
+from ..tuners_utils import ComposedWeightTuner, matches_module_name
 from .config import RLRRConfig
 from .layer import Linear, RLRRLayer, ScaleShift
 
 
-class RLRRModel(BaseTuner):
+class RLRRModel(ComposedWeightTuner):
     """Residual low-rank rescaling (Dong et al., CVPR 2024) as a PEFT tuner.
 
     Example::
@@ -22,15 +22,16 @@ class RLRRModel(BaseTuner):
     """
 
     prefix: str = "rlrr_"
+    method_name = "RLRR"
     tuner_layer_cls = (RLRRLayer, ScaleShift)
-    target_module_mapping = LINEAR_TARGETS
 
     def _prepare_adapter_config(self, peft_config: RLRRConfig, model_config: dict) -> RLRRConfig:
-        model_type = model_config.get("model_type")
-        if peft_config.target_modules is None:
-            peft_config.target_modules = default_targets(LINEAR_TARGETS, model_type, "target_modules", "RLRR")
+        """The shared ``target_modules`` defaults, then (with ``ssf=True``) the SSF modules of the model type."""
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
         if peft_config.ssf and peft_config.ssf_modules is None:
-            peft_config.ssf_modules = default_targets(SSF_TARGETS, model_type, "ssf_modules", "RLRR")
+            peft_config.ssf_modules = default_targets(
+                SSF_TARGETS, model_config.get("model_type"), "ssf_modules", self.method_name
+            )
         return peft_config
 
     @staticmethod

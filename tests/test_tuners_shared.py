@@ -1,4 +1,4 @@
-"""The shared layer machinery of the RLRR and PACE tuners (tuners_utils.ComposedWeightLayer)."""
+"""The machinery shared by the RLRR and PACE tuners (tuners_utils: ComposedWeightLayer, ComposedWeightTuner)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_bert
+from peft import get_peft_model
 from torch import nn
 
-from peft_tsrs import PACEConfig, RLRRConfig
+from peft_tsrs import PACEConfig, PACEModel, RLRRConfig, RLRRModel
+from peft_tsrs.tuners.defaults import LINEAR_TARGETS
 from peft_tsrs.tuners.pace import Linear as PACELinear
 from peft_tsrs.tuners.rlrr import Linear as RLRRLinear
 from peft_tsrs.tuners.rlrr import ScaleShift
-from peft_tsrs.tuners.tuners_utils import ComposedWeightLayer
+from peft_tsrs.tuners.tuners_utils import ComposedWeightLayer, ComposedWeightTuner
 
 
 def test_compose_is_abstract():
@@ -175,3 +178,36 @@ def test_the_old_unpacked_signatures_fail_loudly():
     layer = PACELinear(nn.Linear(3, 2), "default", PACEConfig())
     with pytest.raises(TypeError):
         layer.update_layer("other", 2, "lora_add", 0.5, "BC")
+
+
+# ---------------------------------------------------------------------- default target modules
+@pytest.mark.parametrize("model_cls", [RLRRModel, PACEModel])
+def test_both_tuners_resolve_default_targets_the_same_way(model_cls):
+    assert issubclass(model_cls, ComposedWeightTuner)
+    assert model_cls.target_module_mapping is LINEAR_TARGETS
+    # PACE uses the shared resolution as is; RLRR extends it (super() first, then its SSF defaults)
+    assert PACEModel._prepare_adapter_config is ComposedWeightTuner._prepare_adapter_config
+
+
+@pytest.mark.parametrize("config_cls", [RLRRConfig, PACEConfig])
+def test_default_targets_come_from_target_module_mapping(config_cls, monkeypatch):
+    model_cls = {RLRRConfig: RLRRModel, PACEConfig: PACEModel}[config_cls]
+    monkeypatch.setattr(model_cls, "target_module_mapping", {"bert": ["query"]})
+    model = get_peft_model(make_tiny_bert(), config_cls())
+    assert model.peft_config["default"].target_modules == {"query"}
+    assert all(n.endswith(".query") for n in model.base_model.targeted_module_names)
+
+
+@pytest.mark.parametrize("config_cls,method", [(RLRRConfig, "RLRR"), (PACEConfig, "PACE")])
+def test_unknown_model_type_error_names_the_method_and_the_known_types(config_cls, method):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=rf"^{method}: no default `target_modules` for model type 'custom' "
+                                         rf"\(known: .*bert.*vit.*\)\. Pass `target_modules` explicitly"):
+        get_peft_model(model, config_cls())
+
+
+def test_rlrr_ssf_defaults_still_resolved_after_the_shared_targets():
+    model = get_peft_model(make_tiny_bert(), RLRRConfig(ssf=True))
+    config = model.peft_config["default"]
+    assert config.target_modules == set(LINEAR_TARGETS["bert"])
+    assert config.ssf_modules == {"LayerNorm"}
