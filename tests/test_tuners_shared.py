@@ -12,7 +12,7 @@ from peft import get_peft_model
 from torch import nn
 
 from peft_tsrs import PACEConfig, PACEModel, RLRRConfig, RLRRModel
-from peft_tsrs.tuners.defaults import LINEAR_TARGETS
+from peft_tsrs.tuners.defaults import DEFAULT_HEAD_MODULES, LINEAR_TARGETS
 from peft_tsrs.tuners.pace import Linear as PACELinear
 from peft_tsrs.tuners.rlrr import Linear as RLRRLinear
 from peft_tsrs.tuners.rlrr import ScaleShift
@@ -211,3 +211,13 @@ def test_rlrr_ssf_defaults_still_resolved_after_the_shared_targets():
     config = model.peft_config["default"]
     assert config.target_modules == set(LINEAR_TARGETS["bert"])
     assert config.ssf_modules == {"LayerNorm"}
+
+
+# ---------------------------------------------------------------------- default head
+def test_pace_default_head_is_the_shared_constant():
+    assert DEFAULT_HEAD_MODULES == ("classifier",)
+    heads = PACEConfig().heads
+    assert heads == list(DEFAULT_HEAD_MODULES)
+    heads.append("score")  # a fresh list each time: the default cannot be changed through it
+    assert PACEConfig().heads == ["classifier"]
+    assert PACEConfig(head_modules=["score"]).heads == ["score"]
