@@ -105,6 +105,11 @@ class ComposedWeightLayer(BaseTunerLayer):
     Subclasses implement :meth:`compose`, which maps the original ``(weight, bias)`` and a list of adapter names to the
     effective ``(weight, bias)``. Merging writes the composition into the base module (keeping the originals);
     unmerging restores the originals exactly.
+
+    ``get_delta_weight`` (read by the distance constraints and diagnostics) is deliberately not derived here as
+    ``compose(...) - original``: in floating point that differs from the directly computed ``ΔW`` in the last bits,
+    so each layer with an additive weight update computes it from its own parameters. A layer that only rescales
+    (SSF's ``ScaleShift``) has none.
     """
 
     def _init_composed(self, base_layer: nn.Module) -> None:
