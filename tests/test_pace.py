@@ -40,7 +40,7 @@ def test_identity_init_is_the_pretrained_model(tiny):
 def test_forward_matches_formula():
     torch.manual_seed(0)
     lin = nn.Linear(5, 4)
-    layer = PACELinear(lin, "default", r=2, variant="lora_mul_vpt_add", init_weights=False).eval()
+    layer = PACELinear(lin, "default", PACEConfig(r=2, variant="lora_mul_vpt_add", init_weights=False)).eval()
     x = torch.randn(3, 5)
     A, B = layer.pace_A["default"], layer.pace_B["default"]
     P, q, s = layer.pace_P["default"], layer.pace_q["default"], layer.pace_bias_scale["default"]
@@ -110,8 +110,8 @@ def test_noise_shapes():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 4)
     for shape, constant_over_tokens in (("BC", True), ("BTC", False)):
-        layer = PACELinear(nn.Linear(4, 3), "default", r=2, variant="lora_add", sigma=1.0, noise_shape=shape,
-                           init_weights=False).train()
+        config = PACEConfig(r=2, variant="lora_add", noise_shape=shape, init_weights=False)
+        layer = PACELinear(nn.Linear(4, 3), "default", config, sigma=1.0).train()
         branch = layer(x) - layer.base_layer(x)
         clean = nn.functional.linear(x, layer.get_delta_weight("default"))
         ratio = branch / clean  # z per element

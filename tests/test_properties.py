@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from peft_tsrs import RLRRConfig
 from peft_tsrs.regularizers import project_frobenius_, project_inf_op_
 from peft_tsrs.tuners.rlrr import Linear as RLRRLinear
 
@@ -21,7 +22,7 @@ def test_rlrr_merge_unmerge_exact(shape, r, seed, bias):
     base = nn.Linear(in_f, out_f, bias=bias)
     w0 = base.weight.detach().clone()
     b0 = None if base.bias is None else base.bias.detach().clone()
-    layer = RLRRLinear(base, "default", r=r, init_mode="random")
+    layer = RLRRLinear(base, "default", RLRRConfig(r=r, init_weights="random"))
     x = torch.randn(3, in_f)
     unmerged = layer(x)
     layer.merge()

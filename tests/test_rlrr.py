@@ -53,7 +53,7 @@ def test_official_kaiming_init_is_not_identity(tiny):
 def test_forward_matches_formula():
     torch.manual_seed(0)
     lin = nn.Linear(5, 4)
-    layer = RLRRLinear(lin, "default", r=2, init_mode="random")
+    layer = RLRRLinear(lin, "default", RLRRConfig(r=2, init_weights="random"))
     x = torch.randn(3, 5)
     L, R, shift = layer.rlrr_L["default"], layer.rlrr_R["default"], layer.rlrr_shift["default"]
     w = lin.weight + lin.weight * (L @ R)

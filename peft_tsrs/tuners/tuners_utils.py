@@ -11,15 +11,18 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from abc import abstractmethod
 from typing import Iterable, Optional, Union
 
 import torch
 from packaging.version import InvalidVersion, Version
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..version import __version__
+from .defaults import LINEAR_TARGETS, default_targets
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -76,12 +79,37 @@ def check_adapter_folder(folder: str) -> None:
                          f"`model.save_pretrained(...)` or copy/download the folder again.") from None
 
 
+class ComposedWeightTuner(BaseTuner):
+    """The model side shared by the RLRR and PACE tuners: the one place default ``target_modules`` are resolved.
+
+    PEFT's own ``_prepare_adapter_config`` reads ``target_module_mapping`` too, but answers an unknown model type
+    with a bare "Please specify `target_modules`"; this one uses the same mapping and says which model types have
+    defaults and how to pass the names. Subclasses set :attr:`method_name` (used in messages) and may extend
+    :meth:`_prepare_adapter_config` for defaults of their own fields.
+    """
+
+    target_module_mapping: dict[str, list[str]] = LINEAR_TARGETS
+    method_name: str = ""
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = default_targets(
+                self.target_module_mapping, model_config.get("model_type"), "target_modules", self.method_name
+            )
+        return peft_config
+
+
 class ComposedWeightLayer(BaseTunerLayer):
     """A tuner layer whose adapters act by rewriting the wrapped module's ``weight`` and ``bias``.
 
     Subclasses implement :meth:`compose`, which maps the original ``(weight, bias)`` and a list of adapter names to the
     effective ``(weight, bias)``. Merging writes the composition into the base module (keeping the originals);
     unmerging restores the originals exactly.
+
+    ``get_delta_weight`` (read by the distance constraints and diagnostics) is deliberately not derived here as
+    ``compose(...) - original``: in floating point that differs from the directly computed ``ΔW`` in the last bits,
+    so each layer with an additive weight update computes it from its own parameters. A layer that only rescales
+    (SSF's ``ScaleShift``) has none.
     """
 
     def _init_composed(self, base_layer: nn.Module) -> None:
@@ -93,12 +121,32 @@ class ComposedWeightLayer(BaseTunerLayer):
         self.register_buffer("_original_bias", None, persistent=False)
         self._had_bias = getattr(base_layer, "bias", None) is not None
 
+    def _init_linear(self, base_layer: nn.Module, method: str) -> None:
+        """The shared start of a layer adapting an ``nn.Linear``: the composed-weight state, an empty rank table
+        ``r`` (adapter name -> rank) and ``in_features`` / ``out_features``; any other base module is refused."""
+        self._init_composed(base_layer)
+        self.r: dict[str, int] = {}
+        base = self.get_base_layer()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"{method} adapts nn.Linear layers, got {type(base).__name__}.")
+        self.in_features, self.out_features = base.in_features, base.out_features
+
     # ------------------------------------------------------------------ the method-specific part
+    @abstractmethod
     def compose(
         self, weight: torch.Tensor, bias: Optional[torch.Tensor], adapter_names: list[str]
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Effective ``(weight, bias)`` of the given adapters applied to the original ``(weight, bias)``."""
-        raise TypeError(f"{type(self).__name__} must implement compose()")
+        """Effective ``(weight, bias)`` of the given adapters applied to the original ``(weight, bias)``.
+
+        Abstract: a subclass without it cannot be instantiated (``BaseTunerLayer`` is an ``ABC``, so a layer class
+        ``Linear(nn.Module, SomeLayer)`` gets ``ABCMeta`` as its metaclass and the check applies).
+        """
+
+    def _adapter_created(self, adapter_name: str, inference_mode: bool) -> None:
+        """The end of every ``update_layer``: move the new parameters to the base layer's device and re-activate the
+        active adapters (which sets ``requires_grad``: off for inactive adapters and in inference mode)."""
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def available_adapters(self) -> set[str]:
         """Names of the adapters this layer holds."""

@@ -9,6 +9,7 @@ from peft.utils import PeftType
 
 from ...registration import ensure_peft_type
 from ..config_base import TunerConfigBase
+from ..defaults import DEFAULT_HEAD_MODULES
 from ..tuners_utils import check_rank
 
 ensure_peft_type("pace")
@@ -76,7 +77,8 @@ class PACEConfig(TunerConfigBase):
 
     @property
     def heads(self) -> list[str]:
-        return list(self.head_modules) if self.head_modules is not None else ["classifier"]
+        """The head module names: ``head_modules``, else :data:`~peft_tsrs.tuners.defaults.DEFAULT_HEAD_MODULES`."""
+        return list(self.head_modules if self.head_modules is not None else DEFAULT_HEAD_MODULES)
 
 
 def depth_sigma(sigma: float, depth: Optional[int], n_blocks: int, schedule: str, first_block: bool) -> float:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tuners_utils import ComposedWeightLayer, check_rank
+from .config import PACEConfig
 
 MUL, ADD, VPT = "lora_mul_vpt_add", "lora_add", "vpt_add"
 
@@ -39,8 +40,7 @@ class PACELayer(ComposedWeightLayer):
     other_param_names = ("r", "variant", "sigma", "noise_shape")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self._init_composed(base_layer)
-        self.r: dict[str, int] = {}
+        self._init_linear(base_layer, "PACE")
         self.variant: dict[str, str] = {}
         self.sigma: dict[str, float] = {}
         self.noise_shape: dict[str, str] = {}
@@ -50,20 +50,18 @@ class PACELayer(ComposedWeightLayer):
         self.pace_P = nn.ParameterDict({})
         self.pace_q = nn.ParameterDict({})
         self.pace_bias_scale = nn.ParameterDict({})
-        base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"PACE adapts nn.Linear layers, got {type(base).__name__}.")
-        self.in_features, self.out_features = base.in_features, base.out_features
 
     def available_adapters(self) -> set[str]:
         return set(self.variant)
 
-    def update_layer(self, adapter_name: str, r: int, variant: str, sigma: float, noise_shape: str,
-                     init_weights: bool = True, inference_mode: bool = False) -> None:
-        """Create (or re-create) the parameters of ``adapter_name``."""
+    def update_layer(self, adapter_name: str, config: PACEConfig, *, sigma: float) -> None:
+        """Create (or re-create) the parameters of ``adapter_name``; reads ``r``, ``variant``, ``noise_shape``,
+        ``init_weights`` and ``inference_mode`` from ``config``. ``sigma`` is this layer's noise scale, resolved per
+        module from ``config.sigma`` by the depth schedule (:func:`~peft_tsrs.tuners.pace.config.depth_sigma`)."""
+        r, variant = config.r, config.variant
         check_rank(r, "PACE")
         self.r[adapter_name], self.variant[adapter_name] = r, variant
-        self.sigma[adapter_name], self.noise_shape[adapter_name] = float(sigma), noise_shape
+        self.sigma[adapter_name], self.noise_shape[adapter_name] = float(sigma), config.noise_shape
         if variant in (MUL, ADD):
             self.pace_A[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
             self.pace_B[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
@@ -71,9 +69,8 @@ class PACELayer(ComposedWeightLayer):
             self.pace_P[adapter_name] = nn.Parameter(torch.empty(self.in_features, r))
             self.pace_q[adapter_name] = nn.Parameter(torch.zeros(r))
             self.pace_bias_scale[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
-        self.reset_pace_parameters(adapter_name, init_weights)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        self.reset_pace_parameters(adapter_name, config.init_weights)
+        self._adapter_created(adapter_name, config.inference_mode)
 
     @torch.no_grad()
     def reset_pace_parameters(self, adapter_name: str, init_weights: bool) -> None:
@@ -128,14 +125,16 @@ class PACELayer(ComposedWeightLayer):
 
 
 class Linear(nn.Module, PACELayer):
-    """An ``nn.Linear`` with PACE adapters."""
+    """An ``nn.Linear`` with PACE adapters. ``sigma`` is this layer's noise scale: :class:`PACEModel` passes the
+    depth-scheduled value; a layer built on its own has no noise unless ``sigma`` is given (``config.sigma`` is
+    not read here, it is the schedule's input)."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 10, variant: str = MUL,
-                 sigma: float = 0.0, noise_shape: str = "BC", init_weights: bool = True, **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: PACEConfig, sigma: float = 0.0,
+                 **kwargs: Any) -> None:
         super().__init__()
         PACELayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, variant, sigma, noise_shape, init_weights)
+        self.update_layer(adapter_name, config, sigma=sigma)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self._base_forward_or_none(x, *args, **kwargs)

@@ -7,16 +7,14 @@ import contextlib
 import warnings
 from typing import Any, Iterator, Optional
 
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..defaults import LINEAR_TARGETS, default_targets
-from ..tuners_utils import block_index, matches_module_name
+from ..tuners_utils import ComposedWeightTuner, block_index, matches_module_name
 from .config import PACEConfig, depth_sigma, head_sigma
 from .layer import Linear, PACELayer, multiplicative_noise
 
 
-class PACEModel(BaseTuner):
+class PACEModel(ComposedWeightTuner):
     """PACE (Ni et al., NeurIPS 2024) as a PEFT tuner.
 
     Example::
@@ -27,8 +25,8 @@ class PACEModel(BaseTuner):
     """
 
     prefix: str = "pace_"
+    method_name = "PACE"
     tuner_layer_cls = PACELayer
-    target_module_mapping = LINEAR_TARGETS
 
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         self._head_hooks: dict[str, tuple[nn.Module, Any]] = {}
@@ -40,13 +38,6 @@ class PACEModel(BaseTuner):
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     # ------------------------------------------------------------------ injection
-    def _prepare_adapter_config(self, peft_config: PACEConfig, model_config: dict) -> PACEConfig:
-        if peft_config.target_modules is None:
-            peft_config.target_modules = default_targets(
-                LINEAR_TARGETS, model_config.get("model_type"), "target_modules", "PACE"
-            )
-        return peft_config
-
     def _num_blocks(self, adapter_name: str) -> int:
         """B of the depth schedule: the model config's ``num_hidden_layers``, else 1 + the largest block index among
         the modules the adapter targets (computed once per adapter)."""
@@ -65,16 +56,14 @@ class PACEModel(BaseTuner):
         sigma = depth_sigma(config.sigma, block_index(current_key), self._num_blocks(adapter_name),
                             config.noise_schedule, config.noise_first_block)
         if isinstance(target, PACELayer):
-            target.update_layer(adapter_name, config.r, config.variant, sigma, config.noise_shape,
-                                config.init_weights, inference_mode=config.inference_mode)
+            target.update_layer(adapter_name, config, sigma=sigma)
             return
         if not isinstance(target, nn.Linear):
             raise ValueError(
                 f"PACE: target module {current_key!r} is a {type(target).__name__}; PACE adapts nn.Linear layers. "
                 f"Remove it from `target_modules`."
             )
-        new_module = Linear(target, adapter_name, r=config.r, variant=config.variant, sigma=sigma,
-                            noise_shape=config.noise_shape, init_weights=config.init_weights)
+        new_module = Linear(target, adapter_name, config, sigma=sigma)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

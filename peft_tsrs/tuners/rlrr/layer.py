@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..tuners_utils import ComposedWeightLayer, check_rank
+from .config import RLRRConfig
 
 
 class RLRRLayer(ComposedWeightLayer):
@@ -19,26 +20,22 @@ class RLRRLayer(ComposedWeightLayer):
     other_param_names = ("r",)
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self._init_composed(base_layer)
-        self.r: dict[str, int] = {}
+        self._init_linear(base_layer, "RLRR")
         self.rlrr_L = nn.ParameterDict({})
         self.rlrr_R = nn.ParameterDict({})
         self.rlrr_shift = nn.ParameterDict({})
-        base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"RLRR adapts nn.Linear layers, got {type(base).__name__}.")
-        self.in_features, self.out_features = base.in_features, base.out_features
 
-    def update_layer(self, adapter_name: str, r: int, init_mode: str, inference_mode: bool = False) -> None:
-        """Create (or re-create) the parameters of ``adapter_name``."""
+    def update_layer(self, adapter_name: str, config: RLRRConfig) -> None:
+        """Create (or re-create) the parameters of ``adapter_name``; reads ``r``, ``init_mode`` and
+        ``inference_mode`` from ``config``."""
+        r = config.r
         check_rank(r, "RLRR")
         self.r[adapter_name] = r
         self.rlrr_L[adapter_name] = nn.Parameter(torch.empty(self.out_features, r))
         self.rlrr_R[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
         self.rlrr_shift[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
-        self.reset_rlrr_parameters(adapter_name, init_mode)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        self.reset_rlrr_parameters(adapter_name, config.init_mode)
+        self._adapter_created(adapter_name, config.inference_mode)
 
     @torch.no_grad()
     def reset_rlrr_parameters(self, adapter_name: str, init_mode: str) -> None:
@@ -86,12 +83,11 @@ class RLRRLayer(ComposedWeightLayer):
 class Linear(nn.Module, RLRRLayer):
     """An ``nn.Linear`` with RLRR adapters."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, r: int = 1, init_mode: str = "identity",
-                 **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: RLRRConfig, **kwargs: Any) -> None:
         super().__init__()
         RLRRLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, init_mode)
+        self.update_layer(adapter_name, config)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self._base_forward_or_none(x, *args, **kwargs)
@@ -112,7 +108,7 @@ class ScaleShift(nn.Module, ComposedWeightLayer):
     adapter_layer_names = ("rlrr_ssf_scale", "rlrr_ssf_shift")
     other_param_names = ()
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, init_mode: str = "identity", **kwargs: Any) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: RLRRConfig, **kwargs: Any) -> None:
         super().__init__()
         self._init_composed(base_layer)
         base = self.get_base_layer()
@@ -127,10 +123,12 @@ class ScaleShift(nn.Module, ComposedWeightLayer):
         self.rlrr_ssf_scale = nn.ParameterDict({})
         self.rlrr_ssf_shift = nn.ParameterDict({})
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, init_mode)
+        self.update_layer(adapter_name, config)
 
-    def update_layer(self, adapter_name: str, init_mode: str, inference_mode: bool = False) -> None:
-        """Create the scale/shift vectors of ``adapter_name``."""
+    def update_layer(self, adapter_name: str, config: RLRRConfig) -> None:
+        """Create the scale/shift vectors of ``adapter_name``; reads ``init_mode`` and ``inference_mode`` from
+        ``config``."""
+        init_mode = config.init_mode
         self.rlrr_ssf_scale[adapter_name] = nn.Parameter(torch.ones(self.channels))
         self.rlrr_ssf_shift[adapter_name] = nn.Parameter(torch.zeros(self.channels))
         if init_mode in ("kaiming", "random"):  # official SSF init: γ ~ N(1, .02), β ~ N(0, .02)
@@ -138,8 +136,7 @@ class ScaleShift(nn.Module, ComposedWeightLayer):
                 std = 0.02 if init_mode == "kaiming" else 0.2
                 nn.init.normal_(self.rlrr_ssf_scale[adapter_name], mean=1.0, std=std)
                 nn.init.normal_(self.rlrr_ssf_shift[adapter_name], mean=0.0, std=std)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        self._adapter_created(adapter_name, config.inference_mode)
 
     def _channel_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
         if self.channel_dim == -1:

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 
-from ..defaults import LINEAR_TARGETS, SSF_TARGETS, default_targets
-from ..tuners_utils import matches_module_name
+from ..defaults import SSF_TARGETS, default_targets
+from ..tuners_utils import ComposedWeightTuner, matches_module_name
 from .config import RLRRConfig
 from .layer import Linear, RLRRLayer, ScaleShift
 
 
-class RLRRModel(BaseTuner):
+class RLRRModel(ComposedWeightTuner):
     """Residual low-rank rescaling (Dong et al., CVPR 2024) as a PEFT tuner.
 
     Example::
@@ -22,15 +22,16 @@ class RLRRModel(BaseTuner):
     """
 
     prefix: str = "rlrr_"
+    method_name = "RLRR"
     tuner_layer_cls = (RLRRLayer, ScaleShift)
-    target_module_mapping = LINEAR_TARGETS
 
     def _prepare_adapter_config(self, peft_config: RLRRConfig, model_config: dict) -> RLRRConfig:
-        model_type = model_config.get("model_type")
-        if peft_config.target_modules is None:
-            peft_config.target_modules = default_targets(LINEAR_TARGETS, model_type, "target_modules", "RLRR")
+        """The shared ``target_modules`` defaults, then (with ``ssf=True``) the SSF modules of the model type."""
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
         if peft_config.ssf and peft_config.ssf_modules is None:
-            peft_config.ssf_modules = default_targets(SSF_TARGETS, model_type, "ssf_modules", "RLRR")
+            peft_config.ssf_modules = default_targets(
+                SSF_TARGETS, model_config.get("model_type"), "ssf_modules", self.method_name
+            )
         return peft_config
 
     @staticmethod
@@ -47,16 +48,13 @@ class RLRRModel(BaseTuner):
         is_ssf = config.ssf and matches_module_name(config.ssf_modules, current_key) and not isinstance(
             target, (nn.Linear, RLRRLayer)
         )
-        if isinstance(target, RLRRLayer):
-            target.update_layer(adapter_name, config.r, config.init_mode, inference_mode=config.inference_mode)
-            return
-        if isinstance(target, ScaleShift):
-            target.update_layer(adapter_name, config.init_mode, inference_mode=config.inference_mode)
+        if isinstance(target, (RLRRLayer, ScaleShift)):
+            target.update_layer(adapter_name, config)
             return
         if is_ssf:
-            new_module = ScaleShift(target, adapter_name, init_mode=config.init_mode)
+            new_module = ScaleShift(target, adapter_name, config)
         elif isinstance(target, nn.Linear):
-            new_module = Linear(target, adapter_name, r=config.r, init_mode=config.init_mode)
+            new_module = Linear(target, adapter_name, config)
         else:
             raise ValueError(
                 f"RLRR: target module {current_key!r} is a {type(target).__name__}; RLRR adapts nn.Linear layers "
