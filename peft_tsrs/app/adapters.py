@@ -7,10 +7,10 @@ from typing import Any, Optional
 from peft import PeftConfig, get_peft_model
 from torch import nn
 
-from ..tuners.defaults import LINEAR_TARGETS, default_targets
+from ..tuners.defaults import DEFAULT_HEAD_MODULES, LINEAR_TARGETS, default_targets
 from .recipes import AdapterSpec, Recipe, check_options, config_class
 
-HEAD = ["classifier"]
+HEAD = list(DEFAULT_HEAD_MODULES)
 
 
 def adapter_config(spec: AdapterSpec, model_type: Optional[str], recipe: Optional[dict[str, Any]] = None
