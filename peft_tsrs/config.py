@@ -164,6 +164,11 @@ class RegularizerConfig:
         return self.reweight_start_epoch is not None
 
     @property
+    def uses_self_labeling(self) -> bool:
+        """Label correction or reweighting (the training-time parts of regularized self-labeling)."""
+        return self.uses_label_correction or self.uses_reweighting
+
+    @property
     def needs_index(self) -> bool:
         """Whether the training set must carry ``index_column``."""
         return self.uses_label_correction or (self.uses_pace and self.pace_mode == "fast")

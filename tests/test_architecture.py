@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
@@ -30,7 +29,7 @@ class CountingL2(Regularizer):
         self.steps = 0
 
     @classmethod
-    def from_config(cls, build: BuildContext) -> Optional["CountingL2"]:
+    def create(cls, build: BuildContext) -> "CountingL2":
         return cls(0.25)
 
     def loss(self, step: StepContext) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_bert, make_tiny_vit
+from conftest import make_tiny_vit
 from peft import IA3Config, LoraConfig, get_peft_model
 from torch import nn
 

@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
-from conftest import MODEL_FACTORIES, bert_inputs, make_tiny_bert
+from conftest import bert_inputs, make_tiny_bert
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from peft_tsrs import RegularizerConfig
 from peft_tsrs.regularizers import NoiseStability, relative_perturbation
 
 
@@ -53,10 +54,11 @@ def test_invalid_layers_and_values():
         NoiseStability(model, inject_layer=2, measure_from=1)
     with pytest.raises(ValueError, match="measure_from=4"):
         NoiseStability(model, inject_layer=2, measure_from=4)
-    with pytest.raises(ValueError, match="noise_std"):
-        NoiseStability(model, inject_layer=0, noise_std=-0.1)
-    with pytest.raises(ValueError, match="weight"):
-        NoiseStability(model, inject_layer=0, weight=-1.0)
+    # σ and λ are validated once, by the config the trainer builds NoiseStability from
+    with pytest.raises(ValueError, match="tsrs_noise_std"):
+        RegularizerConfig(tsrs_weight=1.0, tsrs_noise_std=-0.1)
+    with pytest.raises(ValueError, match="tsrs_weight"):
+        RegularizerConfig(tsrs_weight=-1.0)
 
 
 # --- on the tiny models -----------------------------------------------------------------------------------

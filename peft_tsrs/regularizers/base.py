@@ -21,8 +21,8 @@ adds rows to the batch instead — at the input in ``prepare`` (PACE's second co
 the regularizer that adds rows deepest in the forward (TSRS, at block I) is listed before the one that adds them at
 the input (PACE): each undoes its own duplication in the reverse order of the forward.
 
-Adding a regularizer: one file in this folder with a :class:`Regularizer` subclass whose ``from_config`` returns an
-instance (or ``None`` when the config leaves it off), and one :func:`register_regularizer` line in
+Adding a regularizer: one file in this folder with a :class:`Regularizer` subclass (``enabled_by`` names the config
+property that switches it on, ``create`` builds it), and one :func:`register_regularizer` line in
 ``regularizers/__init__.py``.
 """
 
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ClassVar, ContextManager, Optional
 
 from torch import Tensor, nn
 
@@ -104,11 +104,20 @@ class Regularizer:
 
     #: Whether the batch must carry the config's ``index_column`` (per-example state).
     needs_index: bool = False
+    #: The config property that switches this regularizer on (``None``: always on).
+    enabled_by: ClassVar[Optional[str]] = None
 
     @classmethod
     def from_config(cls, build: BuildContext) -> Optional["Regularizer"]:
-        """The regularizer the config asks for, or ``None`` when it is off."""
-        raise NotImplementedError(f"{cls.__name__} must implement from_config()")
+        """The regularizer the config asks for, or ``None`` when ``enabled_by`` says it is off."""
+        if cls.enabled_by is not None and not getattr(build.config, cls.enabled_by):
+            return None
+        return cls.create(build)
+
+    @classmethod
+    def create(cls, build: BuildContext) -> "Regularizer":
+        """Build the regularizer from the (validated) config; the values it reads are trusted."""
+        raise NotImplementedError(f"{cls.__name__} must implement create()")
 
     def prepare(self, step: StepContext) -> None:
         """Change the batch before the forward (labels, rows)."""

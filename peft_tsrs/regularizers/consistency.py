@@ -172,11 +172,11 @@ class PACERegularizer(Regularizer):
         self._paired = False
         self._second: Optional[Tensor] = None
 
+    enabled_by = "uses_pace"
+
     @classmethod
-    def from_config(cls, build: BuildContext) -> Optional["PACERegularizer"]:
+    def create(cls, build: BuildContext) -> "PACERegularizer":
         cfg = build.config
-        if not cfg.uses_pace:
-            return None
         store = None
         if cfg.pace_mode == "fast":
             indices, _ = build.index_and_labels()

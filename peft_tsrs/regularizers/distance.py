@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -403,11 +403,11 @@ class DistanceRegularizer(Regularizer):
     def __init__(self, constraint: DistanceConstraint) -> None:
         self.constraint = constraint
 
+    enabled_by = "uses_distance"
+
     @classmethod
-    def from_config(cls, build: BuildContext) -> Optional["DistanceRegularizer"]:
+    def create(cls, build: BuildContext) -> "DistanceRegularizer":
         cfg = build.config
-        if not cfg.uses_distance:
-            return None
         return cls(DistanceConstraint(
             build.model, norm=cfg.distance_norm, radius=cfg.distance_radius, ratio=cfg.distance_ratio,
             depth_scale=cfg.distance_depth_scale, head_radius=cfg.distance_head_radius, mode=cfg.distance_mode,

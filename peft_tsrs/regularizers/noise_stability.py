@@ -80,10 +80,6 @@ class NoiseStability:
                 f"measure_from={measure_from} is out of range: it must be in [inject_layer={inject_layer}, {n - 1}] "
                 f"(the model has {n} blocks)."
             )
-        if noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {noise_std}.")
-        if weight < 0:
-            raise ValueError(f"weight must be >= 0, got {weight}.")
         self.inject_layer = inject_layer
         self.measure_from = measure_from
         self.noise_std = float(noise_std)
@@ -179,11 +175,11 @@ class TSRSRegularizer(Regularizer):
         self.stability = stability
         self.task_loss_path = task_loss_path
 
+    enabled_by = "uses_tsrs"
+
     @classmethod
-    def from_config(cls, build: BuildContext) -> Optional["TSRSRegularizer"]:
+    def create(cls, build: BuildContext) -> "TSRSRegularizer":
         cfg = build.config
-        if not cfg.uses_tsrs:
-            return None
         stability = NoiseStability(build.model, inject_layer=cfg.tsrs_inject_layer, measure_from=cfg.tsrs_measure_from,
                                    noise_std=cfg.tsrs_noise_std, weight=cfg.tsrs_weight, block_path=cfg.block_path)
         return cls(stability, cfg.tsrs_task_loss_path)

@@ -125,11 +125,11 @@ class SelfLabeling(Regularizer):
         self.temperature = reweight_temperature
         self.needs_index = corrector is not None
 
+    enabled_by = "uses_self_labeling"
+
     @classmethod
-    def from_config(cls, build: BuildContext) -> Optional["SelfLabeling"]:
+    def create(cls, build: BuildContext) -> "SelfLabeling":
         cfg = build.config
-        if not (cfg.uses_label_correction or cfg.uses_reweighting):
-            return None
         corrector = None
         if cfg.uses_label_correction:
             indices, labels = build.index_and_labels()
