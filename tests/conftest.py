@@ -14,26 +14,26 @@ torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 NUM_LABELS = 3
 
 
-def make_tiny_vit(num_labels: int = NUM_LABELS, layers: int = 2, seed: int = 0):
+def make_tiny_vit(num_labels: int = NUM_LABELS, layers: int = 2, seed: int = 0, attention_dropout: float = 0.0):
     from transformers import ViTConfig, ViTForImageClassification
 
     torch.manual_seed(seed)
     cfg = ViTConfig(
         image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=layers,
         num_attention_heads=2, intermediate_size=32, num_labels=num_labels,
-        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0,
+        hidden_dropout_prob=0.1, attention_probs_dropout_prob=attention_dropout,
     )
     return ViTForImageClassification(cfg).eval()
 
 
-def make_tiny_bert(num_labels: int = NUM_LABELS, layers: int = 2, seed: int = 0):
+def make_tiny_bert(num_labels: int = NUM_LABELS, layers: int = 2, seed: int = 0, attention_dropout: float = 0.0):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
     cfg = BertConfig(
         vocab_size=50, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
         max_position_embeddings=32, num_labels=num_labels, hidden_dropout_prob=0.1,
-        attention_probs_dropout_prob=0.0,
+        attention_probs_dropout_prob=attention_dropout,
     )
     return BertForSequenceClassification(cfg).eval()
 

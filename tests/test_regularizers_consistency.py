@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peft_tsrs.regularizers import FastConsistencyStore, consistency_mse, lazy_should_apply, shared_dropout
@@ -30,52 +31,78 @@ def test_consistency_mse_gradient():
 
 
 # --- shared dropout ----------------------------------------------------------------------------------------
-def test_shared_dropout_on_plain_module():
+def test_shared_dropout_tiles_one_mask_over_copies():
     drop = nn.Dropout(0.5).train()
-    x = torch.ones(4, 50)
+    x = torch.ones(6, 50)
     torch.manual_seed(0)
-    with shared_dropout(drop):
-        y = drop(x)
-        assert torch.equal(y[:2], y[2:])
+    with shared_dropout(rows=2):
+        y = drop(x)  # 3 copies of 2 rows
+        assert torch.equal(y[:2], y[2:4]) and torch.equal(y[:2], y[4:])
         assert set(y.unique().tolist()) == {0.0, 2.0}  # inverted dropout scaling 1 / (1 − p)
-        odd = drop(torch.ones(3, 50))  # odd batch: ordinary dropout
-        assert odd.shape == (3, 50)
+        own = drop(torch.ones(2, 50))  # the rows themselves (before a copy is made): ordinary dropout
+        assert not torch.equal(own[0], own[1])
+        assert F.dropout(torch.ones(5, 50), 0.5).shape == (5, 50)  # not a stack of copies: ordinary
         drop.eval()
         assert torch.equal(drop(x), x)  # eval: identity
-        drop.train()
-    assert "forward" not in drop.__dict__  # original forward restored
-    y = drop(x)
-    assert not torch.equal(y[:2], y[2:])
+        assert torch.equal(F.dropout(x, 0.5, training=False), x)
+    drop.train()
+    y = drop(x)  # restored: independent masks
+    assert not torch.equal(y[:2], y[2:4])
 
 
-def test_shared_dropout_restores_previous_instance_forward():
-    drop = nn.Dropout(0.3).train()
-    custom = lambda x: x * 7  # noqa: E731
-    drop.forward = custom
-    with shared_dropout(drop):
-        assert drop.forward is not custom
-    assert drop.forward is custom
-
-
-def test_shared_dropout_restores_on_exception():
-    drop = nn.Dropout(0.3)
+def test_shared_dropout_restores_on_exception_and_validates():
+    dropout, sdpa = F.dropout, F.scaled_dot_product_attention
     with pytest.raises(RuntimeError):
-        with shared_dropout(drop):
+        with shared_dropout(rows=3):
+            assert F.dropout is not dropout
             raise RuntimeError("boom")
-    assert "forward" not in drop.__dict__
+    assert F.dropout is dropout and F.scaled_dot_product_attention is sdpa
+    with pytest.raises(ValueError, match="rows must be >= 1"):
+        with shared_dropout(rows=0):
+            pass
 
 
-def test_shared_dropout_identical_halves_on_tiny_models(tiny):
+def test_shared_dropout_inside_sdpa_matches_the_math_formula():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 4, generator=g) for _ in range(3))
+    q, k, v = (torch.cat([t, t], 0) for t in (q, k, v))
+    mask = torch.zeros(4, 1, 5, 5)
+    mask[..., -1] = float("-inf")
+    with shared_dropout(rows=2):
+        torch.manual_seed(1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.3)
+        assert torch.equal(out[:2], out[2:])
+        plain = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # no dropout: the kernel itself
+    torch.testing.assert_close(plain, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    # the same mask drawn by hand reproduces the output
+    torch.manual_seed(1)
+    keep = torch.empty(2, 2, 5, 5).bernoulli_(0.7).div_(0.7).repeat(2, 1, 1, 1)
+    probs = ((q @ k.transpose(-2, -1)) / 2.0 + mask).softmax(-1)
+    torch.testing.assert_close(out, (probs * keep) @ v)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_shared_dropout_identical_copies_on_tiny_models(tiny, attn):
     make, inputs_fn, _ = tiny
-    model = make(layers=2).train()
+    model = make(layers=2, attention_dropout=0.1)
+    model.set_attn_implementation(attn)
+    model.train()
     inputs = {k: torch.cat([v, v], 0) for k, v in inputs_fn().items()}
     torch.manual_seed(0)
     plain = model(**inputs).logits
     assert not torch.allclose(plain[:4], plain[4:])  # independent masks differ
-    with shared_dropout(model):
+    with shared_dropout(rows=4):
         shared = model(**inputs).logits
-    torch.testing.assert_close(shared[:4], shared[4:], atol=1e-6, rtol=1e-6)
-    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(shared[:4], shared[4:])
+    # attention-probability dropout alone (inside the attention kernel for "sdpa") is shared as well
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Dropout) and not name.endswith("attention.self.dropout"):
+            m.p = 0.0
+    plain = model(**inputs).logits
+    assert not torch.allclose(plain[:4], plain[4:])
+    with shared_dropout(rows=4):
+        shared = model(**inputs).logits
+    assert torch.equal(shared[:4], shared[4:])
 
 
 # --- PACE-fast store ----------------------------------------------------------------------------------------

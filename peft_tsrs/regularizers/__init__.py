@@ -14,7 +14,8 @@ from .base import (
     registered_regularizers,
 )
 from .blocks import find_blocks, first_tensor, unwrap_model
-from .consistency import FastConsistencyStore, PACERegularizer, consistency_mse, lazy_should_apply, shared_dropout
+from .consistency import FastConsistencyStore, PACERegularizer, consistency_mse, lazy_should_apply
+from .shared_dropout import shared_dropout
 from .distance import DistanceConstraint, DistanceRegularizer, project_frobenius_, project_inf_op_
 from .noise_stability import NoiseStability, TSRSRegularizer, relative_perturbation
 from .self_labeling import LabelCorrector, SelfLabeling, reweight_temperature, reweighted_loss

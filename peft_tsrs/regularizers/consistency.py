@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any, ContextManager, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .base import BuildContext, Regularizer, StepContext, batch_rows, map_batch
+from .shared_dropout import shared_dropout
 
-__all__ = ["FastConsistencyStore", "PACERegularizer", "consistency_mse", "lazy_should_apply", "shared_dropout"]
+__all__ = ["FastConsistencyStore", "PACERegularizer", "consistency_mse", "lazy_should_apply"]
 
 
 def consistency_mse(logits_a: Tensor, logits_b: Tensor) -> Tensor:
@@ -20,52 +20,6 @@ def consistency_mse(logits_a: Tensor, logits_b: Tensor) -> Tensor:
         raise ValueError(f"logits shapes differ: {tuple(logits_a.shape)} vs {tuple(logits_b.shape)}")
     diff = (logits_a - logits_b).reshape(-1, logits_a.shape[-1])
     return (diff**2).sum(-1).mean()
-
-
-def _shared_mask_dropout(module: nn.Dropout, x: Tensor) -> Tensor:
-    p = module.p
-    half = x.shape[0] // 2
-    if p >= 1.0:
-        return x * 0.0
-    mask = torch.empty_like(x[:half]).bernoulli_(1.0 - p) / (1.0 - p)
-    return x * torch.cat([mask, mask], 0)
-
-
-@contextlib.contextmanager
-def shared_dropout(model: nn.Module) -> Iterator[nn.Module]:
-    """Make every ``nn.Dropout`` draw one mask for the first half of an even batch and reuse it for the second.
-
-    Use it around the forward of a duplicated batch ``cat([x, x])`` so both copies see identical dropout.
-    Only ``nn.Dropout`` modules are affected (in training mode, ``p > 0``, even batch; otherwise the
-    original forward runs). Dropout applied functionally inside attention kernels
-    (``scaled_dot_product_attention(dropout_p=...)``) cannot be shared: set the attention dropout to 0
-    for exact consistency. Original forwards are restored on exit.
-    """
-    patched: list[tuple[nn.Dropout, Any]] = []
-    _missing = object()
-
-    def make_forward(module: nn.Dropout, original: Any):
-        def forward(x: Tensor) -> Tensor:
-            if module.training and module.p > 0 and x.ndim >= 1 and x.shape[0] % 2 == 0 and x.shape[0] > 0:
-                return _shared_mask_dropout(module, x)
-            return original(x)
-
-        return forward
-
-    try:
-        for module in model.modules():
-            if isinstance(module, nn.Dropout):
-                previous = module.__dict__.get("forward", _missing)
-                original = module.forward
-                module.forward = make_forward(module, original)  # type: ignore[method-assign]
-                patched.append((module, previous))
-        yield model
-    finally:
-        for module, previous in reversed(patched):
-            if previous is _missing:
-                module.__dict__.pop("forward", None)
-            else:
-                module.forward = previous  # type: ignore[method-assign]
 
 
 def lazy_should_apply(step: int, every: int) -> bool:
@@ -154,7 +108,7 @@ class PACERegularizer(Regularizer):
     """PACE consistency as a trainer regularizer, in one of three modes.
 
     * ``full``: the batch is duplicated at the input (``[x, x]``) and both copies run in the step's one forward with
-      shared dropout masks; the task loss uses the first copy; the term is ``weight · consistency_mse``.
+      identical dropout masks (every dropout, attention kernels included: see ``shared_dropout``); the task loss uses the first copy; the term is ``weight · consistency_mse``.
     * ``lazy``: every ``lazy_every`` steps, ``full`` on the first half of the batch (the cost of one normal step);
       the half batch's mean keeps the whole batch's weight.
     * ``fast``: one pass; the term compares with the logits stored at the example's previous visit.
@@ -194,11 +148,11 @@ class PACERegularizer(Regularizer):
             step.inputs = map_batch(step.inputs, rows, lambda t: t[:half])
             step.labels = step.labels[:half]
             step.indices = None if step.indices is None else step.indices[:half]
-            rows = half
+            rows = step.rows = half
         step.inputs = map_batch(step.inputs, rows, lambda t: torch.cat([t, t], 0))
 
     def forward_context(self, step: StepContext) -> ContextManager[Any]:
-        return shared_dropout(step.model) if self._paired else contextlib.nullcontext()
+        return shared_dropout(step.rows) if self._paired else contextlib.nullcontext()
 
     def select(self, logits: Tensor, step: StepContext) -> Tensor:
         if not self._paired:

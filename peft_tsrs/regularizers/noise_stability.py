@@ -3,13 +3,15 @@
 Inside ``with ns.capture():`` and in training mode, the input ``h`` of block ``I`` becomes
 ``cat([h, h + σ·ε], 0)``: blocks below ``I`` run once on the clean batch ``B``, every later block and
 the head run on ``2B`` rows (clean first, noisy second). The loss is
-``weight · mean_{i ≥ N} ‖h̃_i − h_i‖₂ / ‖h_i‖₂`` over the recorded block outputs.
+``weight · mean_{i ≥ N} ‖h̃_i − h_i‖₂ / ‖h_i‖₂`` over the recorded block outputs (real tokens only when the batch
+has an attention mask). In the trainer both copies draw identical dropout masks (``shared_dropout``), so σ = 0 gives
+a term of exactly 0.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, ContextManager, Optional
 
 import torch
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 
 from .base import BuildContext, Regularizer, StepContext
 from .blocks import block_input, find_blocks, first_tensor, replace_block_input
+from .shared_dropout import shared_dropout
 
 __all__ = ["NoiseStability", "TSRSRegularizer", "relative_perturbation"]
 
@@ -25,12 +28,20 @@ _EPS = 1e-12
 _NO_BATCH_KWARGS = frozenset({"cache_position"})
 
 
-def relative_perturbation(clean: Tensor, noisy: Tensor, eps: float = _EPS) -> Tensor:
-    """``‖noisy − clean‖_F / max(‖clean‖_F, eps)``, computed in float32 (safe for fp16/bf16 inputs)."""
+def relative_perturbation(clean: Tensor, noisy: Tensor, eps: float = _EPS, mask: Optional[Tensor] = None) -> Tensor:
+    """``‖noisy − clean‖_F / max(‖clean‖_F, eps)``, computed in float32 (safe for fp16/bf16 inputs).
+
+    ``mask`` (e.g. an attention mask, ``(B, L)`` of 0/1) restricts both norms to the positions it keeps; it applies
+    when its shape is the leading shape of the activations and is ignored otherwise (ViT patches, pooled features).
+    """
     if clean.shape != noisy.shape:
         raise ValueError(f"clean and noisy activations differ in shape: {tuple(clean.shape)} vs {tuple(noisy.shape)}")
-    num = torch.linalg.vector_norm((noisy - clean).float())
-    den = torch.linalg.vector_norm(clean.float()).clamp_min(eps)
+    diff, ref = (noisy - clean).float(), clean.float()
+    if mask is not None and mask.ndim < clean.ndim and tuple(mask.shape) == tuple(clean.shape[: mask.ndim]):
+        keep = mask.to(device=clean.device, dtype=torch.float32).reshape(*mask.shape, *([1] * (clean.ndim - mask.ndim)))
+        diff, ref = diff * keep, ref * keep
+    num = torch.linalg.vector_norm(diff)
+    den = torch.linalg.vector_norm(ref).clamp_min(eps)
     return num / den
 
 
@@ -85,6 +96,7 @@ class NoiseStability:
         self.noise_std = float(noise_std)
         self.weight = float(weight)
         self.active_batch: int | None = None
+        self.noise_rows: int | None = None  # set by the trainer: the distinct examples of the step (see _noise_like)
         self._records: list[Tensor] = []
 
     # -- hooks -------------------------------------------------------------------------------------
@@ -100,9 +112,17 @@ class NoiseStability:
         batch = h.shape[0]
         self.active_batch = batch
         self._records = []  # one forward per capture: a new injection starts a new record
-        noisy = torch.cat([h, h + self.noise_std * torch.randn_like(h)], 0)
+        noisy = torch.cat([h, h + self.noise_std * self._noise_like(h)], 0)
         args, kwargs = replace_block_input(args, kwargs, noisy)
         return self._duplicated(args, kwargs, batch)  # the noisy states have 2B rows: left as they are
+
+    def _noise_like(self, h: Tensor) -> Tensor:
+        """``ε ~ N(0, 1)`` shaped like ``h``; when ``h`` stacks copies of ``noise_rows`` examples (PACE's pair), every
+        copy gets the same ``ε``, so the copies still differ only by their own noise."""
+        rows = self.noise_rows
+        if rows is None or h.shape[0] <= rows or h.shape[0] % rows:
+            return torch.randn_like(h)
+        return torch.randn_like(h[:rows]).repeat(h.shape[0] // rows, *([1] * (h.ndim - 1)))
 
     @staticmethod
     def _duplicated(args: tuple, kwargs: dict, batch: int) -> tuple[tuple, dict]:
@@ -151,14 +171,17 @@ class NoiseStability:
             raise ValueError(f"expected a tensor with 2*B={2 * b} rows, got shape {tuple(t.shape)}")
         return t[:b], t[b:]
 
-    def loss(self) -> Tensor:
-        """``weight · mean_i ‖h̃_i − h_i‖ / ‖h_i‖`` over the blocks recorded by the last capture (float32)."""
+    def loss(self, mask: Optional[Tensor] = None) -> Tensor:
+        """``weight · mean_i ‖h̃_i − h_i‖ / ‖h_i‖`` over the blocks recorded by the last capture (float32).
+
+        ``mask``: the ``(B, L)`` attention mask of the captured batch; padded positions are left out of both norms.
+        """
         if self.active_batch is None or not self._records:
             raise RuntimeError(
                 "NoiseStability.loss: nothing was recorded; call the model in training mode inside "
                 "`with ns.capture():` before asking for the loss."
             )
-        terms = [relative_perturbation(*self.split(out)) for out in self._records]
+        terms = [relative_perturbation(*self.split(out), mask=mask) for out in self._records]
         return self.weight * torch.stack(terms).mean()
 
     def release(self) -> None:
@@ -174,6 +197,7 @@ class TSRSRegularizer(Regularizer):
     def __init__(self, stability: NoiseStability, task_loss_path: str = "noisy") -> None:
         self.stability = stability
         self.task_loss_path = task_loss_path
+        self._mask: Optional[Tensor] = None
 
     enabled_by = "uses_tsrs"
 
@@ -185,14 +209,20 @@ class TSRSRegularizer(Regularizer):
         return cls(stability, cfg.tsrs_task_loss_path)
 
     def forward_context(self, step: StepContext) -> ContextManager[Any]:
-        return self.stability.capture()
+        self._mask = step.inputs.get("attention_mask") if isinstance(step.inputs, Mapping) else None
+        stack = contextlib.ExitStack()
+        stack.enter_context(shared_dropout(step.rows))  # clean and noisy copies: identical dropout masks
+        self.stability.noise_rows = step.rows  # PACE's two copies: one TSRS noise draw
+        stack.enter_context(self.stability.capture())
+        return stack
 
     def select(self, logits: Tensor, step: StepContext) -> Tensor:
         clean, noisy = self.stability.split(logits)
         return noisy if self.task_loss_path == "noisy" else clean
 
     def loss(self, step: StepContext) -> dict[str, Tensor]:
-        term = self.stability.loss()
+        term = self.stability.loss(self._mask)
+        self._mask = None
         self.stability.release()
         return {"loss_tsrs": term}
 

@@ -176,7 +176,7 @@ class RegularizedTrainerMixin:
         regularizers = list(self.regularizers.values())
         step = StepContext(
             model=model, inputs=inputs, labels=labels, indices=indices, epoch=float(self.state.epoch or 0.0),
-            step=self.state.global_step, batch_size=batch_rows(inputs), gather=self._gather,
+            step=self.state.global_step, batch_size=batch_rows(inputs), rows=batch_rows(inputs), gather=self._gather,
             record=lambda name, value: self._components[name].append(value),
         )
         for regularizer in regularizers:
