@@ -50,6 +50,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from . import CONFIGS, RESULTS, ROOT
+from .stats import mean_std, paired_t_test, sign_test
 
 RUNS = os.path.join(ROOT, "benchmarks", "runs")
 COMMAND = "python -m benchmarks.generalization"  # how a call is recorded in the results' meta
@@ -405,86 +406,6 @@ def run_grid(tasks: Sequence[Task], settings: Sequence[Setting], methods: Sequen
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularized incomplete beta function (Numerical Recipes, Lentz)."""
-    tiny, eps = 1e-300, 3e-16
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 400):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta ``I_x(a, b)``."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_two_sided_p(t: float, df: int) -> float:
-    """Two-sided p-value of Student's t with ``df`` degrees of freedom."""
-    if math.isnan(t):
-        return float("nan")
-    if math.isinf(t):
-        return 0.0
-    return betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-def paired_t_test(diffs: Sequence[float]) -> tuple[float, float]:
-    """``(t, two-sided p)`` of the paired differences (``nan`` with fewer than 2 pairs; p 1 / 0 when they are
-    all equal: zero / non-zero)."""
-    n = len(diffs)
-    if n < 2:
-        return float("nan"), float("nan")
-    mean = statistics.fmean(diffs)
-    sd = statistics.stdev(diffs)
-    if sd == 0:
-        return (0.0, 1.0) if mean == 0 else (math.copysign(math.inf, mean), 0.0)
-    t = mean / (sd / math.sqrt(n))
-    return t, t_two_sided_p(t, n - 1)
-
-
-def sign_test(diffs: Sequence[float]) -> tuple[int, int, float]:
-    """``(wins, losses, two-sided exact binomial p)``; ties are dropped."""
-    wins = sum(1 for d in diffs if d > 0)
-    losses = sum(1 for d in diffs if d < 0)
-    n = wins + losses
-    if n == 0:
-        return 0, 0, 1.0
-    k = min(wins, losses)
-    p = 2.0 * sum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
-    return wins, losses, min(1.0, p)
-
-
 def final_runs(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The runs at each method's selected configuration (one per seed)."""
     return [r for r in records if r["selected"]]

@@ -35,7 +35,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from . import CONFIGS, RESULTS
+from .stats import iqr, median, paired_ratio, ratio_of_medians
 
 MB = 1024 * 1024
 
@@ -121,28 +121,6 @@ MODELS: dict[str, ModelSetup] = {
 
 
 # ---------------------------------------------------------------------------------------------- pure helpers
-def median(values: Sequence[float]) -> float:
-    return float(statistics.median(values)) if values else float("nan")
-
-
-def iqr(values: Sequence[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return float(q[2] - q[0])
-
-
-def ratio_of_medians(values: Sequence[float], base: Sequence[float]) -> float:
-    b = median(base)
-    return median(values) / b if b > 0 else float("nan")
-
-
-def paired_ratio(values: Sequence[float], base: Sequence[float]) -> float:
-    """Median over rounds of ``values[i] / base[i]`` (both measured in the same round)."""
-    ratios = [v / b for v, b in zip(values, base) if b > 0]
-    return median(ratios)
-
-
 def verdict(ratio: float, target: Optional[float]) -> str:
     if target is None:
         return "—"

@@ -16,17 +16,18 @@ from benchmarks import RESULTS, ROOT  # noqa: E402
 from benchmarks import generalization as gen  # noqa: E402
 from benchmarks import overhead as oh  # noqa: E402
 from benchmarks import run_all  # noqa: E402
+from benchmarks import stats  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- overhead helpers
 def test_median_iqr_and_ratios():
-    assert oh.median([3.0, 1.0, 2.0]) == 2.0
-    assert math.isnan(oh.median([]))
-    assert oh.iqr([1.0]) == 0.0
-    assert oh.iqr([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2.0)
-    assert oh.ratio_of_medians([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(2.0)
+    assert stats.median([3.0, 1.0, 2.0]) == 2.0
+    assert math.isnan(stats.median([]))
+    assert stats.iqr([1.0]) == 0.0
+    assert stats.iqr([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2.0)
+    assert stats.ratio_of_medians([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(2.0)
     # per-round ratios: a load spike hitting both methods in round 2 cancels out
-    assert oh.paired_ratio([1.5, 15.0, 1.5], [1.0, 10.0, 1.0]) == pytest.approx(1.5)
+    assert stats.paired_ratio([1.5, 15.0, 1.5], [1.0, 10.0, 1.0]) == pytest.approx(1.5)
 
 
 def test_verdict():
@@ -163,15 +164,16 @@ def test_every_check_names_known_methods():
 
 # ---------------------------------------------------------------------------------------------- statistics
 def test_paired_t_test_hand_numbers():
-    t, p = gen.paired_t_test([1.0, 2.0, 3.0, 4.0, 5.0])
+    t, p = stats.paired_t_test([1.0, 2.0, 3.0, 4.0, 5.0])
     assert t == pytest.approx(3.0 / (math.sqrt(2.5) / math.sqrt(5)))  # 4.2426
     assert p == pytest.approx(0.013236, abs=1e-5)  # scipy.stats.ttest_1samp([1..5], 0).pvalue
-    t, p = gen.paired_t_test([0.01, -0.02, 0.03, 0.0])
+    t, p = stats.paired_t_test([0.01, -0.02, 0.03, 0.0])
     assert t == pytest.approx(0.005 / (statistics_stdev([0.01, -0.02, 0.03, 0.0]) / 2))
     assert 0.5 < p < 1.0
-    assert gen.paired_t_test([0.0, 0.0, 0.0]) == (0.0, 1.0)
-    assert gen.paired_t_test([0.1, 0.1]) == (math.inf, 0.0)
-    t, p = gen.paired_t_test([0.1])
+    assert stats.paired_t_test([0.0, 0.0, 0.0]) == (0.0, 1.0)
+    assert stats.paired_t_test([0.1, 0.1]) == (math.inf, 0.0)
+    assert stats.paired_t_test([-0.1, -0.1, -0.1]) == (-math.inf, 0.0)
+    t, p = stats.paired_t_test([0.1])
     assert math.isnan(t) and math.isnan(p)
 
 
@@ -181,18 +183,31 @@ def statistics_stdev(values):
     return statistics.stdev(values)
 
 
-def test_t_distribution_against_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    for t in (0.0, 0.5, 1.3, 2.2, 4.0, 9.0):
-        for df in (1, 2, 4, 9, 30):
-            assert gen.t_two_sided_p(t, df) == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-7, abs=1e-12)
+def test_paired_t_test_is_scipys_paired_test():
+    import random
+
+    from scipy.stats import t as t_dist
+    from scipy.stats import ttest_rel
+
+    rng = random.Random(0)
+    for n in (2, 3, 5, 10, 31):  # 1, 2, 4, 9, 30 degrees of freedom
+        for shift in (0.0, 0.01, 0.05, 0.3):
+            a = [rng.gauss(0.5, 0.05) for _ in range(n)]
+            b = [x - shift + rng.gauss(0.0, 0.03) for x in a]
+            t, p = stats.paired_t_test([x - y for x, y in zip(a, b)])
+            expected = ttest_rel(a, b)
+            assert t == pytest.approx(expected.statistic, rel=1e-12)
+            assert p == pytest.approx(expected.pvalue, rel=1e-12, abs=1e-300)
+            assert p == pytest.approx(2 * t_dist.sf(abs(t), n - 1), rel=1e-9)  # two-sided Student's t
 
 
 def test_sign_test_exact():
-    assert gen.sign_test([0.1, 0.2, 0.3, 0.4, 0.5]) == (5, 0, pytest.approx(0.0625))
-    assert gen.sign_test([0.1, -0.2, 0.3, 0.4, 0.5]) == (4, 1, pytest.approx(0.375))
-    assert gen.sign_test([0.0, 0.0]) == (0, 0, 1.0)
-    assert gen.sign_test([0.1, 0.0, -0.1]) == (1, 1, 1.0)
+    assert stats.sign_test([0.1, 0.2, 0.3, 0.4, 0.5]) == (5, 0, pytest.approx(0.0625))
+    assert stats.sign_test([0.1, -0.2, 0.3, 0.4, 0.5]) == (4, 1, pytest.approx(0.375))
+    assert stats.sign_test([0.0, 0.0]) == (0, 0, 1.0)
+    assert stats.sign_test([0.1, 0.0, -0.1]) == (1, 1, 1.0)
+    # exact: 2 * P(X <= 2) for X ~ Bin(9, 1/2) = 2 * (1 + 9 + 36) / 512
+    assert stats.sign_test([1.0] * 7 + [-1.0] * 2) == (7, 2, pytest.approx(2 * 46 / 512, rel=1e-12))
 
 
 def _rec(task, method, seed, test, val=None, shots=8, noise=0.0, selected=True, phase="seed", lr=1e-2,
@@ -228,7 +243,7 @@ def test_paired_comparisons_on_hand_numbers():
     assert pair["diffs"] == pytest.approx([0.03, 0.02, 0.01, 0.04, 0.01])
     assert pair["mean_diff"] == pytest.approx(0.022)
     assert (pair["wins"], pair["losses"]) == (5, 0) and pair["p_sign"] == pytest.approx(0.0625)
-    assert pair["p_t"] == pytest.approx(gen.paired_t_test([0.03, 0.02, 0.01, 0.04, 0.01])[1])
+    assert pair["p_t"] == pytest.approx(stats.paired_t_test([0.03, 0.02, 0.01, 0.04, 0.01])[1])
     assert pair["p_t"] < 0.05
 
 
