@@ -32,10 +32,11 @@ from peft_tsrs.app.run import training_arguments
 from peft_tsrs.app.tasks import build_model, build_task
 from peft_tsrs.trainer import TSRSTrainer
 
-from . import CONFIGS, RESULTS
+from . import RESULTS
+from .methods import GENERALIZATION_BY_KEY, recipe_files
 
 COMMAND = "python -m benchmarks.collapse_probe"
-FILES = (os.path.join(CONFIGS, "tasks", "wordnet_minilm.yaml"), os.path.join(CONFIGS, "methods", "tsrs_lora.yaml"))
+FILES = tuple(recipe_files("wordnet_minilm.yaml", GENERALIZATION_BY_KEY["lora+tsrs"]))  # its recipe files only
 SETTING = ("task.shots_per_class=32", "task.label_noise=0.4", "training.learning_rate=2e-3", "diagnostics=false")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 

@@ -7,9 +7,9 @@ Grid (the default, hours on 2 CPU cores — resumable, run it in pieces with the
   Fashion-MNIST classes 0-4, fine-tuned on classes 5-9);
 * settings: 8 and 32 shots per class without label noise, and 32 shots with 20% and 40% of the training labels
   flipped (validation and test labels stay clean);
-* methods (:data:`METHODS`): full fine-tuning, LoRA, RLRR, the PACE adapter without noise/consistency, PACE (full),
-  PACE-fast, LoRA+TSRS, RLRR+TSRS, full + distance constraint + self-labeling, and RLRR + TSRS + PACE-fast (the
-  combination of the demo) — each compared (paired over seeds) with its un-regularized counterpart;
+* methods (``benchmarks.methods``): full fine-tuning, LoRA, RLRR, the PACE adapter without noise/consistency, PACE
+  (full), PACE-fast, LoRA+TSRS, RLRR+TSRS, full + distance constraint + self-labeling, and RLRR + TSRS + PACE-fast
+  (the combination of the demo) — each compared (paired over seeds) with its un-regularized counterpart;
 * budget: the task file's (WordNet 10 epochs, ViT 15 epochs, batch 16; the best epoch on validation is kept).
 
 Selection (never on test): on seed 0 of every (task, setting, method), each learning rate of ``lr_multipliers ×``
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import io
 import json
 import math
@@ -46,10 +45,12 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
-from . import CONFIGS, RESULTS, ROOT
+from . import RESULTS, ROOT
+from .methods import (GENERALIZATION_BY_KEY, GENERALIZATION_METHODS, SELF_LABEL_FILE, TSRS_GRID, TSRS_WEIGHTS, Method,
+                      distance_grid, first_grid_point, recipe_distance_ratio, recipe_files, tsrs_grid)
 from .stats import mean_std, paired_t_test, sign_test
 
 RUNS = os.path.join(ROOT, "benchmarks", "runs")
@@ -79,17 +80,6 @@ class Setting:
         return f"{self.shots} shots" + (f", {self.noise:.0%} noisy labels" if self.noise else "")
 
 
-@dataclass(frozen=True)
-class Method:
-    key: str
-    label: str
-    files: tuple[str, ...]  # relative to configs/methods
-    overrides: tuple[str, ...] = ()
-    counterpart: Optional[str] = None  # the un-regularized method it is compared with
-    hparams: tuple[tuple[str, ...], ...] = ((),)  # grid of extra overrides searched with the learning rate
-    per_task: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
-
-
 TASKS: dict[str, Task] = {
     "wordnet": Task("wordnet", "WordNet nouns / MiniLM", "wordnet_minilm.yaml"),
     "fmnist": Task("fmnist", "Fashion-MNIST 5-9 / ViT", "fmnist_vit.yaml"),
@@ -97,75 +87,6 @@ TASKS: dict[str, Task] = {
 SETTINGS = (Setting(8), Setting(32), Setting(32, 0.2), Setting(32, 0.4))
 LR_MULTIPLIERS = (0.3, 1.0, 3.0)
 SEEDS = (0, 1, 2, 3, 4)
-
-TSRS_WEIGHTS = (0.1, 1.0)  # the TSRS λ grid; its first point is the --no-search / --lr-only value
-
-
-def tsrs_grid(weights: Sequence[float]) -> tuple[tuple[str, ...], ...]:
-    """The ``hparams`` grid of the TSRS methods for these λ values (grid order = tie-breaking order)."""
-    return tuple((f"regularizers.tsrs_weight={float(w)}",) for w in weights)
-
-
-_TSRS_GRID = tsrs_grid(TSRS_WEIGHTS)
-# The self-labeling radius D_l = ratio·‖W0_l‖ of the distance constraint (configs/methods/self_labeling.yaml); the
-# paper tunes its radius per data set, ``--distance-ratios`` makes it a grid of the self-labeling method.
-SELF_LABEL_FILE = "self_labeling.yaml"
-_DISTANCE_RATIO_KEY = "regularizers.distance_ratio"
-
-
-@functools.lru_cache(maxsize=None)
-def recipe_distance_ratio() -> float:
-    """The distance ratio of the shipped self-labeling recipe (read once: every parser build and grid asks for it)."""
-    from peft_tsrs.app.recipes import read_yaml
-
-    return float(read_yaml(os.path.join(CONFIGS, "methods", SELF_LABEL_FILE))["regularizers"]["distance_ratio"])
-
-
-def distance_grid(ratios: Sequence[float]) -> tuple[tuple[str, ...], ...]:
-    """The ``hparams`` grid of the self-labeling method for these radius ratios (grid order = tie-breaking order).
-    The recipe's own ratio is the empty point, so its runs keep the names of the calls made without a grid."""
-    shipped = recipe_distance_ratio()
-    return tuple(() if math.isclose(r, shipped) else (f"{_DISTANCE_RATIO_KEY}={float(r)}",) for r in ratios)
-
-# self-labeling starts scaled with the budget (the paper's epochs 10 / 5 assume a longer schedule)
-_SELF_LABEL_START = {
-    "wordnet": ("regularizers.label_correction_start_epoch=4", "regularizers.reweight_start_epoch=2"),
-    "fmnist": ("regularizers.label_correction_start_epoch=6", "regularizers.reweight_start_epoch=3"),
-}
-# full.yaml's 5e-5 is a BERT/ViT-B rate; the 0.5M-parameter ViT gets a grid centred at 3e-4 (selection still on
-# validation)
-_FULL_VIT_LR = ("training.learning_rate=3e-4",)
-# The adapters of the 0.5M-parameter ViT want larger steps than the task file's 1e-3. Validation accuracy on seed 0
-# at 32 shots (a probe, never test): RLRR 0.52 / 0.72 / 0.82 / 0.88 at lr 1e-3 / 3e-3 / 1e-2 / 3e-2; LoRA 0.84 / 0.84
-# / 0.68 at 1e-3 / 3e-3 / 1e-2; the PACE adapter 0.56 / 0.78 / 0.90 at 1e-3 / 3e-3 / 1e-2. So the grids (0.3×, 1×,
-# 3×) are centred at 3e-2 for RLRR and 3e-3 for LoRA and PACE; the choice within them stays on validation.
-_RLRR_VIT_LR = ("training.learning_rate=3e-2",)
-_ADAPTER_VIT_LR = ("training.learning_rate=3e-3",)
-# The WordNet task file's 1e-2 was chosen for RLRR; LoRA r8 on MiniLM (validation / test on seed 0): 0.283 / 0.266 at
-# 1e-2, 0.529 / 0.495 at 5e-3, so the LoRA methods are centred at 5e-3 there.
-_LORA_TEXT_LR = ("training.learning_rate=5e-3",)
-
-METHODS: tuple[Method, ...] = (
-    Method("full", "full FT", ("full.yaml",), per_task={"fmnist": _FULL_VIT_LR}),
-    Method("lora", "LoRA r8", ("lora.yaml",), per_task={"fmnist": _ADAPTER_VIT_LR, "wordnet": _LORA_TEXT_LR}),
-    Method("rlrr", "RLRR r1", ("rlrr.yaml",), per_task={"fmnist": _RLRR_VIT_LR}),
-    Method("pace-base", "PACE adapter (σ 0, no consistency)", ("pace.yaml",),
-           ("adapter.sigma=0.0", "regularizers.pace_weight=0"), per_task={"fmnist": _ADAPTER_VIT_LR}),
-    Method("pace", "PACE (full)", ("pace.yaml",), counterpart="pace-base", per_task={"fmnist": _ADAPTER_VIT_LR}),
-    Method("pace-fast", "PACE-fast", ("pace_fast.yaml",), counterpart="pace-base",
-           per_task={"fmnist": _ADAPTER_VIT_LR}),
-    Method("lora+tsrs", "LoRA + TSRS", ("tsrs_lora.yaml",), counterpart="lora", hparams=_TSRS_GRID,
-           per_task={"fmnist": _ADAPTER_VIT_LR, "wordnet": _LORA_TEXT_LR}),
-    Method("rlrr+tsrs", "RLRR + TSRS", ("tsrs.yaml",), counterpart="rlrr", hparams=_TSRS_GRID,
-           per_task={"fmnist": _RLRR_VIT_LR}),
-    Method("full+selflabel", "full + distance + self-labeling", (SELF_LABEL_FILE,), counterpart="full",
-           per_task={"wordnet": _SELF_LABEL_START["wordnet"], "fmnist": _SELF_LABEL_START["fmnist"] + _FULL_VIT_LR}),
-    # candidate "best combination", fixed before any result (the demo's): RLRR + TSRS + PACE-fast consistency
-    Method("rlrr+tsrs+pacefast", "RLRR + TSRS + PACE-fast", ("tsrs.yaml",),
-           ("regularizers.pace_weight=0.1", "regularizers.pace_mode=fast"), counterpart="rlrr", hparams=_TSRS_GRID,
-           per_task={"fmnist": _RLRR_VIT_LR}),
-)
-METHOD_BY_KEY = {m.key: m for m in METHODS}
 
 # --quick: a tiny budget that exercises every step (selection, seeds, resume, report) in minutes
 QUICK_SETTINGS = (Setting(2), Setting(2, 0.4))
@@ -175,11 +96,6 @@ QUICK_OVERRIDES = ("training.max_steps=4", "training.logging_steps=2", "task.val
                    "task.test_per_class=4", "diagnostics=false")
 # every run: the end-of-run diagnostics (stable ranks, sharpness probe, ...) are not part of this comparison
 BENCH_OVERRIDES = ("diagnostics=false",)
-
-
-def first_grid_point(methods: Sequence[Method]) -> list[Method]:
-    """The methods with their own hyper-parameter grid cut to its first point (``--quick``, ``--no-search``)."""
-    return [Method(m.key, m.label, m.files, m.overrides, m.counterpart, m.hparams[:1], m.per_task) for m in methods]
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -225,11 +141,7 @@ def default_lr(task: Task, method: Method) -> float:
     from peft_tsrs.app.recipes import load_recipe
 
     overrides = [*method.overrides, *method.per_task.get(task.key, ())]
-    return load_recipe(recipe_files(task, method), overrides).training.learning_rate
-
-
-def recipe_files(task: Task, method: Method) -> list[str]:
-    return [os.path.join(CONFIGS, "tasks", task.file)] + [os.path.join(CONFIGS, "methods", f) for f in method.files]
+    return load_recipe(recipe_files(task.file, method), overrides).training.learning_rate
 
 
 def lr_grid(base_lr: float, multipliers: Sequence[float]) -> list[float]:
@@ -247,7 +159,7 @@ def spec_for(runs: str, task: Task, setting: Setting, method: Method, lr: float,
         f"output_dir={os.path.dirname(run_dir)}", f"name={os.path.basename(run_dir)}",
     )
     return RunSpec(task.key, setting, method.key, lr, tuple(hparams), seed, phase, run_dir, overrides,
-                   tuple(recipe_files(task, method)))
+                   tuple(recipe_files(task.file, method)))
 
 
 def selection_specs(runs: str, task: Task, setting: Setting, method: Method, lrs: Sequence[float],
@@ -429,7 +341,7 @@ def aggregate(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                      "seeds": sorted(r["seed"] for r in runs), "n": len(runs), "config": runs[0]["config"],
                      "test_mean": test_mean, "test_std": test_std, "val_mean": val_mean, "val_std": val_std,
                      "train_time_s": statistics.fmean(r["train_time_s"] or 0.0 for r in runs)})
-    order = {m.key: i for i, m in enumerate(METHODS)}
+    order = {m.key: i for i, m in enumerate(GENERALIZATION_METHODS)}
     rows.sort(key=lambda r: (r["task"], r["shots"], r["label_noise"], order.get(r["method"], len(order)),
                              r["method"]))
     return rows
@@ -439,7 +351,7 @@ def paired_comparisons(records: Iterable[dict[str, Any]], counterparts: Optional
                        ) -> list[dict[str, Any]]:
     """Per (task, setting, method with a counterpart): test-accuracy differences over the seeds both have."""
     counterparts = counterparts if counterparts is not None else {
-        m.key: m.counterpart for m in METHODS if m.counterpart}
+        m.key: m.counterpart for m in GENERALIZATION_METHODS if m.counterpart}
     by_key: dict[tuple, dict[int, float]] = defaultdict(dict)
     for r in final_runs(records):
         by_key[group_key(r)][r["seed"]] = r["test_accuracy"]
@@ -523,7 +435,7 @@ def call_protocol(command: str) -> str:
 def markdown_report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     rows = aggregate(records)
     pairs = {(p["task"], p["shots"], p["label_noise"], p["method"]): p for p in paired_comparisons(records)}
-    labels = {m.key: m.label for m in METHODS}
+    labels = {m.key: m.label for m in GENERALIZATION_METHODS}
     lines = ["# Generalization (`python -m benchmarks.generalization`)", ""]
     if meta.get("quick"):
         lines += ["**QUICK MODE** — a tiny budget (a few optimizer steps, a handful of validation/test examples) that "
@@ -617,7 +529,7 @@ def plot(records: list[dict[str, Any]], path: str) -> Optional[str]:
     for ax, ((task, shots, noise), group) in zip(axes.flat, sorted(panels.items())):
         means = [100 * r["test_mean"] for r in group]
         errs = [100 * r["test_std"] for r in group]
-        colors = ["#dd8452" if METHOD_BY_KEY.get(r["method"]) and METHOD_BY_KEY[r["method"]].counterpart
+        colors = ["#dd8452" if GENERALIZATION_BY_KEY.get(r["method"]) and GENERALIZATION_BY_KEY[r["method"]].counterpart
                   else "#4c72b0" for r in group]
         ax.bar(range(len(group)), means, yerr=errs, capsize=3, color=colors)
         ax.set_xticks(range(len(group)), [r["method"] for r in group], rotation=60, ha="right", fontsize=7)
@@ -700,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Generalization benchmark (see the module docstring).")
     parser.add_argument("--quick", action="store_true", help="tiny budget, 2 settings, 2 seeds: proves the pipeline")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    parser.add_argument("--methods", nargs="+", choices=list(METHOD_BY_KEY), default=None,
+    parser.add_argument("--methods", nargs="+", choices=list(GENERALIZATION_BY_KEY), default=None,
                         help="default: all (a method's counterpart is added when missing)")
     parser.add_argument("--no-counterparts", action="store_true",
                         help="run exactly --methods, without adding their un-regularized counterparts (to split one "
@@ -766,15 +678,15 @@ def plan_call(args: argparse.Namespace) -> CallPlan:
         raise ValueError("--lr-only searches the learning rate; drop --lr-only or --no-search")
     multipliers = [1.0] if args.no_search else list(
         args.lr_multipliers or (QUICK_LR_MULTIPLIERS if quick else LR_MULTIPLIERS))
-    chosen = set(args.methods or METHOD_BY_KEY)
+    chosen = set(args.methods or GENERALIZATION_BY_KEY)
     if not args.no_counterparts:
-        chosen |= {METHOD_BY_KEY[k].counterpart for k in list(chosen) if METHOD_BY_KEY[k].counterpart}
-    methods = [m for m in METHODS if m.key in chosen]
+        chosen |= {GENERALIZATION_BY_KEY[k].counterpart for k in list(chosen) if GENERALIZATION_BY_KEY[k].counterpart}
+    methods = [m for m in GENERALIZATION_METHODS if m.key in chosen]
     if args.tsrs_weights:
         if any(w < 0 for w in args.tsrs_weights):
             raise ValueError(f"--tsrs-weights must be >= 0, got {args.tsrs_weights}")
         grid = tsrs_grid(args.tsrs_weights)
-        methods = [replace(m, hparams=grid) if m.hparams == _TSRS_GRID else m for m in methods]
+        methods = [replace(m, hparams=grid) if m.hparams == TSRS_GRID else m for m in methods]
     if args.distance_ratios:
         if any(r <= 0 for r in args.distance_ratios):
             raise ValueError(f"--distance-ratios must be > 0, got {args.distance_ratios}")

@@ -41,41 +41,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from . import CONFIGS, RESULTS
+from . import RESULTS
+from .methods import OVERHEAD_BY_KEY, OVERHEAD_METHODS, Method, recipe_files
 from .stats import iqr, median, paired_ratio, ratio_of_medians
 
 MB = 1024 * 1024
 
 
 # ---------------------------------------------------------------------------------------------- what is measured
-@dataclass(frozen=True)
-class Method:
-    key: str
-    label: str
-    files: tuple[str, ...]  # method recipe files (relative to configs/methods)
-    overrides: tuple[str, ...] = ()
-    base: Optional[str] = None  # the un-regularized counterpart
-    equal_params_lora: bool = False  # LoRA with per-module ranks matching RLRR's trainable parameter count
-
-
-METHODS: tuple[Method, ...] = (
-    Method("lora", "LoRA r8", ("lora.yaml",)),
-    Method("lora+tsrs", "LoRA r8 + TSRS", ("tsrs_lora.yaml",), base="lora"),
-    Method("rlrr", "RLRR r1", ("rlrr.yaml",)),
-    Method("rlrr+tsrs", "RLRR r1 + TSRS", ("tsrs.yaml",), base="rlrr"),
-    Method("lora-eqp", "LoRA, RLRR's #params", ("lora.yaml",), equal_params_lora=True),
-    Method("pace", "PACE adapter (noise, no consistency)", ("pace.yaml",), ("regularizers.pace_weight=0",)),
-    Method("pace-full", "PACE full", ("pace.yaml",), base="pace"),
-    Method("pace-fast", "PACE fast", ("pace_fast.yaml",), base="pace"),
-    Method("pace-lazy", "PACE lazy (k=2)", ("pace.yaml",), ("regularizers.pace_mode=lazy",), base="pace"),
-    Method("full", "full FT", ("full.yaml",)),
-    Method("full+distance", "full FT + distance projection", ("distance.yaml",), base="full"),
-    Method("full+selflabel", "full FT + distance + self-labeling", ("self_labeling.yaml",),
-           ("regularizers.label_correction_start_epoch=0", "regularizers.reweight_start_epoch=0"), base="full"),
-)
-METHOD_BY_KEY = {m.key: m for m in METHODS}
-
-
 @dataclass(frozen=True)
 class Check:
     key: str
@@ -232,8 +205,7 @@ def _quiet():
 def _recipe(setup: ModelSetup, method: Method, workdir: str, extra: Sequence[str] = ()):
     from peft_tsrs.app.recipes import load_recipe
 
-    files = [os.path.join(CONFIGS, "tasks", setup.task_file)] + [os.path.join(CONFIGS, "methods", f) for f in
-                                                                method.files]
+    files = recipe_files(setup.task_file, method)
     overrides = [*setup.overrides, *method.overrides, f"training.batch_size={setup.batch_size}",
                  f"output_dir={workdir}", f"name={setup.key}-{method.key}", "diagnostics=false", *extra]
     return load_recipe(files, overrides)
@@ -433,7 +405,7 @@ def run_model(setup: ModelSetup, methods: Sequence[Method], steps: int, warmup: 
 
     methods_out = {}
     for k, e in entries.items():
-        base_key = e.method.base
+        base_key = e.method.counterpart
         base = entries.get(base_key) if base_key else None
         methods_out[k] = {
             "label": e.method.label, "method": e.recipe.method, "base": base_key,
@@ -702,9 +674,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet()
-    methods = METHODS if not args.methods else tuple(METHOD_BY_KEY[k] for k in args.methods)
-    needed = {m.base for m in methods if m.base} | {c.base for c in CHECKS if c.method in {m.key for m in methods}}
-    methods = tuple(m for m in METHODS if m in methods or m.key in needed)
+    methods = OVERHEAD_METHODS if not args.methods else tuple(OVERHEAD_BY_KEY[k] for k in args.methods)
+    needed = ({m.counterpart for m in methods if m.counterpart}
+              | {c.base for c in CHECKS if c.method in {m.key for m in methods}})
+    methods = tuple(m for m in OVERHEAD_METHODS if m in methods or m.key in needed)
 
     def log(msg: str) -> None:
         print(msg, flush=True)

@@ -12,11 +12,14 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `benchmarks` without `python -m`
 
-from benchmarks import RESULTS, ROOT  # noqa: E402
+from benchmarks import CONFIGS, RESULTS, ROOT  # noqa: E402
 from benchmarks import generalization as gen  # noqa: E402
+from benchmarks import methods as registry  # noqa: E402
 from benchmarks import overhead as oh  # noqa: E402
 from benchmarks import run_all  # noqa: E402
 from benchmarks import stats  # noqa: E402
+
+METHOD = registry.GENERALIZATION_BY_KEY  # the generalization benchmark's methods by key
 
 
 # ---------------------------------------------------------------------------------------------- overhead helpers
@@ -152,14 +155,20 @@ def test_analysis_notes_describe_the_shipped_code():
     assert "release()" in notes["TSRS"]
 
 
+def test_the_plan_names_registered_methods_only():
+    assert registry.cli_methods("lora", "pace") == ("--methods", "lora", "pace")
+    with pytest.raises(KeyError, match="nope"):
+        registry.cli_methods("lora", "nope")
+
+
 def test_every_check_names_known_methods():
-    keys = {m.key for m in oh.METHODS}
+    keys = {m.key for m in registry.OVERHEAD_METHODS}
     for check in oh.CHECKS:
         assert check.method in keys and check.base in keys
-    for m in oh.METHODS:
-        assert m.base is None or m.base in keys
+    for m in registry.OVERHEAD_METHODS:
+        assert m.counterpart is None or m.counterpart in keys
         for f in m.files:
-            assert os.path.isfile(os.path.join(oh.CONFIGS, "methods", f))
+            assert os.path.isfile(os.path.join(CONFIGS, "methods", f))
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -298,7 +307,7 @@ def test_tags_dirs_and_grids(tmp_path):
     assert gen.lr_grid(1e-2, (0.3, 1.0, 3.0)) == [0.003, 0.01, 0.03]
     assert gen.parse_settings(["8", "32:0.2"]) == [gen.Setting(8), gen.Setting(32, 0.2)]
     assert gen.Setting(32, 0.4).key == "32shot-noise40"
-    spec = gen.spec_for(str(tmp_path), gen.TASKS["wordnet"], gen.Setting(8), gen.METHOD_BY_KEY["lora+tsrs"], 0.01,
+    spec = gen.spec_for(str(tmp_path), gen.TASKS["wordnet"], gen.Setting(8), METHOD["lora+tsrs"], 0.01,
                         ("regularizers.tsrs_weight=0.1",), 3, "seed")
     assert spec.run_dir == os.path.join(str(tmp_path), "wordnet", "8shot-noise0", "lora+tsrs",
                                         "lr0.01-tsrs_weight0.1-s3")
@@ -309,14 +318,17 @@ def test_tags_dirs_and_grids(tmp_path):
 def test_methods_are_consistent_and_recipes_load():
     from peft_tsrs.app.recipes import load_recipe
 
-    for m in gen.METHODS:
-        assert m.counterpart is None or m.counterpart in gen.METHOD_BY_KEY
+    for m in registry.GENERALIZATION_METHODS:
+        assert m.counterpart is None or m.counterpart in registry.GENERALIZATION_BY_KEY
+        for f in m.files:
+            assert os.path.isfile(os.path.join(CONFIGS, "methods", f))
         for task in gen.TASKS.values():
             for hp in m.hparams:
-                recipe = load_recipe(gen.recipe_files(task, m), [*m.overrides, *m.per_task.get(task.key, ()), *hp])
+                overrides = [*m.overrides, *m.per_task.get(task.key, ()), *hp]
+                recipe = load_recipe(registry.recipe_files(task.file, m), overrides)
                 assert recipe.regularizers.is_noop == (m.counterpart is None), m.key
-    assert gen.default_lr(gen.TASKS["fmnist"], gen.METHOD_BY_KEY["full"]) == pytest.approx(3e-4)
-    assert gen.default_lr(gen.TASKS["wordnet"], gen.METHOD_BY_KEY["full"]) == pytest.approx(5e-5)
+    assert gen.default_lr(gen.TASKS["fmnist"], METHOD["full"]) == pytest.approx(3e-4)
+    assert gen.default_lr(gen.TASKS["wordnet"], METHOD["full"]) == pytest.approx(5e-5)
 
 
 class FakeRunner:
@@ -341,7 +353,7 @@ def test_a_run_shared_by_two_processes_is_trained_once(tmp_path):
     lock, then reads its metrics; it neither trains the run again nor deletes the unfinished folder."""
     import threading
 
-    spec = gen.spec_for(str(tmp_path), gen.TASKS["wordnet"], gen.Setting(8), gen.METHOD_BY_KEY["lora"], 0.01, (), 0,
+    spec = gen.spec_for(str(tmp_path), gen.TASKS["wordnet"], gen.Setting(8), METHOD["lora"], 0.01, (), 0,
                         "select")
     inner, started, release = FakeRunner(), threading.Event(), threading.Event()
 
@@ -368,7 +380,7 @@ def test_a_run_shared_by_two_processes_is_trained_once(tmp_path):
 
 
 def _grid(tmp_path, runner, seeds=(0, 1, 2)):
-    methods = [gen.METHOD_BY_KEY["lora"], gen.METHOD_BY_KEY["lora+tsrs"]]
+    methods = [METHOD["lora"], METHOD["lora+tsrs"]]
     return gen.run_grid([gen.TASKS["wordnet"]], [gen.Setting(8)], methods, list(seeds), [], str(tmp_path),
                         runner=runner, log=lambda _: None, lrs_for=lambda t, m: [0.003, 0.01, 0.03])
 
@@ -444,9 +456,9 @@ def test_no_search_runs_each_method_at_its_recipe_configuration(tmp_path, monkey
     # lora and lora+tsrs (the counterpart is added), one configuration each, two seeds: no selection runs
     assert sorted((s.method, s.seed) for s in runner.specs) == [("lora", 0), ("lora", 1), ("lora+tsrs", 0),
                                                                  ("lora+tsrs", 1)]
-    lora_lr = gen.default_lr(gen.TASKS["wordnet"], gen.METHOD_BY_KEY["lora"])
+    lora_lr = gen.default_lr(gen.TASKS["wordnet"], METHOD["lora"])
     assert {s.lr for s in runner.specs} == {lora_lr}
-    assert {s.hparams for s in runner.specs if s.method == "lora+tsrs"} == {gen._TSRS_GRID[0]}
+    assert {s.hparams for s in runner.specs if s.method == "lora+tsrs"} == {registry.TSRS_GRID[0]}
     assert all("diagnostics=false" in s.overrides for s in runner.specs)
     report = (tmp_path / "out" / "generalization.md").read_text()
     assert "no search" in report and "--no-search" in report
@@ -457,7 +469,7 @@ def test_no_search_runs_each_method_at_its_recipe_configuration(tmp_path, monkey
 def test_select_on_clean_reuses_the_clean_selection_for_noisy_settings(tmp_path):
     runner = FakeRunner()
     records = gen.run_grid([gen.TASKS["wordnet"]], [gen.Setting(8), gen.Setting(8, 0.4)],
-                           [gen.METHOD_BY_KEY["lora"]], [0, 1], [], str(tmp_path), runner=runner,
+                           [METHOD["lora"]], [0, 1], [], str(tmp_path), runner=runner,
                            log=lambda _: None, lrs_for=lambda t, m: [0.003, 0.01, 0.03], select_on_clean=True)
     noisy = [os.path.relpath(c, tmp_path) for c in runner.calls if "noise40" in c]
     assert sorted(noisy) == [os.path.join("wordnet", "8shot-noise40", "lora", f"lr0.01-s{s}") for s in (0, 1)]
@@ -466,7 +478,7 @@ def test_select_on_clean_reuses_the_clean_selection_for_noisy_settings(tmp_path)
         ("8shot-noise0", 0), ("8shot-noise0", 1), ("8shot-noise40", 0), ("8shot-noise40", 1)}
     # without the option the noisy setting selects on its own validation split
     again = FakeRunner()
-    gen.run_grid([gen.TASKS["wordnet"]], [gen.Setting(8, 0.2)], [gen.METHOD_BY_KEY["lora"]], [0], [], str(tmp_path),
+    gen.run_grid([gen.TASKS["wordnet"]], [gen.Setting(8, 0.2)], [METHOD["lora"]], [0], [], str(tmp_path),
                  runner=again, log=lambda _: None, lrs_for=lambda t, m: [0.003, 0.01, 0.03])
     assert len(again.calls) == 3
 
@@ -554,10 +566,10 @@ def test_lr_only_searches_the_learning_rate_at_the_first_grid_point(tmp_path, mo
     gen.main(["--tasks", "wordnet", "--settings", "32", "--lr-multipliers", "1", "0.2", "--lr-only", "--methods",
               "lora+tsrs", "--no-counterparts", "--seeds", "0", "1", "--runs", str(tmp_path / "runs"),
               "--out", str(out)])
-    base = gen.default_lr(gen.TASKS["wordnet"], gen.METHOD_BY_KEY["lora+tsrs"])
+    base = gen.default_lr(gen.TASKS["wordnet"], METHOD["lora+tsrs"])
     selection = [s for s in runner.specs if s.seed == 0]
     assert sorted(s.lr for s in selection) == sorted([base, 0.2 * base])  # 2 lrs, not 2 lrs x 2 TSRS weights
-    assert {s.hparams for s in runner.specs} == {gen._TSRS_GRID[0]}
+    assert {s.hparams for s in runner.specs} == {registry.TSRS_GRID[0]}
     # FakeRunner's validation accuracy peaks at lr 1e-2, so the larger rate is chosen and seed 1 runs at it
     assert [s.lr for s in runner.specs if s.seed == 1] == [base]
     report = (out / "generalization.md").read_text()
@@ -582,7 +594,7 @@ def _two_seed_wordnet_call(tmp_path, monkeypatch, *args: str):
 
 def test_tsrs_weights_set_the_lambda_grid_and_keep_the_run_names(tmp_path, monkeypatch):
     # the default grid's run names are those of the committed runs (tsrs_weight0.1, tsrs_weight1.0)
-    assert [gen.config_tag(0.01, h) for h in gen._TSRS_GRID] == ["lr0.01-tsrs_weight0.1", "lr0.01-tsrs_weight1.0"]
+    assert [gen.config_tag(0.01, h) for h in registry.TSRS_GRID] == ["lr0.01-tsrs_weight0.1", "lr0.01-tsrs_weight1.0"]
     specs, meta, report = _two_seed_wordnet_call(tmp_path, monkeypatch, "--settings", "32", "--lr-multipliers", "0.4",
                                                  "--methods", "lora+tsrs", "--tsrs-weights", "0.1", "0.03", "0.01")
     selection = [s.hparams for s in specs if s.seed == 0]
@@ -603,10 +615,10 @@ def test_tsrs_weights_set_the_lambda_grid_and_keep_the_run_names(tmp_path, monke
 
 
 def test_distance_ratios_set_the_self_labeling_radius_grid(tmp_path, monkeypatch):
-    shipped = gen.recipe_distance_ratio()
+    shipped = registry.recipe_distance_ratio()
     assert shipped == 0.05  # configs/methods/self_labeling.yaml
     # the recipe's ratio is the empty point: its runs keep the names of the runs made without the grid
-    assert gen.distance_grid([0.05, 0.2]) == ((), ("regularizers.distance_ratio=0.2",))
+    assert registry.distance_grid([0.05, 0.2]) == ((), ("regularizers.distance_ratio=0.2",))
     specs, meta, report = _two_seed_wordnet_call(tmp_path, monkeypatch, "--settings", "8", "--lr-multipliers", "10",
                                                  "--methods", "full+selflabel", "--distance-ratios", "0.05", "0.1", "0.2")
     selection = [s for s in specs if s.seed == 0]
@@ -628,7 +640,7 @@ def test_distance_ratios_set_the_self_labeling_radius_grid(tmp_path, monkeypatch
     plan = gen.plan_call(gen.build_parser().parse_args(["--no-search", "--distance-ratios", "0.1", "0.05"]))
     grids = {m.key: m.hparams for m in plan.methods}
     assert grids["full+selflabel"] == (("regularizers.distance_ratio=0.1",),)
-    assert grids["full"] == ((),) and grids["lora+tsrs"] == gen._TSRS_GRID[:1]
+    assert grids["full"] == ((),) and grids["lora+tsrs"] == registry.TSRS_GRID[:1]
     with pytest.raises(ValueError, match="--distance-ratios"):
         gen.plan_call(gen.build_parser().parse_args(["--distance-ratios", "0"]))
 
