@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from . import RESULTS
 from .methods import OVERHEAD_BY_KEY, OVERHEAD_METHODS, Method, recipe_files
+from .notes import note
 from .stats import iqr, median, paired_ratio, ratio_of_medians
 
 MB = 1024 * 1024
@@ -730,8 +731,13 @@ def write_report(results: dict[str, Any], out: str) -> dict[str, Any]:
     return results
 
 
+def _note(key: str, **values: Any) -> str:
+    return note("overhead", key, **values)
+
+
 def analysis_notes(results: dict[str, Any]) -> dict[str, str]:
-    """Explanations of the measured ratios, with the numbers filled in from ``results``."""
+    """Explanations of the measured ratios: the prose of ``benchmarks/notes/overhead.md``, with the numbers filled
+    in from ``results``."""
     notes: dict[str, str] = {}
     models = results["models"]
     if any(_check(r, "tsrs-lora") or _check(r, "tsrs-rlrr") for r in models.values()):
@@ -740,112 +746,63 @@ def analysis_notes(results: dict[str, Any]) -> dict[str, str]:
             inj = res.get("inject_layer_tsrs")
             if inj:
                 n, i = inj["blocks"], inj["inject_layer"]
-                expected.append(f"{model}: blocks {i}..{n - 1} of {n} doubled → (I + 2(n−I))/n = "
-                                f"{(i + 2 * (n - i)) / n:.2f}")
-        mm = [f"{m} +{_op_ms(r, 'tsrs-lora', 'aten::mm', 'aten::addmm', 'aten::bmm'):.0f} ms of GEMMs"
-              for m, r in models.items() if _check(r, "tsrs-lora")]
+                expected.append(_note("TSRS / expected", model=model, inject=i, last=n - 1, blocks=n,
+                                      factor=(i + 2 * (n - i)) / n))
+        gemms = [_note("TSRS / GEMMs", model=m, ms=_op_ms(r, "tsrs-lora", "aten::mm", "aten::addmm", "aten::bmm"))
+                 for m, r in models.items() if _check(r, "tsrs-lora")]
         pairs = [(_check(r, "tsrs-lora"), _check(r, "tsrs-rlrr")) for r in models.values()]
-        lora_vs_rlrr = ""
-        if pairs and all(a and b and a["ratio"] > b["ratio"] for a, b in pairs):
-            lora_vs_rlrr = (" LoRA's ratio is above RLRR's because all of LoRA's cost grows with the batch, while "
-                            "part of RLRR's (composing W0 ⊙ (L R), the gradients of L and R from the dense weight "
-                            "gradient) does not.")
-        notes["TSRS"] = (
-            f"LoRA+TSRS {_ratios(results, 'tsrs-lora')}; RLRR+TSRS {_ratios(results, 'tsrs-rlrr')}. The noisy pass "
-            f"starts at block I (hooks duplicate the hidden states there), so the cost is that of running the blocks "
-            f"from I on, the head and the loss on 2B rows: {'; '.join(expected)} of the block compute. The profile "
-            f"difference to the base is the GEMMs of the doubled blocks ({', '.join(mm)} per step for LoRA) and "
-            f"their dropout masks; the TSRS term itself (relative norms of the measured block outputs) does not "
-            f"show.{lora_vs_rlrr} "
-            f"Memory grows by the same factor (activations of the doubled blocks). The recorded block outputs "
-            f"([2B, T, H] each, from block I on) do not outlive the step: `TSRSTrainer._training_loss` calls "
-            f"`NoiseStability.release()` once `terms['loss_tsrs']` is built.")
+        above = bool(pairs) and all(a and b and a["ratio"] > b["ratio"] for a, b in pairs)
+        notes["TSRS"] = _note("TSRS", lora=_ratios(results, "tsrs-lora"), rlrr=_ratios(results, "tsrs-rlrr"),
+                              expected="; ".join(expected), gemms=", ".join(gemms),
+                              lora_above_rlrr=" " + _note("TSRS / LoRA above RLRR") if above else "")
     if any(_check(r, "pace-full") for r in models.values()):
-        mem = ", ".join(f"{m} {_check(r, 'pace-full')['memory_ratio']:.2f}×" for m, r in models.items()
-                        if _check(r, "pace-full"))
-        notes["PACE"] = (
-            f"Full {_ratios(results, 'pace-full')}: the batch is duplicated in one forward (shared dropout masks), so "
-            f"every activation, GEMM and dropout mask is doubled; only the optimizer step and the composition of "
-            f"the adapter weights are not (step peak memory {mem}). Fast {_ratios(results, 'pace-fast')}: one pass, "
-            f"the consistency term reads the stored logits of the same examples (a [N, classes] table) — no extra "
-            f"forward. Lazy {_ratios(results, 'pace-lazy')}: every second step runs half a batch twice (= one "
-            f"normal batch), so the median step equals the base.")
+        memory = ", ".join(_note("PACE / memory", model=m, ratio=_check(r, "pace-full")["memory_ratio"])
+                           for m, r in models.items() if _check(r, "pace-full"))
+        notes["PACE"] = _note("PACE", full=_ratios(results, "pace-full"), memory=memory,
+                              fast=_ratios(results, "pace-fast"), lazy=_ratios(results, "pace-lazy"))
     dist = [(m, r) for m, r in models.items() if _check(r, "distance")]
     if dist:
-        parts = []
-        for m, r in dist:
-            meth = r["methods"]
-            if not all(k in meth for k in ("full", "full+distance")):
-                continue
-            full, dist_m = meth["full"], meth["full+distance"]
-            extra = 1000 * (dist_m["median_step_s"] - full["median_step_s"])
-            faults = dist_m.get("page_faulted_mb_per_step", float("nan")) - full.get("page_faulted_mb_per_step",
-                                                                                       float("nan"))
-            proj = r.get("projection") or {}
-            alone = ""
-            if proj.get("ms") is not None:
-                frac = proj.get("fraction_of_full_step")
-                alone = (f"; measured alone (outside the step, on the trained weights) {proj['ms']:.1f} ms"
-                         + ("" if frac is None else f", {100 * frac:.1f}% of a full fine-tuning step"))
-            ops = _op_ms(r, "distance", "aten::sub", "aten::add", "aten::linalg_vector_norm")
-            noise = ""
-            spread = 1000 * max(full.get("iqr_step_s", 0.0), dist_m.get("iqr_step_s", 0.0))
-            if proj.get("ms") is not None and extra > 2 * proj["ms"] and extra <= spread:
-                paired = dist_m.get("time_ratio_paired")
-                noise = (f" — the step difference beyond the projection's own {proj['ms']:.1f} ms is smaller than "
-                         f"the steps' IQR ({spread:.0f} ms), i.e. load noise of the shared machine"
-                         + ("" if paired is None else f" (paired ratio {paired:.2f}×)"))
-            parts.append(f"{m}: {proj.get('elements', 0) / 1e6:.1f}M constrained weights in "
-                         f"{proj.get('weights', 0)} tensors; the distance step is {extra:+.0f} ms and "
-                         f"{faults:+.0f} MB of page-faulted memory per step above full fine-tuning (the profiler "
-                         f"attributes {ops:.0f} ms to `sub`/`add`/`linalg_vector_norm`){alone}{noise}")
-        notes["Distance projection"] = (
-            f"{_ratios(results, 'distance')}. {'; '.join(parts)}. The projection touches every constrained weight "
-            f"after every step, so its cost scales with the model (MiniLM's 11.7M-entry word-embedding matrix "
-            f"included), not with the batch. As shipped (peft_tsrs/regularizers/distance.py, "
-            f"`DistanceConstraint.project`), Δ = W − W0 is written into one scratch buffer reused across tensors "
-            f"and steps (`_scratch_delta`: `torch.sub(param, anchor, out=...)`, no clone), its norm is read, and only "
-            f"a tensor outside its ball is rescaled and written back with `torch.add(anchor, Δ, out=param.data)`; "
-            f"the head (anchored at zero) is scaled in place. A step inside the balls is thus one subtraction and "
-            f"one norm per weight, with no fresh full-size temporaries per step; what remains is that arithmetic, "
-            f"memory-bound over all constrained entries. The profile is `profiles.distance` in overhead.json.")
+        parts = [_distance_part(m, r) for m, r in dist if all(k in r["methods"] for k in ("full", "full+distance"))]
+        notes["Distance projection"] = _note("Distance projection", ratios=_ratios(results, "distance"),
+                                             parts="; ".join(parts))
     if any(_check(r, "self-labeling") for r in models.values()):
-        notes["Self-labeling"] = (
-            f"{_ratios(results, 'self-labeling')} vs full fine-tuning: the distance projection (the recipe includes "
-            f"it) plus, per step, a softmax of the logits copied to the CPU for label correction and a per-example "
-            f"reweighted loss — the latter two are not measurable next to the projection.")
+        notes["Self-labeling"] = _note("Self-labeling", ratios=_ratios(results, "self-labeling"))
     if any(_check(r, "rlrr-vs-lora") for r in models.values()):
-        gemm = [f"{m}: +{_op_ms(r, 'rlrr-vs-lora', 'aten::mm', 'aten::addmm'):.0f} ms of GEMMs per step"
-                for m, r in models.items() if _check(r, "rlrr-vs-lora")]
+        key = "RLRR vs LoRA at equal parameters"
+        gemms = [_note(f"{key} / GEMMs", model=m, ms=_op_ms(r, "rlrr-vs-lora", "aten::mm", "aten::addmm"))
+                 for m, r in models.items() if _check(r, "rlrr-vs-lora")]
         missed = [m for m, r in models.items() if (_check(r, "rlrr-vs-lora") or {}).get("verdict") == "MISS"
                   and _check(r, "rlrr-vs-lora")["ratio"] > _check(r, "rlrr-vs-lora")["target"] + BORDERLINE]
-        miss = f"The miss ({', '.join(missed)}) is " if missed else "RLRR's extra cost is "
-        notes["RLRR vs LoRA at equal parameters"] = (
-            f"{_ratios(results, 'rlrr-vs-lora')} (LoRA ranks chosen per module so the trainable counts are equal; "
-            f"RLRR vs full fine-tuning: {_ratios(results, 'rlrr-vs-full')}). {miss}structural, not an "
-            f"implementation overhead: RLRR trains W' = W0 + W0 ⊙ (L R), and the gradient of L and R is "
-            f"(∂L/∂W' ⊙ W0) Rᵀ and Lᵀ(∂L/∂W' ⊙ W0), which needs the dense weight gradient ∂L/∂W' = gᵀx — one extra "
-            f"T·d_in·d_out GEMM per adapted linear per step (any exact alternative, e.g. the factored "
-            f"y = xW0ᵀ + l ⊙ ((x ⊙ r)W0ᵀ), costs one GEMM more in forward and one in backward instead). LoRA's "
-            f"gradients go through its rank-r factors (T·r·(d_in+d_out)), so per adapted linear LoRA does 2 dense "
-            f"GEMMs (forward, input gradient) and RLRR 3 — the same 3 as full fine-tuning, which is why RLRR's step "
-            f"costs about what full fine-tuning's does. Profile: {'; '.join(gemm)}. With 1024 tokens per batch and "
-            f"d = 384/1536 (MiniLM) the GEMMs dominate the step; on the ViT (d = 128/256) per-op overhead dominates "
-            f"and the two are within noise. The compose is not the problem: `RLRRLayer.compose` "
-            f"(peft_tsrs/tuners/rlrr/layer.py) builds W0 + W0 ⊙ (L R) with one fused `torch.addcmul` per forward, "
-            f"an elementwise pass over W0 that is small next to the GEMMs. The target \"RLRR step ≤ LoRA step\" "
-            f"cannot be met by RLRR's parametrization on a GEMM-bound model; a target that can: RLRR step ≤ full "
-            f"fine-tuning step.")
-    infer = []
-    for m, r in models.items():
-        for k, v in r["inference"]["models"].items():
-            infer.append(f"{m} {k} {v['ratio']:.2f}×")
+        cause = _note(f"{key} / missed", models=", ".join(missed)) if missed else _note(f"{key} / met")
+        notes[key] = _note(key, ratios=_ratios(results, "rlrr-vs-lora"), vs_full=_ratios(results, "rlrr-vs-full"),
+                           cause=cause, gemms="; ".join(gemms))
+    infer = [_note("Inference / model", model=m, merged=k, ratio=v["ratio"])
+             for m, r in models.items() for k, v in r["inference"]["models"].items()]
     if infer:
-        notes["Inference"] = (
-            f"{', '.join(infer)}. `merge_and_unload` returns the plain transformers class with the same number of "
-            f"parameters (checked), so the merged forward is the plain forward; the logits match the unmerged "
-            f"adapter to float rounding (last column).")
+        notes["Inference"] = _note("Inference", models=", ".join(infer))
     return notes
+
+
+def _distance_part(model: str, res: dict[str, Any]) -> str:
+    """The distance projection on one model: its size, the step and page faults it adds, its time alone."""
+    full, dist = res["methods"]["full"], res["methods"]["full+distance"]
+    extra = 1000 * (dist["median_step_s"] - full["median_step_s"])
+    faults = dist.get("page_faulted_mb_per_step", float("nan")) - full.get("page_faulted_mb_per_step", float("nan"))
+    proj = res.get("projection") or {}
+    alone = load_noise = ""
+    if proj.get("ms") is not None:
+        frac = proj.get("fraction_of_full_step")
+        alone = _note("Distance projection / alone", ms=proj["ms"]) + (
+            "" if frac is None else _note("Distance projection / alone, share of a step", percent=100 * frac))
+    spread = 1000 * max(full.get("iqr_step_s", 0.0), dist.get("iqr_step_s", 0.0))
+    if proj.get("ms") is not None and extra > 2 * proj["ms"] and extra <= spread:
+        paired = dist.get("time_ratio_paired")
+        load_noise = " " + _note("Distance projection / load noise", ms=proj["ms"], spread_ms=spread) + (
+            "" if paired is None else " " + _note("Distance projection / load noise, paired", paired=paired))
+    return _note("Distance projection / model", model=model, elements_m=proj.get("elements", 0) / 1e6,
+                 weights=proj.get("weights", 0), extra_ms=extra, faulted_mb=faults,
+                 ops_ms=_op_ms(res, "distance", "aten::sub", "aten::add", "aten::linalg_vector_norm"), alone=alone,
+                 load_noise=load_noise)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,22 @@ def test_analysis_notes_describe_the_shipped_code():
     assert "release()" in notes["TSRS"]
 
 
+def test_notes_are_one_paragraph_a_section(tmp_path, monkeypatch):
+    from benchmarks import notes
+
+    sections = notes.sections("overhead")
+    assert list(sections)[:1] == ["TSRS"] and "Distance projection / load noise" in sections
+    assert all(text and "\n" not in text and "  " not in text for text in sections.values())
+    assert notes.note("overhead", "PACE / memory", model="vit", ratio=1.854) == "vit 1.85×"
+    (tmp_path / "twice.md").write_text("comment\n## a\none\ntwo\n\n## b\nthree\n## a\nfour\n")
+    monkeypatch.setattr(notes, "HERE", str(tmp_path))
+    with pytest.raises(ValueError, match="'a' twice"):
+        notes.sections("twice")
+    (tmp_path / "once.md").write_text("comment\n## a\none\n  two\n\n## b\nthree {x:.1f}\n")
+    assert notes.sections("once") == {"a": "one two", "b": "three {x:.1f}"}
+    assert notes.note("once", "b", x=2) == "three 2.0"
+
+
 def test_the_plan_names_registered_methods_only():
     assert registry.cli_methods("lora", "pace") == ("--methods", "lora", "pace")
     with pytest.raises(KeyError, match="nope"):
