@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from benchmarks import RESULTS  # noqa: E402
 from benchmarks import collapse_probe  # noqa: E402
-from benchmarks import generalization as gen  # noqa: E402
+from benchmarks.generalization import results as gen_results  # noqa: E402
 from benchmarks import overhead as oh  # noqa: E402
 
 GENERALIZATION_FOLDERS = sorted(d for d in os.listdir(RESULTS)
@@ -32,9 +32,9 @@ def _committed(*parts: str) -> bytes:
 
 @pytest.mark.parametrize("folder", GENERALIZATION_FOLDERS)
 def test_generalization_report_regenerates_byte_identical(folder, tmp_path, monkeypatch):
-    runs, meta = gen.read_results(os.path.join(RESULTS, folder))
-    monkeypatch.setattr(gen, "plot", lambda records, path: None)  # the PNG depends on the matplotlib build
-    gen.write_outputs(runs, meta, str(tmp_path))
+    runs, meta = gen_results.read_results(os.path.join(RESULTS, folder))
+    monkeypatch.setattr(gen_results, "plot", lambda records, path: None)  # the PNG depends on the matplotlib build
+    gen_results.write_outputs(runs, meta, str(tmp_path))
     written = json.loads((tmp_path / "generalization.json").read_text())
     committed = json.loads(_committed(folder, "generalization.json"))
     assert len(written["paired"]) == len(committed["paired"])

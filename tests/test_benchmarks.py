@@ -18,6 +18,10 @@ from benchmarks import methods as registry  # noqa: E402
 from benchmarks import overhead as oh  # noqa: E402
 from benchmarks import run_all  # noqa: E402
 from benchmarks import stats  # noqa: E402
+from benchmarks.generalization import calls as cli  # noqa: E402
+from benchmarks.generalization import grid, running, tables  # noqa: E402
+from benchmarks.generalization import report as gen_report  # noqa: E402
+from benchmarks.generalization import results as gen_results  # noqa: E402
 
 METHOD = registry.GENERALIZATION_BY_KEY  # the generalization benchmark's methods by key
 
@@ -237,7 +241,7 @@ def test_sign_test_exact():
 
 def _rec(task, method, seed, test, val=None, shots=8, noise=0.0, selected=True, phase="seed", lr=1e-2,
          loss=1.0):
-    return {"task": task, "shots": shots, "label_noise": noise, "setting": gen.Setting(shots, noise).key,
+    return {"task": task, "shots": shots, "label_noise": noise, "setting": grid.Setting(shots, noise).key,
             "method": method, "phase": phase, "seed": seed, "lr": lr, "hparams": [], "config": f"lr{lr:.3g}",
             "selected": selected, "validation_accuracy": test if val is None else val, "validation_loss": loss,
             "test_accuracy": test, "train_time_s": 10.0, "train_steps": 5, "trainable_parameters": 1,
@@ -254,7 +258,7 @@ def _hand_records():
 
 
 def test_aggregate_uses_selected_runs_only():
-    rows = gen.aggregate(_hand_records())
+    rows = tables.aggregate(_hand_records())
     assert [r["method"] for r in rows] == ["lora", "lora+tsrs"]
     lora = rows[0]
     assert lora["n"] == 5 and lora["seeds"] == [0, 1, 2, 3, 4]
@@ -263,7 +267,7 @@ def test_aggregate_uses_selected_runs_only():
 
 
 def test_paired_comparisons_on_hand_numbers():
-    (pair,) = gen.paired_comparisons(_hand_records())
+    (pair,) = tables.paired_comparisons(_hand_records())
     assert pair["method"] == "lora+tsrs" and pair["counterpart"] == "lora"
     assert pair["diffs"] == pytest.approx([0.03, 0.02, 0.01, 0.04, 0.01])
     assert pair["mean_diff"] == pytest.approx(0.022)
@@ -275,41 +279,41 @@ def test_paired_comparisons_on_hand_numbers():
 def test_paired_comparisons_only_on_common_seeds():
     recs = [_rec("fmnist", "rlrr", s, 0.6) for s in range(5)] + [_rec("fmnist", "rlrr+tsrs", s, 0.7)
                                                                  for s in (1, 3)]
-    (pair,) = gen.paired_comparisons(recs)
+    (pair,) = tables.paired_comparisons(recs)
     assert pair["seeds"] == [1, 3] and pair["mean_diff"] == pytest.approx(0.1)
 
 
 def test_select_best_ties():
     rows = [{"validation_accuracy": 0.5, "validation_loss": 1.0}, {"validation_accuracy": 0.6, "validation_loss": 2.0},
             {"validation_accuracy": 0.6, "validation_loss": 1.5}, {"validation_accuracy": 0.6, "validation_loss": 1.5}]
-    assert gen.select_best(rows) is rows[2]
+    assert running.select_best(rows) is rows[2]
     with pytest.raises(ValueError):
-        gen.select_best([])
+        running.select_best([])
 
 
 def test_markdown_report_formatting():
-    text = gen.markdown_report(_hand_records(), {"date": "d", "seeds": [0, 1, 2, 3, 4], "lr_multipliers": [1]})
+    text = gen_report.markdown_report(_hand_records(), {"date": "d", "seeds": [0, 1, 2, 3, 4], "lr_multipliers": [1]})
     assert "## WordNet nouns / MiniLM — 8 shots" in text
     assert "| LoRA r8 | 5 | lr0.01 | 50.0 ± 1.6 | 50.0 ± 1.6 |" in text
     assert "| LoRA + TSRS | 5 | lr0.01 |" in text and "+2.2 ± 1.3 vs lora" in text and "| 5/0 | 0.062 |" in text
     assert "QUICK MODE" not in text
-    assert "QUICK MODE" in gen.markdown_report(_hand_records(), {"quick": True})
+    assert "QUICK MODE" in gen_report.markdown_report(_hand_records(), {"quick": True})
     assert "Best method per setting" in text
 
 
 def test_markdown_report_lists_every_selection_run_of_a_searched_group():
     recs = _hand_records()  # lora: one select run only (not searched), listed nowhere
-    assert "Selection runs" not in gen.markdown_report(recs, {})
+    assert "Selection runs" not in gen_report.markdown_report(recs, {})
     recs += [_rec("wordnet", "lora+tsrs", 0, 0.40, val=0.45, selected=False, phase="select", lr=3e-3),
              _rec("wordnet", "lora+tsrs", 0, 0.60, val=0.55, selected=True, phase="select", lr=1e-2)]
-    text = gen.markdown_report(recs, {})
+    text = gen_report.markdown_report(recs, {})
     assert "| wordnet | 8 shots | LoRA + TSRS | lr0.003 | 45.0 | 40.0 |  |" in text
     assert "| wordnet | 8 shots | LoRA + TSRS | lr0.01 | 55.0 | 60.0 | yes |" in text
     assert "| wordnet | 8 shots | LoRA r8 | lr0.03 |" not in text
 
 
 def test_write_outputs(tmp_path):
-    gen.write_outputs(_hand_records(), {"date": "d"}, str(tmp_path))
+    gen_results.write_outputs(_hand_records(), {"date": "d"}, str(tmp_path))
     data = json.loads((tmp_path / "generalization.json").read_text())
     assert len(data["runs"]) == 11 and len(data["summary"]) == 2 and len(data["paired"]) == 1
     assert (tmp_path / "generalization.md").read_text().startswith("# Generalization")
@@ -318,12 +322,12 @@ def test_write_outputs(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- planning / resume
 def test_tags_dirs_and_grids(tmp_path):
-    assert gen.config_tag(0.01, ()) == "lr0.01"
-    assert gen.config_tag(3e-05, ("regularizers.tsrs_weight=0.1",)) == "lr3e-05-tsrs_weight0.1"
-    assert gen.lr_grid(1e-2, (0.3, 1.0, 3.0)) == [0.003, 0.01, 0.03]
-    assert gen.parse_settings(["8", "32:0.2"]) == [gen.Setting(8), gen.Setting(32, 0.2)]
-    assert gen.Setting(32, 0.4).key == "32shot-noise40"
-    spec = gen.spec_for(str(tmp_path), gen.TASKS["wordnet"], gen.Setting(8), METHOD["lora+tsrs"], 0.01,
+    assert grid.config_tag(0.01, ()) == "lr0.01"
+    assert grid.config_tag(3e-05, ("regularizers.tsrs_weight=0.1",)) == "lr3e-05-tsrs_weight0.1"
+    assert grid.lr_grid(1e-2, (0.3, 1.0, 3.0)) == [0.003, 0.01, 0.03]
+    assert cli.parse_settings(["8", "32:0.2"]) == [grid.Setting(8), grid.Setting(32, 0.2)]
+    assert grid.Setting(32, 0.4).key == "32shot-noise40"
+    spec = grid.spec_for(str(tmp_path), grid.TASKS["wordnet"], grid.Setting(8), METHOD["lora+tsrs"], 0.01,
                         ("regularizers.tsrs_weight=0.1",), 3, "seed")
     assert spec.run_dir == os.path.join(str(tmp_path), "wordnet", "8shot-noise0", "lora+tsrs",
                                         "lr0.01-tsrs_weight0.1-s3")
@@ -338,13 +342,13 @@ def test_methods_are_consistent_and_recipes_load():
         assert m.counterpart is None or m.counterpart in registry.GENERALIZATION_BY_KEY
         for f in m.files:
             assert os.path.isfile(os.path.join(CONFIGS, "methods", f))
-        for task in gen.TASKS.values():
+        for task in grid.TASKS.values():
             for hp in m.hparams:
                 overrides = [*m.overrides, *m.per_task.get(task.key, ()), *hp]
                 recipe = load_recipe(registry.recipe_files(task.file, m), overrides)
                 assert recipe.regularizers.is_noop == (m.counterpart is None), m.key
-    assert gen.default_lr(gen.TASKS["fmnist"], METHOD["full"]) == pytest.approx(3e-4)
-    assert gen.default_lr(gen.TASKS["wordnet"], METHOD["full"]) == pytest.approx(5e-5)
+    assert grid.default_lr(grid.TASKS["fmnist"], METHOD["full"]) == pytest.approx(3e-4)
+    assert grid.default_lr(grid.TASKS["wordnet"], METHOD["full"]) == pytest.approx(5e-5)
 
 
 class FakeRunner:
@@ -369,7 +373,7 @@ def test_a_run_shared_by_two_processes_is_trained_once(tmp_path):
     lock, then reads its metrics; it neither trains the run again nor deletes the unfinished folder."""
     import threading
 
-    spec = gen.spec_for(str(tmp_path), gen.TASKS["wordnet"], gen.Setting(8), METHOD["lora"], 0.01, (), 0,
+    spec = grid.spec_for(str(tmp_path), grid.TASKS["wordnet"], grid.Setting(8), METHOD["lora"], 0.01, (), 0,
                         "select")
     inner, started, release = FakeRunner(), threading.Event(), threading.Event()
 
@@ -380,8 +384,10 @@ def test_a_run_shared_by_two_processes_is_trained_once(tmp_path):
         return inner(s)
 
     results, logs = {}, []
-    first = threading.Thread(target=lambda: results.update(first=gen.execute(spec, slow_runner, log=logs.append)))
-    second = threading.Thread(target=lambda: results.update(second=gen.execute(spec, FakeRunner(), log=logs.append)))
+    first = threading.Thread(
+        target=lambda: results.update(first=running.execute(spec, slow_runner, log=logs.append)))
+    second = threading.Thread(
+        target=lambda: results.update(second=running.execute(spec, FakeRunner(), log=logs.append)))
     first.start()
     assert started.wait(10)
     second.start()
@@ -397,7 +403,7 @@ def test_a_run_shared_by_two_processes_is_trained_once(tmp_path):
 
 def _grid(tmp_path, runner, seeds=(0, 1, 2)):
     methods = [METHOD["lora"], METHOD["lora+tsrs"]]
-    return gen.run_grid([gen.TASKS["wordnet"]], [gen.Setting(8)], methods, list(seeds), [], str(tmp_path),
+    return running.run_grid([grid.TASKS["wordnet"]], [grid.Setting(8)], methods, list(seeds), [], str(tmp_path),
                         runner=runner, log=lambda _: None, lrs_for=lambda t, m: [0.003, 0.01, 0.03])
 
 
@@ -472,7 +478,7 @@ def test_no_search_runs_each_method_at_its_recipe_configuration(tmp_path, monkey
     # lora and lora+tsrs (the counterpart is added), one configuration each, two seeds: no selection runs
     assert sorted((s.method, s.seed) for s in runner.specs) == [("lora", 0), ("lora", 1), ("lora+tsrs", 0),
                                                                  ("lora+tsrs", 1)]
-    lora_lr = gen.default_lr(gen.TASKS["wordnet"], METHOD["lora"])
+    lora_lr = grid.default_lr(grid.TASKS["wordnet"], METHOD["lora"])
     assert {s.lr for s in runner.specs} == {lora_lr}
     assert {s.hparams for s in runner.specs if s.method == "lora+tsrs"} == {registry.TSRS_GRID[0]}
     assert all("diagnostics=false" in s.overrides for s in runner.specs)
@@ -484,7 +490,7 @@ def test_no_search_runs_each_method_at_its_recipe_configuration(tmp_path, monkey
 
 def test_select_on_clean_reuses_the_clean_selection_for_noisy_settings(tmp_path):
     runner = FakeRunner()
-    records = gen.run_grid([gen.TASKS["wordnet"]], [gen.Setting(8), gen.Setting(8, 0.4)],
+    records = running.run_grid([grid.TASKS["wordnet"]], [grid.Setting(8), grid.Setting(8, 0.4)],
                            [METHOD["lora"]], [0, 1], [], str(tmp_path), runner=runner,
                            log=lambda _: None, lrs_for=lambda t, m: [0.003, 0.01, 0.03], select_on_clean=True)
     noisy = [os.path.relpath(c, tmp_path) for c in runner.calls if "noise40" in c]
@@ -494,7 +500,7 @@ def test_select_on_clean_reuses_the_clean_selection_for_noisy_settings(tmp_path)
         ("8shot-noise0", 0), ("8shot-noise0", 1), ("8shot-noise40", 0), ("8shot-noise40", 1)}
     # without the option the noisy setting selects on its own validation split
     again = FakeRunner()
-    gen.run_grid([gen.TASKS["wordnet"]], [gen.Setting(8, 0.2)], [METHOD["lora"]], [0], [], str(tmp_path),
+    running.run_grid([grid.TASKS["wordnet"]], [grid.Setting(8, 0.2)], [METHOD["lora"]], [0], [], str(tmp_path),
                  runner=again, log=lambda _: None, lrs_for=lambda t, m: [0.003, 0.01, 0.03])
     assert len(again.calls) == 3
 
@@ -526,7 +532,7 @@ def test_committed_tables_were_made_by_the_cpu_plan():
         with open(os.path.join(RESULTS, folder, "generalization.json")) as f:
             meta = json.load(f)["meta"]
         recorded = [*(c["command"] for c in meta.get("earlier_calls") or []), meta["command"]]
-        recorded = [[a for a in shlex.split(c[len(gen.COMMAND):]) if a != "--report-only"] for c in recorded]
+        recorded = [[a for a in shlex.split(c[len(cli.COMMAND):]) if a != "--report-only"] for c in recorded]
         planned = [[os.path.relpath(a, ROOT) if a.startswith(RESULTS) else a for a in p]
                    for p in run_all.CPU_PLAN if p[p.index("--out") + 1] == os.path.join(RESULTS, folder)]
         assert recorded == planned, folder
@@ -542,7 +548,7 @@ def test_no_counterparts_runs_exactly_the_given_methods(tmp_path, monkeypatch):
 
 def test_merge_keeps_other_groups_and_replaces_its_own(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    gen.write_outputs(_hand_records(), {"date": "d0", "command": "first call"}, str(out))  # lora, lora+tsrs
+    gen_results.write_outputs(_hand_records(), {"date": "d0", "command": "first call"}, str(out))  # lora, lora+tsrs
     monkeypatch.setattr(gen, "default_runner", SpecRecorder())
     common = ["--tasks", "wordnet", "--settings", "8", "--no-search", "--seeds", "0", "1",
               "--runs", str(tmp_path / "runs"), "--out", str(out)]
@@ -571,8 +577,8 @@ def test_merge_keeps_other_groups_and_replaces_its_own(tmp_path, monkeypatch):
 def test_merge_refuses_a_foreign_json(tmp_path):
     (tmp_path / "generalization.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="drop --merge"):
-        gen.read_results(str(tmp_path))
-    assert gen.read_results(str(tmp_path / "missing")) == ([], {})
+        gen_results.read_results(str(tmp_path))
+    assert gen_results.read_results(str(tmp_path / "missing")) == ([], {})
 
 
 def test_lr_only_searches_the_learning_rate_at_the_first_grid_point(tmp_path, monkeypatch):
@@ -582,7 +588,7 @@ def test_lr_only_searches_the_learning_rate_at_the_first_grid_point(tmp_path, mo
     gen.main(["--tasks", "wordnet", "--settings", "32", "--lr-multipliers", "1", "0.2", "--lr-only", "--methods",
               "lora+tsrs", "--no-counterparts", "--seeds", "0", "1", "--runs", str(tmp_path / "runs"),
               "--out", str(out)])
-    base = gen.default_lr(gen.TASKS["wordnet"], METHOD["lora+tsrs"])
+    base = grid.default_lr(grid.TASKS["wordnet"], METHOD["lora+tsrs"])
     selection = [s for s in runner.specs if s.seed == 0]
     assert sorted(s.lr for s in selection) == sorted([base, 0.2 * base])  # 2 lrs, not 2 lrs x 2 TSRS weights
     assert {s.hparams for s in runner.specs} == {registry.TSRS_GRID[0]}
@@ -610,7 +616,7 @@ def _two_seed_wordnet_call(tmp_path, monkeypatch, *args: str):
 
 def test_tsrs_weights_set_the_lambda_grid_and_keep_the_run_names(tmp_path, monkeypatch):
     # the default grid's run names are those of the committed runs (tsrs_weight0.1, tsrs_weight1.0)
-    assert [gen.config_tag(0.01, h) for h in registry.TSRS_GRID] == ["lr0.01-tsrs_weight0.1", "lr0.01-tsrs_weight1.0"]
+    assert [grid.config_tag(0.01, h) for h in registry.TSRS_GRID] == ["lr0.01-tsrs_weight0.1", "lr0.01-tsrs_weight1.0"]
     specs, meta, report = _two_seed_wordnet_call(tmp_path, monkeypatch, "--settings", "32", "--lr-multipliers", "0.4",
                                                  "--methods", "lora+tsrs", "--tsrs-weights", "0.1", "0.03", "0.01")
     selection = [s.hparams for s in specs if s.seed == 0]
@@ -618,16 +624,16 @@ def test_tsrs_weights_set_the_lambda_grid_and_keep_the_run_names(tmp_path, monke
     assert len(specs) == 4  # 3 selection runs on seed 0, then seed 1 at the chosen λ
     assert "TSRS λ ∈ {0.1, 0.03, 0.01}" in report and meta["tsrs_weights"] == [0.1, 0.03, 0.01]
     cmd = meta["command"]
-    assert gen.call_protocol(cmd) == " (configuration selected on validation, TSRS λ ∈ {0.1, 0.03, 0.01})"
+    assert gen_report.call_protocol(cmd) == " (configuration selected on validation, TSRS λ ∈ {0.1, 0.03, 0.01})"
     lr_only = cmd.replace("--tsrs-weights 0.1 0.03 0.01", "--tsrs-weights 0.03 0.1") + " --lr-only"
-    assert gen.call_protocol(lr_only) == " (learning rate selected on validation, λ = 0.03)"
+    assert gen_report.call_protocol(lr_only) == " (learning rate selected on validation, λ = 0.03)"
     # methods without a TSRS term keep their grid; --no-search takes the first λ given
-    plan = gen.plan_call(gen.build_parser().parse_args(["--no-search", "--tsrs-weights", "0.03", "1"]))
+    plan = cli.plan_call(cli.build_parser().parse_args(["--no-search", "--tsrs-weights", "0.03", "1"]))
     grids = {m.key: m.hparams for m in plan.methods}
     assert grids["lora+tsrs"] == grids["rlrr+tsrs+pacefast"] == (("regularizers.tsrs_weight=0.03",),)
     assert grids["pace"] == ((),)
     with pytest.raises(ValueError, match="--tsrs-weights"):
-        gen.plan_call(gen.build_parser().parse_args(["--tsrs-weights", "-1"]))
+        cli.plan_call(cli.build_parser().parse_args(["--tsrs-weights", "-1"]))
 
 
 def test_distance_ratios_set_the_self_labeling_radius_grid(tmp_path, monkeypatch):
@@ -648,17 +654,17 @@ def test_distance_ratios_set_the_self_labeling_radius_grid(tmp_path, monkeypatch
     assert len(specs) == 4  # 3 selection runs on seed 0, then seed 1 at the chosen ratio
     assert "self-labeling radius ratio ∈ {0.05, 0.1, 0.2}" in report and meta["distance_ratios"] == [0.05, 0.1, 0.2]
     cmd = meta["command"]
-    assert gen.call_protocol(cmd) == (
+    assert gen_report.call_protocol(cmd) == (
         " (configuration selected on validation, self-labeling radius ratio ∈ {0.05, 0.1, 0.2})")
-    assert gen.call_protocol(cmd + " --lr-only") == (
+    assert gen_report.call_protocol(cmd + " --lr-only") == (
         " (learning rate selected on validation, λ = 0.1, self-labeling radius ratio = 0.05)")
     # only the self-labeling method gets the grid; --no-search takes its first ratio
-    plan = gen.plan_call(gen.build_parser().parse_args(["--no-search", "--distance-ratios", "0.1", "0.05"]))
+    plan = cli.plan_call(cli.build_parser().parse_args(["--no-search", "--distance-ratios", "0.1", "0.05"]))
     grids = {m.key: m.hparams for m in plan.methods}
     assert grids["full+selflabel"] == (("regularizers.distance_ratio=0.1",),)
     assert grids["full"] == ((),) and grids["lora+tsrs"] == registry.TSRS_GRID[:1]
     with pytest.raises(ValueError, match="--distance-ratios"):
-        gen.plan_call(gen.build_parser().parse_args(["--distance-ratios", "0"]))
+        cli.plan_call(cli.build_parser().parse_args(["--distance-ratios", "0"]))
 
 
 def test_threads_sets_the_torch_threads_of_the_call(tmp_path, monkeypatch):
@@ -676,13 +682,14 @@ def test_threads_sets_the_torch_threads_of_the_call(tmp_path, monkeypatch):
 
 def test_command_groups_follow_the_cli():
     cmd = "python -m benchmarks.generalization --tasks wordnet --settings 8:0.4 --no-search --methods lora+tsrs"
-    assert gen.command_groups(cmd) == {("wordnet", 8, 0.4, "lora"), ("wordnet", 8, 0.4, "lora+tsrs")}
-    assert gen.command_groups(cmd + " --no-counterparts") == {("wordnet", 8, 0.4, "lora+tsrs")}
-    assert gen.command_groups("first call") is None
-    assert gen.command_groups("python -m benchmarks.generalization --methods nope") is None
-    assert gen.call_protocol(cmd) == " (no search)"
-    assert gen.call_protocol(cmd.replace("--no-search", "--lr-only")) == " (learning rate selected on validation, λ = 0.1)"
-    assert gen.call_protocol("first call") == ""
+    assert cli.command_groups(cmd) == {("wordnet", 8, 0.4, "lora"), ("wordnet", 8, 0.4, "lora+tsrs")}
+    assert cli.command_groups(cmd + " --no-counterparts") == {("wordnet", 8, 0.4, "lora+tsrs")}
+    assert cli.command_groups("first call") is None
+    assert cli.command_groups("python -m benchmarks.generalization --methods nope") is None
+    assert gen_report.call_protocol(cmd) == " (no search)"
+    assert gen_report.call_protocol(cmd.replace("--no-search", "--lr-only")) == (
+        " (learning rate selected on validation, λ = 0.1)")
+    assert gen_report.call_protocol("first call") == ""
 
 
 def test_merged_meta_drops_a_call_once_all_its_groups_were_written_again():
@@ -694,12 +701,12 @@ def test_merged_meta_drops_a_call_once_all_its_groups_were_written_again():
     # b replaced half of a; this call the other half: a and b (all of whose groups are written again) are dropped
     now = {"command": f"{prefix} --settings 8 --methods lora+tsrs lora"}
     groups = {("wordnet", 8, 0.0, "lora+tsrs"), ("wordnet", 8, 0.0, "lora")}
-    assert gen.merged_meta(now, earlier, groups)["earlier_calls"] == [foreign]
+    assert gen_results.merged_meta(now, earlier, groups)["earlier_calls"] == [foreign]
     # a call of other groups keeps every earlier one
-    other = gen.merged_meta({"command": f"{prefix} --settings 32 --methods lora"}, earlier,
+    other = gen_results.merged_meta({"command": f"{prefix} --settings 32 --methods lora"}, earlier,
                             {("wordnet", 32, 0.0, "lora")})
     assert other["earlier_calls"] == [foreign, a, b]
     # lora+tsrs only: a is covered by b and this call together and goes, b (its lora rows still in) stays
-    assert gen.merged_meta(now, earlier, {("wordnet", 8, 0.0, "lora+tsrs")})["earlier_calls"] == [foreign, b]
+    assert gen_results.merged_meta(now, earlier, {("wordnet", 8, 0.0, "lora+tsrs")})["earlier_calls"] == [foreign, b]
     # a command that does not parse goes only when this call repeats it
-    assert gen.merged_meta({"command": "first call"}, earlier, set())["earlier_calls"] == [a, b]
+    assert gen_results.merged_meta({"command": "first call"}, earlier, set())["earlier_calls"] == [a, b]
