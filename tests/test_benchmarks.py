@@ -15,13 +15,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks import CONFIGS, RESULTS, ROOT  # noqa: E402
 from benchmarks import generalization as gen  # noqa: E402
 from benchmarks import methods as registry  # noqa: E402
-from benchmarks import overhead as oh  # noqa: E402
 from benchmarks import run_all  # noqa: E402
 from benchmarks import stats  # noqa: E402
 from benchmarks.generalization import calls as cli  # noqa: E402
 from benchmarks.generalization import grid, running, tables  # noqa: E402
 from benchmarks.generalization import report as gen_report  # noqa: E402
 from benchmarks.generalization import results as gen_results  # noqa: E402
+from benchmarks.overhead import analysis as oh_analysis  # noqa: E402
+from benchmarks.overhead import build as oh_build  # noqa: E402
+from benchmarks.overhead import measure as oh_measure  # noqa: E402
+from benchmarks.overhead import plan as oh_plan  # noqa: E402
+from benchmarks.overhead import report as oh_report  # noqa: E402
 
 METHOD = registry.GENERALIZATION_BY_KEY  # the generalization benchmark's methods by key
 
@@ -38,25 +42,25 @@ def test_median_iqr_and_ratios():
 
 
 def test_verdict():
-    assert oh.verdict(1.59, 1.6) == "pass"
-    assert oh.verdict(1.6, 1.6) == "pass"
-    assert oh.verdict(1.61, 1.6) == "MISS"
-    assert oh.verdict(3.0, None) == "—"
+    assert oh_plan.verdict(1.59, 1.6) == "pass"
+    assert oh_plan.verdict(1.6, 1.6) == "pass"
+    assert oh_plan.verdict(1.61, 1.6) == "MISS"
+    assert oh_plan.verdict(3.0, None) == "—"
 
 
 def test_peak_live_bytes_sorts_events_by_time():
     # alloc 8 (t=0), alloc 8 (t=1), free 8 (t=2), alloc 28 (t=3), free 28 (t=4); given out of order
     events = [(3, 28), (0, 8), (4, -28), (1, 8), (2, -8)]
-    assert oh.peak_live_bytes(events) == 36
-    assert oh.peak_live_bytes([]) == 0
-    assert oh.peak_live_bytes([(0, -5), (1, 3)]) == 0  # frees of memory allocated before the window
+    assert oh_measure.peak_live_bytes(events) == 36
+    assert oh_measure.peak_live_bytes([]) == 0
+    assert oh_measure.peak_live_bytes([(0, -5), (1, 3)]) == 0  # frees of memory allocated before the window
 
 
 def test_param_counts_and_roles():
-    assert oh.lora_params((384, 1536), 2) == 2 * (384 + 1536)
-    assert oh.rlrr_params((384, 1536)) == 384 + 2 * 1536
-    assert oh.role_of("bert.encoder.layer.3.attention.self.query") == "bert.encoder.layer.*.attention.self.query"
-    assert oh.role_of("classifier") == "classifier"
+    assert oh_build.lora_params((384, 1536), 2) == 2 * (384 + 1536)
+    assert oh_build.rlrr_params((384, 1536)) == 384 + 2 * 1536
+    assert oh_build.role_of("bert.encoder.layer.3.attention.self.query") == "bert.encoder.layer.*.attention.self.query"
+    assert oh_build.role_of("classifier") == "classifier"
 
 
 def test_equal_param_ranks_matches_rlrr_exactly_on_minilm_shapes():
@@ -64,22 +68,22 @@ def test_equal_param_ranks_matches_rlrr_exactly_on_minilm_shapes():
     shapes = {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "o": (hidden, hidden),
               "fc1": (hidden, inter), "fc2": (inter, hidden)}
     roles = {f"layer.*.{k}": [s] * layers for k, s in shapes.items()}
-    target = sum(oh.rlrr_params(s) for ss in roles.values() for s in ss)
-    ranks, count = oh.equal_param_ranks(roles, target)
+    target = sum(oh_build.rlrr_params(s) for ss in roles.values() for s in ss)
+    ranks, count = oh_build.equal_param_ranks(roles, target)
     assert count == target == layers * 10368
-    assert count == sum(oh.lora_params(s, ranks[r]) for r, ss in roles.items() for s in ss)
+    assert count == sum(oh_build.lora_params(s, ranks[r]) for r, ss in roles.items() for s in ss)
     assert max(ranks.values()) - min(ranks.values()) == 1  # the most uniform of the exact solutions
 
 
 def test_equal_param_ranks_closest_when_not_exact():
-    ranks, count = oh.equal_param_ranks({"a": [(10, 10)]}, 45)  # multiples of 20 only
+    ranks, count = oh_build.equal_param_ranks({"a": [(10, 10)]}, 45)  # multiples of 20 only
     assert count in (40, 60) and ranks == {"a": 2}
 
 
 def test_op_diff_orders_by_extra_time():
     method = {"aten::mm": {"ms": 10.0, "calls": 4}, "aten::add": {"ms": 1.0, "calls": 2}}
     base = {"aten::mm": {"ms": 4.0, "calls": 2}, "aten::mul": {"ms": 2.0, "calls": 1}}
-    rows = oh.op_diff(method, base, top=2)
+    rows = oh_measure.op_diff(method, base, top=2)
     assert [r["op"] for r in rows] == ["aten::mm", "aten::add"]
     assert rows[0]["extra_ms"] == pytest.approx(6.0)
 
@@ -87,12 +91,12 @@ def test_op_diff_orders_by_extra_time():
 def _overhead_results(ratio_tsrs: float) -> dict:
     def method(label, base, ratio, ms=100.0):
         return {"label": label, "base": base, "trainable_parameters": 1000, "median_step_s": ms / 1000,
-                "iqr_step_s": 0.001, "time_ratio": ratio, "time_ratio_paired": ratio, "step_peak_bytes": 2 * oh.MB,
-                "memory_ratio": None if base is None else 1.5, "persistent_bytes": oh.MB}
+                "iqr_step_s": 0.001, "time_ratio": ratio, "time_ratio_paired": ratio, "step_peak_bytes": 2 * oh_plan.MB,
+                "memory_ratio": None if base is None else 1.5, "persistent_bytes": oh_plan.MB}
 
     check = {"key": "tsrs-lora", "what": "TSRS step ≤ 1.6× its adapter (LoRA)", "method": "lora+tsrs",
              "base": "lora", "target": 1.6, "ratio": ratio_tsrs, "ratio_paired": ratio_tsrs,
-             "verdict": oh.verdict(ratio_tsrs, 1.6), "memory_ratio": 1.5}
+             "verdict": oh_plan.verdict(ratio_tsrs, 1.6), "memory_ratio": 1.5}
     return {
         "meta": {"date": "d", "machine": "m", "torch_threads": 1, "torch": "t", "transformers": "tr", "peft": "p",
                  "steps": 20, "warmup": 3, "memory_method": "profiler"},
@@ -114,14 +118,14 @@ def _overhead_results(ratio_tsrs: float) -> dict:
 
 
 def test_overhead_markdown_pass_and_miss():
-    text = oh.markdown(_overhead_results(1.45), {"TSRS": "explained"})
+    text = oh_report.markdown(_overhead_results(1.45), {"TSRS": "explained"})
     assert "| TSRS step ≤ 1.6× its adapter (LoRA) | 1.45× | 1.45× | ≤ 1.60× | pass | 1.50× |" in text
     assert "| LoRA r8 + TSRS | lora | 1,000 | 100.0 |" in text
     assert "| lora merged | 10.1 | 1.01× |" in text
     assert "Profile of the miss" not in text and "**TSRS.** explained" in text
-    missed = oh.markdown(_overhead_results(1.7))
+    missed = oh_report.markdown(_overhead_results(1.7))
     assert "| MISS |" in missed and "Profile of the miss" in missed and "`aten::mm` | 50.0" in missed
-    assert oh.summary_rows(_overhead_results(1.7)) == [("vit", "tsrs-lora", 1.7, 1.6, "MISS")]
+    assert oh_report.summary_rows(_overhead_results(1.7)) == [("vit", "tsrs-lora", 1.7, 1.6, "MISS")]
 
 
 def test_projection_timing_reports_ms_and_fraction_of_step():
@@ -135,12 +139,12 @@ def test_projection_timing_reports_ms_and_fraction_of_step():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p))
-    proj = oh.projection_timing(constraint, reps=3, full_step_s=0.5)
+    proj = oh_measure.projection_timing(constraint, reps=3, full_step_s=0.5)
     assert proj["weights"] == len(constraint.items) and proj["elements"] > 0
     assert proj["ms"] >= 0 and proj["full_step_ms"] == pytest.approx(500.0)
     assert proj["fraction_of_full_step"] == pytest.approx(proj["ms"] / 500.0)
     assert constraint.max_violation() <= 1e-5  # it did project
-    assert oh.projection_timing(constraint, reps=1, full_step_s=None)["fraction_of_full_step"] is None
+    assert oh_measure.projection_timing(constraint, reps=1, full_step_s=None)["fraction_of_full_step"] is None
 
 
 def test_analysis_notes_describe_the_shipped_code():
@@ -152,7 +156,7 @@ def test_analysis_notes_describe_the_shipped_code():
                           "target": 1.05, "ratio": 1.02, "ratio_paired": 1.02, "verdict": "pass",
                           "memory_ratio": 1.0})
     res["projection"] = {"weights": 8, "elements": 2_000_000, "ms": 1.5, "fraction_of_full_step": 0.015}
-    notes = oh.analysis_notes(results)
+    notes = oh_analysis.analysis_notes(results)
     text = notes["Distance projection"]
     assert "vit 1.02× (pass)" in text and "+2 ms" in text and "1.5 ms, 1.5% of a full fine-tuning step" in text
     assert "scratch buffer" in text and "prototype" not in " ".join(notes.values())
@@ -183,7 +187,7 @@ def test_the_plan_names_registered_methods_only():
 
 def test_every_check_names_known_methods():
     keys = {m.key for m in registry.OVERHEAD_METHODS}
-    for check in oh.CHECKS:
+    for check in oh_plan.CHECKS:
         assert check.method in keys and check.base in keys
     for m in registry.OVERHEAD_METHODS:
         assert m.counterpart is None or m.counterpart in keys
