@@ -1,5 +1,5 @@
 """Rendering a generalization table: ``generalization.md`` and ``generalization.png`` from the run records and the
-call's meta (nothing here trains or reads run folders)."""
+call's meta (nothing here trains or reads run folders); the report's prose is ``benchmarks/notes/generalization.md``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections import defaultdict
 from typing import Any, Optional, Sequence
 
 from ..methods import GENERALIZATION_BY_KEY, GENERALIZATION_METHODS, TSRS_WEIGHTS
+from ..notes import note
 from .calls import parse_command
 from .grid import TASKS, Setting
 from .tables import aggregate, best_by_validation, group_key, paired_comparisons
@@ -36,25 +37,23 @@ def _ratios_text(ratios: Optional[Sequence[float]], first_only: bool) -> str:
     return f", self-labeling radius ratio {_values_text(list(ratios), first_only)}" if ratios else ""
 
 
+def _note(key: str, **values: Any) -> str:
+    return note("generalization", key, **values)
+
+
 def selection_text(meta: dict[str, Any]) -> str:
     """How the configurations of a call were chosen, from its ``meta``."""
     weights, ratios = meta.get("tsrs_weights"), meta.get("distance_ratios")
     if not meta.get("search", True):
-        text = ("no search (`--no-search`): every method at its recipe's learning rate and the first point of its "
-                f"own grid (TSRS {_weights_text(weights, True)}{_ratios_text(ratios, True)}), as shipped in configs/")
+        text = _note("Protocol / no search", weights=_weights_text(weights, True), ratios=_ratios_text(ratios, True))
     elif meta.get("lr_only"):
-        text = (f"learning-rate grid = {meta.get('lr_multipliers')} × the recipe's default, chosen per (task, "
-                f"setting, method) on seed 0's validation accuracy, each method's own grid at its first point (TSRS "
-                f"{_weights_text(weights, True)}{_ratios_text(ratios, True)}, `--lr-only`); test accuracy is reported "
-                "at the selected configuration")
+        text = _note("Protocol / learning rate only", multipliers=meta.get("lr_multipliers"),
+                     weights=_weights_text(weights, True), ratios=_ratios_text(ratios, True))
     else:
-        text = (f"learning-rate grid = {meta.get('lr_multipliers')} × the recipe's default, chosen per (task, "
-                f"setting, method) on seed 0's validation accuracy (plus the method's own grid, e.g. TSRS "
-                f"{_weights_text(weights, False)}{_ratios_text(ratios, False)}); test accuracy is reported at the "
-                "selected configuration")
+        text = _note("Protocol / search", multipliers=meta.get("lr_multipliers"),
+                     weights=_weights_text(weights, False), ratios=_ratios_text(ratios, False))
     if meta.get("select_on_clean"):
-        text += ("; settings with noisy labels use the configuration selected for the clean setting with the "
-                 "same shots (`--select-on-clean`)")
+        text += _note("Protocol / select on clean")
     return text
 
 
@@ -78,17 +77,11 @@ def markdown_report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     labels = {m.key: m.label for m in GENERALIZATION_METHODS}
     lines = ["# Generalization (`python -m benchmarks.generalization`)", ""]
     if meta.get("quick"):
-        lines += ["**QUICK MODE** — a tiny budget (a few optimizer steps, a handful of validation/test examples) that "
-                  "only proves the harness works; these numbers say nothing about the methods.", ""]
-    selection = selection_text(meta)
-    earlier = "".join(f" Merged (`--merge`) with the other methods' rows of {c['date']}; `{c['command']}`"
-                      f"{call_protocol(c['command'])}." for c in meta.get("earlier_calls", []))
-    lines += [
-        f"{meta.get('date', '')}; `{meta.get('command', '')}`; seeds {meta.get('seeds')}; {selection}.{earlier} "
-        f"Accuracies in %, mean ± std over seeds. Δ = paired difference in test accuracy to the un-regularized "
-        f"counterpart (same seeds: same split, label flips and initialization); p(t) paired t-test, W/L and p(sign) "
-        f"an exact two-sided sign test.", "",
-    ]
+        lines += [_note("Quick mode"), ""]
+    earlier = "".join(" " + _note("Protocol / earlier call", date=c["date"], command=c["command"],
+                                  how=call_protocol(c["command"])) for c in meta.get("earlier_calls", []))
+    lines += [_note("Protocol", date=meta.get("date", ""), command=meta.get("command", ""), seeds=meta.get("seeds"),
+                    selection=selection_text(meta), earlier_calls=earlier), ""]
     current = None
     for r in rows:
         head = (r["task"], r["shots"], r["label_noise"])
@@ -118,8 +111,7 @@ def markdown_report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                          f"{labels.get(r['method'], r['method'])} | {_pct(r['val_mean'])} | {_pct(r['test_mean'])} |")
     lines += selection_lines(records, labels)
     n_sel = sum(1 for r in records if r["phase"] == "select")
-    lines += ["", f"{len(records)} runs in all ({n_sel} selection runs on seed 0); every run with its validation and "
-                  f"test accuracy is in `generalization.json`."]
+    lines += ["", _note("Run count", runs=len(records), selection_runs=n_sel)]
     return "\n".join(lines).strip() + "\n"
 
 
