@@ -168,7 +168,9 @@ def test_notes_are_one_paragraph_a_section(tmp_path, monkeypatch):
 
     sections = notes.sections("overhead")
     assert list(sections)[:1] == ["TSRS"] and "Distance projection / load noise" in sections
-    assert all(text and "\n" not in text and "  " not in text for text in sections.values())
+    assert "Protocol / select on clean" in notes.sections("generalization")
+    for name in ("overhead", "generalization"):
+        assert all(text and "\n" not in text and "  " not in text for text in notes.sections(name).values())
     assert notes.note("overhead", "PACE / memory", model="vit", ratio=1.854) == "vit 1.85×"
     (tmp_path / "twice.md").write_text("comment\n## a\none\ntwo\n\n## b\nthree\n## a\nfour\n")
     monkeypatch.setattr(notes, "HERE", str(tmp_path))

@@ -31,8 +31,8 @@ can be extended method by method.
 
 The parts: ``grid`` (tasks, settings, one run's spec), ``calls`` (the command line and the grid a call plans),
 ``running`` (training, resuming and locking the runs, selection on validation), ``tables`` (mean ± std and the paired
-tests), ``report`` (Markdown and plot), ``results`` (generalization.json: read, merge, write); the methods are
-``benchmarks.methods``'.
+tests), ``report`` (Markdown and plot, prose from ``benchmarks/notes/generalization.md``), ``results``
+(generalization.json: read, merge, write); the methods come from ``benchmarks.methods``.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ bytes alive between steps (parameters, buffers, optimizer state, distance anchor
 
 The parts: ``plan`` (the models, the checks and their targets), ``build`` (each method built as a run builds it, one
 optimizer step), ``measure`` (timing, memory, op profiles, inference), ``report`` (overhead.md) and ``analysis`` (its
-prose, from ``benchmarks/notes/overhead.md``); the methods are ``benchmarks.methods``'.
+prose, from ``benchmarks/notes/overhead.md``); the methods come from ``benchmarks.methods``.
 """
 
 from __future__ import annotations
