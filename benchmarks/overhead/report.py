@@ -1,4 +1,5 @@
-"""Rendering the cost tables: ``overhead.md`` and the analysis in ``overhead.json``, from the measured results."""
+"""Rendering the cost tables: ``overhead.md`` and the analysis in ``overhead.json``, from the measured results; the
+prose is ``benchmarks/notes/overhead.md``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 from typing import Any, Optional
 
+from ..notes import note
 from .analysis import analysis_notes
 from .plan import MB, shown_verdict
 
@@ -14,14 +16,17 @@ def _fmt_ratio(x: Optional[float]) -> str:
     return "" if x is None else f"{x:.2f}×"
 
 
+def _note(key: str, **values: Any) -> str:
+    return note("overhead", key, **values)
+
+
 def _load_line(meta: dict[str, Any]) -> str:
     start, end = meta.get("load_average_start"), meta.get("load_average_end")
     if not start:
         return ""
-    text = f" Machine load average (1/5/15 min) at the start {'/'.join(f'{x:.1f}' for x in start)}"
-    if end:
-        text += f", at the end {'/'.join(f'{x:.1f}' for x in end)}"
-    return text + f" (on {meta['machine'].split(', ')[-1]})."
+    end_text = _note("Measured / load average at the end", end="/".join(f"{x:.1f}" for x in end)) if end else ""
+    return " " + _note("Measured / load average", start="/".join(f"{x:.1f}" for x in start), end=end_text,
+                       cores=meta["machine"].split(", ")[-1])
 
 
 def markdown(results: dict[str, Any], notes: Optional[dict[str, str]] = None) -> str:
@@ -30,12 +35,9 @@ def markdown(results: dict[str, Any], notes: Optional[dict[str, str]] = None) ->
     lines = [
         "# Cost of the regularizers (`python -m benchmarks.overhead`)",
         "",
-        f"Measured {meta['date']} on {meta['machine']} ({meta['torch_threads']} torch "
-        f"thread{'' if meta['torch_threads'] == 1 else 's'}; the load average below says what else ran), "
-        f"torch {meta['torch']}, transformers {meta['transformers']}, peft {meta['peft']}. "
-        f"{meta['steps']} timed steps per method after {meta['warmup']} warm-up steps, interleaved round-robin "
-        f"in one process; times are medians. Ratio = median / median of the un-regularized base; "
-        f"\"paired\" = median over rounds of the per-round ratio (robust to load drift).{_load_line(meta)}",
+        _note("Measured", date=meta["date"], machine=meta["machine"], threads=meta["torch_threads"],
+              plural="" if meta["torch_threads"] == 1 else "s", torch=meta["torch"], transformers=meta["transformers"],
+              peft=meta["peft"], steps=meta["steps"], warmup=meta["warmup"], load_average=_load_line(meta)),
         "",
         f"Peak memory: {meta['memory_method']}",
         "",
@@ -44,8 +46,7 @@ def markdown(results: dict[str, Any], notes: Optional[dict[str, str]] = None) ->
         lines += [f"## {res['label']} — batch {res['batch_size']} (inputs {res['batch_shapes']})", ""]
         if res.get("inject_layer_tsrs"):
             inj = res["inject_layer_tsrs"]
-            lines += [f"TSRS injects noise before block {inj['inject_layer']} of {inj['blocks']} (blocks below run "
-                      f"once, blocks from it on run on [clean; noisy]).", ""]
+            lines += [_note("TSRS injection", inject=inj["inject_layer"], blocks=inj["blocks"]), ""]
         lines += ["| method | base | trainable | step (ms) | IQR (ms) | time ratio | paired | step peak (MB) | "
                   "mem ratio | persistent (MB) | page-faulted (MB/step) |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -60,18 +61,17 @@ def markdown(results: dict[str, Any], notes: Optional[dict[str, str]] = None) ->
         if eq and "rank_by_role" in eq:
             ranks = ", ".join(f"{k.split('*.')[-1]}: {v}" for k, v in eq["rank_by_role"].items())
             rlrr = res["methods"].get("rlrr", {})
-            lines += ["", f"Equal parameters: LoRA ranks per module ({ranks}) give {eq['adapter_params_lora']:,} "
-                          f"adapter parameters vs RLRR r1's {eq['adapter_params_rlrr']:,}; trainable in all "
-                          f"(with the head): LoRA {eq['trainable_parameters']:,}, RLRR "
-                          f"{rlrr.get('trainable_parameters', 0):,}."]
+            lines += ["", _note("Equal parameters", ranks=ranks, lora=eq["adapter_params_lora"],
+                                rlrr=eq["adapter_params_rlrr"], lora_trainable=eq["trainable_parameters"],
+                                rlrr_trainable=rlrr.get("trainable_parameters", 0))]
         lines += ["", "| target | ratio | paired | target | result | mem ratio |", "|---|---:|---:|---:|---|---:|"]
         for c in res["checks"]:
             target = "" if c["target"] is None else f"≤ {c['target']:.2f}×"
             lines.append(f"| {c['what']} | {c['ratio']:.2f}× | {c['ratio_paired']:.2f}× | {target} | "
                          f"{shown_verdict(c['ratio'], c['target'])} | {c['memory_ratio']:.2f}× |")
         inf = res["inference"]
-        lines += ["", f"Inference (eval forward, batch {inf['batch']}, {inf['reps']} interleaved reps): plain "
-                      f"model {1000 * inf['plain_median_s']:.1f} ms.", "",
+        lines += ["", _note("Inference timing", batch=inf["batch"], reps=inf["reps"],
+                            plain_ms=1000 * inf["plain_median_s"]), "",
                   "| model | ms | ratio to plain | paired | result (≤ 1.05×) | same class / #params as plain | "
                   "max |Δlogit| vs unmerged |", "|---|---:|---:|---:|---|---|---:|"]
         for k, m in inf["models"].items():
@@ -84,9 +84,9 @@ def markdown(results: dict[str, Any], notes: Optional[dict[str, str]] = None) ->
             prof = res["profiles"].get(c["key"])
             if not prof:
                 continue
-            kind = "the miss" if c["verdict"] == "MISS" else "the borderline pass"
-            lines += ["", f"Profile of {kind} \"{c['what']}\" (torch.profiler, self CPU time per step; "
-                          f"{prof['method_total_ms']:.0f} ms vs {prof['base_total_ms']:.0f} ms in all):", "",
+            kind = _note("Profile / missed") if c["verdict"] == "MISS" else _note("Profile / borderline")
+            lines += ["", _note("Profile", kind=kind, what=c["what"], method_ms=prof["method_total_ms"],
+                                base_ms=prof["base_total_ms"]), "",
                       "| op | extra ms/step | method ms | base ms | calls method / base |", "|---|---:|---:|---:|---|"]
             for r in prof["top_extra_ops"]:
                 lines.append(f"| `{r['op']}` | {r['extra_ms']:.1f} | {r['method_ms']:.1f} | {r['base_ms']:.1f} | "
