@@ -169,7 +169,7 @@ def test_notes_are_one_paragraph_a_section(tmp_path, monkeypatch):
     sections = notes.sections("overhead")
     assert {"Measured", "TSRS", "Distance projection / load noise", "Memory method"} <= set(sections)
     assert "Protocol / select on clean" in notes.sections("generalization")
-    for name in ("overhead", "generalization"):
+    for name in ("overhead", "generalization", "collapse_probe"):
         assert all(text and "\n" not in text and "  " not in text for text in notes.sections(name).values())
     assert notes.note("overhead", "PACE / memory", model="vit", ratio=1.854) == "vit 1.85×"
     (tmp_path / "twice.md").write_text("comment\n## a\none\ntwo\n\n## b\nthree\n## a\nfour\n")
