@@ -32,10 +32,12 @@ from peft_tsrs.app.run import training_arguments
 from peft_tsrs.app.tasks import build_model, build_task
 from peft_tsrs.trainer import TSRSTrainer
 
-from . import CONFIGS, RESULTS
+from . import RESULTS
+from .methods import GENERALIZATION_BY_KEY, recipe_files
+from .notes import note
 
 COMMAND = "python -m benchmarks.collapse_probe"
-FILES = (os.path.join(CONFIGS, "tasks", "wordnet_minilm.yaml"), os.path.join(CONFIGS, "methods", "tsrs_lora.yaml"))
+FILES = tuple(recipe_files("wordnet_minilm.yaml", GENERALIZATION_BY_KEY["lora+tsrs"]))  # its recipe files only
 SETTING = ("task.shots_per_class=32", "task.label_noise=0.4", "training.learning_rate=2e-3", "diagnostics=false")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -84,10 +86,8 @@ def probe(weight: float, steps: int, overrides: Sequence[str] = ()) -> dict[str,
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     layers = len(rows[0]["cls_spread"]) if rows else 0
     lines = ["# Collapse probe (`python -m benchmarks.collapse_probe`)", "",
-             f"{meta['date']}; `{meta['command']}`. LoRA + TSRS on WordNet / MiniLM, {' '.join(meta['setting'])}; "
-             f"{meta['steps']} optimizer steps of the full run's schedule, seed 0, then the validation split. Spread = "
-             "std over validation examples of the first token's ([CLS]) vector, mean over dimensions (layer 0 = "
-             "embeddings); predicted = distinct predicted classes.", "",
+             note("collapse_probe", "Setup", date=meta["date"], command=meta["command"],
+                  setting=" ".join(meta["setting"]), steps=meta["steps"]), "",
              "| TSRS λ | " + " | ".join(f"spread L{i}" for i in range(layers)) + " | predicted | last task loss |",
              "|---:|" + "---:|" * layers + "---:|---:|"]
     for r in rows:

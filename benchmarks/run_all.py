@@ -16,6 +16,7 @@ import time
 from typing import Optional, Sequence
 
 from . import RESULTS, generalization, overhead
+from .methods import cli_methods
 
 
 def _wordnet(*args: str, out: str = "wordnet") -> tuple[str, ...]:
@@ -35,39 +36,40 @@ def _wordnet(*args: str, out: str = "wordnet") -> tuple[str, ...]:
 # of an earlier call's rows replaces it. Run two calls at once with `--threads 1` each on 2 cores.
 CPU_PLAN: tuple[tuple[str, ...], ...] = (
     ("--tasks", "fmnist", "--select-on-clean", "--out", f"{RESULTS}/fmnist"),
-    _wordnet("--settings", "8", "--no-search", "--methods", "lora+tsrs", "rlrr+tsrs", "rlrr+tsrs+pacefast",
-             "full+selflabel"),
-    _wordnet("--settings", "8", "--no-search", "--methods", "pace", "pace-fast", "--merge"),
-    _wordnet("--settings", "8:0.4", "--no-search", "--methods", "lora+tsrs", "--merge"),
-    _wordnet("--settings", "8:0.2", "--no-search", "--methods", "lora+tsrs", "--merge"),
-    _wordnet("--settings", "8:0.4", "--no-search", "--methods", "pace", "pace-fast", "rlrr+tsrs+pacefast", "--merge"),
-    _wordnet("--settings", "8:0.2", "--no-search", "--methods", "pace", "pace-fast", "rlrr+tsrs+pacefast", "--merge"),
-    _wordnet("--settings", "32", "--no-search", "--methods", "pace", "pace-fast", "full+selflabel",
-             "rlrr+tsrs+pacefast", "--merge"),
-    _wordnet("--settings", "32:0.4", "--no-search", "--methods", "pace", "pace-fast", "full+selflabel", "--merge"),
+    _wordnet("--settings", "8", "--no-search",
+             *cli_methods("lora+tsrs", "rlrr+tsrs", "rlrr+tsrs+pacefast", "full+selflabel")),
+    _wordnet("--settings", "8", "--no-search", *cli_methods("pace", "pace-fast"), "--merge"),
+    _wordnet("--settings", "8:0.4", "--no-search", *cli_methods("lora+tsrs"), "--merge"),
+    _wordnet("--settings", "8:0.2", "--no-search", *cli_methods("lora+tsrs"), "--merge"),
+    _wordnet("--settings", "8:0.4", "--no-search", *cli_methods("pace", "pace-fast", "rlrr+tsrs+pacefast"), "--merge"),
+    _wordnet("--settings", "8:0.2", "--no-search", *cli_methods("pace", "pace-fast", "rlrr+tsrs+pacefast"), "--merge"),
+    _wordnet("--settings", "32", "--no-search",
+             *cli_methods("pace", "pace-fast", "full+selflabel", "rlrr+tsrs+pacefast"), "--merge"),
+    _wordnet("--settings", "32:0.4", "--no-search", *cli_methods("pace", "pace-fast", "full+selflabel"), "--merge"),
     _wordnet("--settings", "32", "32:0.4", "--lr-multipliers", "1", "0.4", "0.2", "0.1", "--lr-only",
-             "--select-on-clean", "--methods", "lora+tsrs", "--merge"),
-    _wordnet("--settings", "32:0.4", "--no-search", "--methods", "rlrr+tsrs+pacefast", "--merge"),
-    _wordnet("--settings", "8", "8:0.2", "8:0.4", "--lr-multipliers", "1", "--methods", "lora+tsrs", "--tsrs-weights",
-             "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
-    _wordnet("--settings", "32", "32:0.4", "--lr-multipliers", "0.4", "--methods", "lora+tsrs", "--tsrs-weights",
-             "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
-    _wordnet("--settings", "8:0.4", "32:0.4", "--lr-multipliers", "1", "--methods", "rlrr+tsrs", "--tsrs-weights",
-             "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
-    _wordnet("--settings", "8", "8:0.2", "8:0.4", "32", "32:0.4", "--lr-multipliers", "1", "--methods",
-             "rlrr+tsrs+pacefast", "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
-    _wordnet("--settings", "8", "8:0.2", "32", "--lr-multipliers", "1", "--methods", "rlrr+tsrs", "--tsrs-weights",
-             "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
+             "--select-on-clean", *cli_methods("lora+tsrs"), "--merge"),
+    _wordnet("--settings", "32:0.4", "--no-search", *cli_methods("rlrr+tsrs+pacefast"), "--merge"),
+    _wordnet("--settings", "8", "8:0.2", "8:0.4", "--lr-multipliers", "1", *cli_methods("lora+tsrs"),
+             "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
+    _wordnet("--settings", "32", "32:0.4", "--lr-multipliers", "0.4", *cli_methods("lora+tsrs"),
+             "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
+    _wordnet("--settings", "8:0.4", "32:0.4", "--lr-multipliers", "1", *cli_methods("rlrr+tsrs"),
+             "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
+    _wordnet("--settings", "8", "8:0.2", "8:0.4", "32", "32:0.4", "--lr-multipliers", "1",
+             *cli_methods("rlrr+tsrs+pacefast"), "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts",
+             "--merge"),
+    _wordnet("--settings", "8", "8:0.2", "32", "--lr-multipliers", "1", *cli_methods("rlrr+tsrs"),
+             "--tsrs-weights", "0.1", "0.03", "0.01", "--no-counterparts", "--merge"),
     _wordnet("--settings", "8", "8:0.2", "8:0.4", "--lr-multipliers", "1", "3", "10", "20", "--lr-only",
-             "--select-on-clean", "--methods", "full", "full+selflabel", "--no-counterparts", "--merge"),
-    _wordnet("--settings", "8", "--lr-multipliers", "0.3", "1", "3", "--methods", "pace", "pace-fast",
+             "--select-on-clean", *cli_methods("full", "full+selflabel"), "--no-counterparts", "--merge"),
+    _wordnet("--settings", "8", "--lr-multipliers", "0.3", "1", "3", *cli_methods("pace", "pace-fast"),
              "--no-counterparts", "--merge"),
     # seed-0 probes, each in its own folder: the self-labeling radius ratio at 8 shots (at the selected lr 5e-4), and
     # the learning rate of the PACE methods at 8 shots (they run at RLRR's validation-selected 1e-2 in the table)
     _wordnet("--settings", "8", "--seeds", "0", "--lr-multipliers", "10", "--distance-ratios", "0.05", "0.1", "0.2",
-             "0.4", "--methods", "full+selflabel", "--no-counterparts", out="wordnet-probe-radius"),
-    _wordnet("--settings", "8", "--seeds", "0", "--lr-multipliers", "0.3", "1", "3", "--methods", "pace-base", "pace",
-             "pace-fast", "--no-counterparts", out="wordnet-probe-adapter-lr"),
+             "0.4", *cli_methods("full+selflabel"), "--no-counterparts", out="wordnet-probe-radius"),
+    _wordnet("--settings", "8", "--seeds", "0", "--lr-multipliers", "0.3", "1", "3",
+             *cli_methods("pace-base", "pace", "pace-fast"), "--no-counterparts", out="wordnet-probe-adapter-lr"),
 )
 
 

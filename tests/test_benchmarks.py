@@ -12,43 +12,55 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `benchmarks` without `python -m`
 
-from benchmarks import RESULTS, ROOT  # noqa: E402
+from benchmarks import CONFIGS, RESULTS, ROOT  # noqa: E402
 from benchmarks import generalization as gen  # noqa: E402
-from benchmarks import overhead as oh  # noqa: E402
+from benchmarks import methods as registry  # noqa: E402
 from benchmarks import run_all  # noqa: E402
+from benchmarks import stats  # noqa: E402
+from benchmarks.generalization import calls as cli  # noqa: E402
+from benchmarks.generalization import grid, running, tables  # noqa: E402
+from benchmarks.generalization import report as gen_report  # noqa: E402
+from benchmarks.generalization import results as gen_results  # noqa: E402
+from benchmarks.overhead import analysis as oh_analysis  # noqa: E402
+from benchmarks.overhead import build as oh_build  # noqa: E402
+from benchmarks.overhead import measure as oh_measure  # noqa: E402
+from benchmarks.overhead import plan as oh_plan  # noqa: E402
+from benchmarks.overhead import report as oh_report  # noqa: E402
+
+METHOD = registry.GENERALIZATION_BY_KEY  # the generalization benchmark's methods by key
 
 
 # ---------------------------------------------------------------------------------------------- overhead helpers
 def test_median_iqr_and_ratios():
-    assert oh.median([3.0, 1.0, 2.0]) == 2.0
-    assert math.isnan(oh.median([]))
-    assert oh.iqr([1.0]) == 0.0
-    assert oh.iqr([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2.0)
-    assert oh.ratio_of_medians([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(2.0)
+    assert stats.median([3.0, 1.0, 2.0]) == 2.0
+    assert math.isnan(stats.median([]))
+    assert stats.iqr([1.0]) == 0.0
+    assert stats.iqr([1.0, 2.0, 3.0, 4.0, 5.0]) == pytest.approx(2.0)
+    assert stats.ratio_of_medians([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(2.0)
     # per-round ratios: a load spike hitting both methods in round 2 cancels out
-    assert oh.paired_ratio([1.5, 15.0, 1.5], [1.0, 10.0, 1.0]) == pytest.approx(1.5)
+    assert stats.paired_ratio([1.5, 15.0, 1.5], [1.0, 10.0, 1.0]) == pytest.approx(1.5)
 
 
 def test_verdict():
-    assert oh.verdict(1.59, 1.6) == "pass"
-    assert oh.verdict(1.6, 1.6) == "pass"
-    assert oh.verdict(1.61, 1.6) == "MISS"
-    assert oh.verdict(3.0, None) == "—"
+    assert oh_plan.verdict(1.59, 1.6) == "pass"
+    assert oh_plan.verdict(1.6, 1.6) == "pass"
+    assert oh_plan.verdict(1.61, 1.6) == "MISS"
+    assert oh_plan.verdict(3.0, None) == "—"
 
 
 def test_peak_live_bytes_sorts_events_by_time():
     # alloc 8 (t=0), alloc 8 (t=1), free 8 (t=2), alloc 28 (t=3), free 28 (t=4); given out of order
     events = [(3, 28), (0, 8), (4, -28), (1, 8), (2, -8)]
-    assert oh.peak_live_bytes(events) == 36
-    assert oh.peak_live_bytes([]) == 0
-    assert oh.peak_live_bytes([(0, -5), (1, 3)]) == 0  # frees of memory allocated before the window
+    assert oh_measure.peak_live_bytes(events) == 36
+    assert oh_measure.peak_live_bytes([]) == 0
+    assert oh_measure.peak_live_bytes([(0, -5), (1, 3)]) == 0  # frees of memory allocated before the window
 
 
 def test_param_counts_and_roles():
-    assert oh.lora_params((384, 1536), 2) == 2 * (384 + 1536)
-    assert oh.rlrr_params((384, 1536)) == 384 + 2 * 1536
-    assert oh.role_of("bert.encoder.layer.3.attention.self.query") == "bert.encoder.layer.*.attention.self.query"
-    assert oh.role_of("classifier") == "classifier"
+    assert oh_build.lora_params((384, 1536), 2) == 2 * (384 + 1536)
+    assert oh_build.rlrr_params((384, 1536)) == 384 + 2 * 1536
+    assert oh_build.role_of("bert.encoder.layer.3.attention.self.query") == "bert.encoder.layer.*.attention.self.query"
+    assert oh_build.role_of("classifier") == "classifier"
 
 
 def test_equal_param_ranks_matches_rlrr_exactly_on_minilm_shapes():
@@ -56,22 +68,22 @@ def test_equal_param_ranks_matches_rlrr_exactly_on_minilm_shapes():
     shapes = {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden), "o": (hidden, hidden),
               "fc1": (hidden, inter), "fc2": (inter, hidden)}
     roles = {f"layer.*.{k}": [s] * layers for k, s in shapes.items()}
-    target = sum(oh.rlrr_params(s) for ss in roles.values() for s in ss)
-    ranks, count = oh.equal_param_ranks(roles, target)
+    target = sum(oh_build.rlrr_params(s) for ss in roles.values() for s in ss)
+    ranks, count = oh_build.equal_param_ranks(roles, target)
     assert count == target == layers * 10368
-    assert count == sum(oh.lora_params(s, ranks[r]) for r, ss in roles.items() for s in ss)
+    assert count == sum(oh_build.lora_params(s, ranks[r]) for r, ss in roles.items() for s in ss)
     assert max(ranks.values()) - min(ranks.values()) == 1  # the most uniform of the exact solutions
 
 
 def test_equal_param_ranks_closest_when_not_exact():
-    ranks, count = oh.equal_param_ranks({"a": [(10, 10)]}, 45)  # multiples of 20 only
+    ranks, count = oh_build.equal_param_ranks({"a": [(10, 10)]}, 45)  # multiples of 20 only
     assert count in (40, 60) and ranks == {"a": 2}
 
 
 def test_op_diff_orders_by_extra_time():
     method = {"aten::mm": {"ms": 10.0, "calls": 4}, "aten::add": {"ms": 1.0, "calls": 2}}
     base = {"aten::mm": {"ms": 4.0, "calls": 2}, "aten::mul": {"ms": 2.0, "calls": 1}}
-    rows = oh.op_diff(method, base, top=2)
+    rows = oh_measure.op_diff(method, base, top=2)
     assert [r["op"] for r in rows] == ["aten::mm", "aten::add"]
     assert rows[0]["extra_ms"] == pytest.approx(6.0)
 
@@ -79,12 +91,12 @@ def test_op_diff_orders_by_extra_time():
 def _overhead_results(ratio_tsrs: float) -> dict:
     def method(label, base, ratio, ms=100.0):
         return {"label": label, "base": base, "trainable_parameters": 1000, "median_step_s": ms / 1000,
-                "iqr_step_s": 0.001, "time_ratio": ratio, "time_ratio_paired": ratio, "step_peak_bytes": 2 * oh.MB,
-                "memory_ratio": None if base is None else 1.5, "persistent_bytes": oh.MB}
+                "iqr_step_s": 0.001, "time_ratio": ratio, "time_ratio_paired": ratio, "step_peak_bytes": 2 * oh_plan.MB,
+                "memory_ratio": None if base is None else 1.5, "persistent_bytes": oh_plan.MB}
 
     check = {"key": "tsrs-lora", "what": "TSRS step ≤ 1.6× its adapter (LoRA)", "method": "lora+tsrs",
              "base": "lora", "target": 1.6, "ratio": ratio_tsrs, "ratio_paired": ratio_tsrs,
-             "verdict": oh.verdict(ratio_tsrs, 1.6), "memory_ratio": 1.5}
+             "verdict": oh_plan.verdict(ratio_tsrs, 1.6), "memory_ratio": 1.5}
     return {
         "meta": {"date": "d", "machine": "m", "torch_threads": 1, "torch": "t", "transformers": "tr", "peft": "p",
                  "steps": 20, "warmup": 3, "memory_method": "profiler"},
@@ -106,14 +118,14 @@ def _overhead_results(ratio_tsrs: float) -> dict:
 
 
 def test_overhead_markdown_pass_and_miss():
-    text = oh.markdown(_overhead_results(1.45), {"TSRS": "explained"})
+    text = oh_report.markdown(_overhead_results(1.45), {"TSRS": "explained"})
     assert "| TSRS step ≤ 1.6× its adapter (LoRA) | 1.45× | 1.45× | ≤ 1.60× | pass | 1.50× |" in text
     assert "| LoRA r8 + TSRS | lora | 1,000 | 100.0 |" in text
     assert "| lora merged | 10.1 | 1.01× |" in text
     assert "Profile of the miss" not in text and "**TSRS.** explained" in text
-    missed = oh.markdown(_overhead_results(1.7))
+    missed = oh_report.markdown(_overhead_results(1.7))
     assert "| MISS |" in missed and "Profile of the miss" in missed and "`aten::mm` | 50.0" in missed
-    assert oh.summary_rows(_overhead_results(1.7)) == [("vit", "tsrs-lora", 1.7, 1.6, "MISS")]
+    assert oh_report.summary_rows(_overhead_results(1.7)) == [("vit", "tsrs-lora", 1.7, 1.6, "MISS")]
 
 
 def test_projection_timing_reports_ms_and_fraction_of_step():
@@ -127,12 +139,12 @@ def test_projection_timing_reports_ms_and_fraction_of_step():
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p))
-    proj = oh.projection_timing(constraint, reps=3, full_step_s=0.5)
+    proj = oh_measure.projection_timing(constraint, reps=3, full_step_s=0.5)
     assert proj["weights"] == len(constraint.items) and proj["elements"] > 0
     assert proj["ms"] >= 0 and proj["full_step_ms"] == pytest.approx(500.0)
     assert proj["fraction_of_full_step"] == pytest.approx(proj["ms"] / 500.0)
     assert constraint.max_violation() <= 1e-5  # it did project
-    assert oh.projection_timing(constraint, reps=1, full_step_s=None)["fraction_of_full_step"] is None
+    assert oh_measure.projection_timing(constraint, reps=1, full_step_s=None)["fraction_of_full_step"] is None
 
 
 def test_analysis_notes_describe_the_shipped_code():
@@ -144,34 +156,59 @@ def test_analysis_notes_describe_the_shipped_code():
                           "target": 1.05, "ratio": 1.02, "ratio_paired": 1.02, "verdict": "pass",
                           "memory_ratio": 1.0})
     res["projection"] = {"weights": 8, "elements": 2_000_000, "ms": 1.5, "fraction_of_full_step": 0.015}
-    notes = oh.analysis_notes(results)
+    notes = oh_analysis.analysis_notes(results)
     text = notes["Distance projection"]
     assert "vit 1.02× (pass)" in text and "+2 ms" in text and "1.5 ms, 1.5% of a full fine-tuning step" in text
     assert "scratch buffer" in text and "prototype" not in " ".join(notes.values())
     assert "release()" in notes["TSRS"]
 
 
+def test_notes_are_one_paragraph_a_section(tmp_path, monkeypatch):
+    from benchmarks import notes
+
+    sections = notes.sections("overhead")
+    assert {"Measured", "TSRS", "Distance projection / load noise", "Memory method"} <= set(sections)
+    assert "Protocol / select on clean" in notes.sections("generalization")
+    for name in ("overhead", "generalization", "collapse_probe"):
+        assert all(text and "\n" not in text and "  " not in text for text in notes.sections(name).values())
+    assert notes.note("overhead", "PACE / memory", model="vit", ratio=1.854) == "vit 1.85×"
+    (tmp_path / "twice.md").write_text("comment\n## a\none\ntwo\n\n## b\nthree\n## a\nfour\n")
+    monkeypatch.setattr(notes, "HERE", str(tmp_path))
+    with pytest.raises(ValueError, match="'a' twice"):
+        notes.sections("twice")
+    (tmp_path / "once.md").write_text("comment\n## a\none\n  two\n\n## b\nthree {x:.1f}\n")
+    assert notes.sections("once") == {"a": "one two", "b": "three {x:.1f}"}
+    assert notes.note("once", "b", x=2) == "three 2.0"
+
+
+def test_the_plan_names_registered_methods_only():
+    assert registry.cli_methods("lora", "pace") == ("--methods", "lora", "pace")
+    with pytest.raises(KeyError, match="nope"):
+        registry.cli_methods("lora", "nope")
+
+
 def test_every_check_names_known_methods():
-    keys = {m.key for m in oh.METHODS}
-    for check in oh.CHECKS:
+    keys = {m.key for m in registry.OVERHEAD_METHODS}
+    for check in oh_plan.CHECKS:
         assert check.method in keys and check.base in keys
-    for m in oh.METHODS:
-        assert m.base is None or m.base in keys
+    for m in registry.OVERHEAD_METHODS:
+        assert m.counterpart is None or m.counterpart in keys
         for f in m.files:
-            assert os.path.isfile(os.path.join(oh.CONFIGS, "methods", f))
+            assert os.path.isfile(os.path.join(CONFIGS, "methods", f))
 
 
 # ---------------------------------------------------------------------------------------------- statistics
 def test_paired_t_test_hand_numbers():
-    t, p = gen.paired_t_test([1.0, 2.0, 3.0, 4.0, 5.0])
+    t, p = stats.paired_t_test([1.0, 2.0, 3.0, 4.0, 5.0])
     assert t == pytest.approx(3.0 / (math.sqrt(2.5) / math.sqrt(5)))  # 4.2426
     assert p == pytest.approx(0.013236, abs=1e-5)  # scipy.stats.ttest_1samp([1..5], 0).pvalue
-    t, p = gen.paired_t_test([0.01, -0.02, 0.03, 0.0])
+    t, p = stats.paired_t_test([0.01, -0.02, 0.03, 0.0])
     assert t == pytest.approx(0.005 / (statistics_stdev([0.01, -0.02, 0.03, 0.0]) / 2))
     assert 0.5 < p < 1.0
-    assert gen.paired_t_test([0.0, 0.0, 0.0]) == (0.0, 1.0)
-    assert gen.paired_t_test([0.1, 0.1]) == (math.inf, 0.0)
-    t, p = gen.paired_t_test([0.1])
+    assert stats.paired_t_test([0.0, 0.0, 0.0]) == (0.0, 1.0)
+    assert stats.paired_t_test([0.1, 0.1]) == (math.inf, 0.0)
+    assert stats.paired_t_test([-0.1, -0.1, -0.1]) == (-math.inf, 0.0)
+    t, p = stats.paired_t_test([0.1])
     assert math.isnan(t) and math.isnan(p)
 
 
@@ -181,23 +218,36 @@ def statistics_stdev(values):
     return statistics.stdev(values)
 
 
-def test_t_distribution_against_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    for t in (0.0, 0.5, 1.3, 2.2, 4.0, 9.0):
-        for df in (1, 2, 4, 9, 30):
-            assert gen.t_two_sided_p(t, df) == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-7, abs=1e-12)
+def test_paired_t_test_is_scipys_paired_test():
+    import random
+
+    from scipy.stats import t as t_dist
+    from scipy.stats import ttest_rel
+
+    rng = random.Random(0)
+    for n in (2, 3, 5, 10, 31):  # 1, 2, 4, 9, 30 degrees of freedom
+        for shift in (0.0, 0.01, 0.05, 0.3):
+            a = [rng.gauss(0.5, 0.05) for _ in range(n)]
+            b = [x - shift + rng.gauss(0.0, 0.03) for x in a]
+            t, p = stats.paired_t_test([x - y for x, y in zip(a, b)])
+            expected = ttest_rel(a, b)
+            assert t == pytest.approx(expected.statistic, rel=1e-12)
+            assert p == pytest.approx(expected.pvalue, rel=1e-12, abs=1e-300)
+            assert p == pytest.approx(2 * t_dist.sf(abs(t), n - 1), rel=1e-9)  # two-sided Student's t
 
 
 def test_sign_test_exact():
-    assert gen.sign_test([0.1, 0.2, 0.3, 0.4, 0.5]) == (5, 0, pytest.approx(0.0625))
-    assert gen.sign_test([0.1, -0.2, 0.3, 0.4, 0.5]) == (4, 1, pytest.approx(0.375))
-    assert gen.sign_test([0.0, 0.0]) == (0, 0, 1.0)
-    assert gen.sign_test([0.1, 0.0, -0.1]) == (1, 1, 1.0)
+    assert stats.sign_test([0.1, 0.2, 0.3, 0.4, 0.5]) == (5, 0, pytest.approx(0.0625))
+    assert stats.sign_test([0.1, -0.2, 0.3, 0.4, 0.5]) == (4, 1, pytest.approx(0.375))
+    assert stats.sign_test([0.0, 0.0]) == (0, 0, 1.0)
+    assert stats.sign_test([0.1, 0.0, -0.1]) == (1, 1, 1.0)
+    # exact: 2 * P(X <= 2) for X ~ Bin(9, 1/2) = 2 * (1 + 9 + 36) / 512
+    assert stats.sign_test([1.0] * 7 + [-1.0] * 2) == (7, 2, pytest.approx(2 * 46 / 512, rel=1e-12))
 
 
 def _rec(task, method, seed, test, val=None, shots=8, noise=0.0, selected=True, phase="seed", lr=1e-2,
          loss=1.0):
-    return {"task": task, "shots": shots, "label_noise": noise, "setting": gen.Setting(shots, noise).key,
+    return {"task": task, "shots": shots, "label_noise": noise, "setting": grid.Setting(shots, noise).key,
             "method": method, "phase": phase, "seed": seed, "lr": lr, "hparams": [], "config": f"lr{lr:.3g}",
             "selected": selected, "validation_accuracy": test if val is None else val, "validation_loss": loss,
             "test_accuracy": test, "train_time_s": 10.0, "train_steps": 5, "trainable_parameters": 1,
@@ -214,7 +264,7 @@ def _hand_records():
 
 
 def test_aggregate_uses_selected_runs_only():
-    rows = gen.aggregate(_hand_records())
+    rows = tables.aggregate(_hand_records())
     assert [r["method"] for r in rows] == ["lora", "lora+tsrs"]
     lora = rows[0]
     assert lora["n"] == 5 and lora["seeds"] == [0, 1, 2, 3, 4]
@@ -223,53 +273,53 @@ def test_aggregate_uses_selected_runs_only():
 
 
 def test_paired_comparisons_on_hand_numbers():
-    (pair,) = gen.paired_comparisons(_hand_records())
+    (pair,) = tables.paired_comparisons(_hand_records())
     assert pair["method"] == "lora+tsrs" and pair["counterpart"] == "lora"
     assert pair["diffs"] == pytest.approx([0.03, 0.02, 0.01, 0.04, 0.01])
     assert pair["mean_diff"] == pytest.approx(0.022)
     assert (pair["wins"], pair["losses"]) == (5, 0) and pair["p_sign"] == pytest.approx(0.0625)
-    assert pair["p_t"] == pytest.approx(gen.paired_t_test([0.03, 0.02, 0.01, 0.04, 0.01])[1])
+    assert pair["p_t"] == pytest.approx(stats.paired_t_test([0.03, 0.02, 0.01, 0.04, 0.01])[1])
     assert pair["p_t"] < 0.05
 
 
 def test_paired_comparisons_only_on_common_seeds():
     recs = [_rec("fmnist", "rlrr", s, 0.6) for s in range(5)] + [_rec("fmnist", "rlrr+tsrs", s, 0.7)
                                                                  for s in (1, 3)]
-    (pair,) = gen.paired_comparisons(recs)
+    (pair,) = tables.paired_comparisons(recs)
     assert pair["seeds"] == [1, 3] and pair["mean_diff"] == pytest.approx(0.1)
 
 
 def test_select_best_ties():
     rows = [{"validation_accuracy": 0.5, "validation_loss": 1.0}, {"validation_accuracy": 0.6, "validation_loss": 2.0},
             {"validation_accuracy": 0.6, "validation_loss": 1.5}, {"validation_accuracy": 0.6, "validation_loss": 1.5}]
-    assert gen.select_best(rows) is rows[2]
+    assert running.select_best(rows) is rows[2]
     with pytest.raises(ValueError):
-        gen.select_best([])
+        running.select_best([])
 
 
 def test_markdown_report_formatting():
-    text = gen.markdown_report(_hand_records(), {"date": "d", "seeds": [0, 1, 2, 3, 4], "lr_multipliers": [1]})
+    text = gen_report.markdown_report(_hand_records(), {"date": "d", "seeds": [0, 1, 2, 3, 4], "lr_multipliers": [1]})
     assert "## WordNet nouns / MiniLM — 8 shots" in text
     assert "| LoRA r8 | 5 | lr0.01 | 50.0 ± 1.6 | 50.0 ± 1.6 |" in text
     assert "| LoRA + TSRS | 5 | lr0.01 |" in text and "+2.2 ± 1.3 vs lora" in text and "| 5/0 | 0.062 |" in text
     assert "QUICK MODE" not in text
-    assert "QUICK MODE" in gen.markdown_report(_hand_records(), {"quick": True})
+    assert "QUICK MODE" in gen_report.markdown_report(_hand_records(), {"quick": True})
     assert "Best method per setting" in text
 
 
 def test_markdown_report_lists_every_selection_run_of_a_searched_group():
     recs = _hand_records()  # lora: one select run only (not searched), listed nowhere
-    assert "Selection runs" not in gen.markdown_report(recs, {})
+    assert "Selection runs" not in gen_report.markdown_report(recs, {})
     recs += [_rec("wordnet", "lora+tsrs", 0, 0.40, val=0.45, selected=False, phase="select", lr=3e-3),
              _rec("wordnet", "lora+tsrs", 0, 0.60, val=0.55, selected=True, phase="select", lr=1e-2)]
-    text = gen.markdown_report(recs, {})
+    text = gen_report.markdown_report(recs, {})
     assert "| wordnet | 8 shots | LoRA + TSRS | lr0.003 | 45.0 | 40.0 |  |" in text
     assert "| wordnet | 8 shots | LoRA + TSRS | lr0.01 | 55.0 | 60.0 | yes |" in text
     assert "| wordnet | 8 shots | LoRA r8 | lr0.03 |" not in text
 
 
 def test_write_outputs(tmp_path):
-    gen.write_outputs(_hand_records(), {"date": "d"}, str(tmp_path))
+    gen_results.write_outputs(_hand_records(), {"date": "d"}, str(tmp_path))
     data = json.loads((tmp_path / "generalization.json").read_text())
     assert len(data["runs"]) == 11 and len(data["summary"]) == 2 and len(data["paired"]) == 1
     assert (tmp_path / "generalization.md").read_text().startswith("# Generalization")
@@ -278,12 +328,12 @@ def test_write_outputs(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- planning / resume
 def test_tags_dirs_and_grids(tmp_path):
-    assert gen.config_tag(0.01, ()) == "lr0.01"
-    assert gen.config_tag(3e-05, ("regularizers.tsrs_weight=0.1",)) == "lr3e-05-tsrs_weight0.1"
-    assert gen.lr_grid(1e-2, (0.3, 1.0, 3.0)) == [0.003, 0.01, 0.03]
-    assert gen.parse_settings(["8", "32:0.2"]) == [gen.Setting(8), gen.Setting(32, 0.2)]
-    assert gen.Setting(32, 0.4).key == "32shot-noise40"
-    spec = gen.spec_for(str(tmp_path), gen.TASKS["wordnet"], gen.Setting(8), gen.METHOD_BY_KEY["lora+tsrs"], 0.01,
+    assert grid.config_tag(0.01, ()) == "lr0.01"
+    assert grid.config_tag(3e-05, ("regularizers.tsrs_weight=0.1",)) == "lr3e-05-tsrs_weight0.1"
+    assert grid.lr_grid(1e-2, (0.3, 1.0, 3.0)) == [0.003, 0.01, 0.03]
+    assert cli.parse_settings(["8", "32:0.2"]) == [grid.Setting(8), grid.Setting(32, 0.2)]
+    assert grid.Setting(32, 0.4).key == "32shot-noise40"
+    spec = grid.spec_for(str(tmp_path), grid.TASKS["wordnet"], grid.Setting(8), METHOD["lora+tsrs"], 0.01,
                         ("regularizers.tsrs_weight=0.1",), 3, "seed")
     assert spec.run_dir == os.path.join(str(tmp_path), "wordnet", "8shot-noise0", "lora+tsrs",
                                         "lr0.01-tsrs_weight0.1-s3")
@@ -294,14 +344,17 @@ def test_tags_dirs_and_grids(tmp_path):
 def test_methods_are_consistent_and_recipes_load():
     from peft_tsrs.app.recipes import load_recipe
 
-    for m in gen.METHODS:
-        assert m.counterpart is None or m.counterpart in gen.METHOD_BY_KEY
-        for task in gen.TASKS.values():
+    for m in registry.GENERALIZATION_METHODS:
+        assert m.counterpart is None or m.counterpart in registry.GENERALIZATION_BY_KEY
+        for f in m.files:
+            assert os.path.isfile(os.path.join(CONFIGS, "methods", f))
+        for task in grid.TASKS.values():
             for hp in m.hparams:
-                recipe = load_recipe(gen.recipe_files(task, m), [*m.overrides, *m.per_task.get(task.key, ()), *hp])
+                overrides = [*m.overrides, *m.per_task.get(task.key, ()), *hp]
+                recipe = load_recipe(registry.recipe_files(task.file, m), overrides)
                 assert recipe.regularizers.is_noop == (m.counterpart is None), m.key
-    assert gen.default_lr(gen.TASKS["fmnist"], gen.METHOD_BY_KEY["full"]) == pytest.approx(3e-4)
-    assert gen.default_lr(gen.TASKS["wordnet"], gen.METHOD_BY_KEY["full"]) == pytest.approx(5e-5)
+    assert grid.default_lr(grid.TASKS["fmnist"], METHOD["full"]) == pytest.approx(3e-4)
+    assert grid.default_lr(grid.TASKS["wordnet"], METHOD["full"]) == pytest.approx(5e-5)
 
 
 class FakeRunner:
@@ -326,7 +379,7 @@ def test_a_run_shared_by_two_processes_is_trained_once(tmp_path):
     lock, then reads its metrics; it neither trains the run again nor deletes the unfinished folder."""
     import threading
 
-    spec = gen.spec_for(str(tmp_path), gen.TASKS["wordnet"], gen.Setting(8), gen.METHOD_BY_KEY["lora"], 0.01, (), 0,
+    spec = grid.spec_for(str(tmp_path), grid.TASKS["wordnet"], grid.Setting(8), METHOD["lora"], 0.01, (), 0,
                         "select")
     inner, started, release = FakeRunner(), threading.Event(), threading.Event()
 
@@ -337,8 +390,10 @@ def test_a_run_shared_by_two_processes_is_trained_once(tmp_path):
         return inner(s)
 
     results, logs = {}, []
-    first = threading.Thread(target=lambda: results.update(first=gen.execute(spec, slow_runner, log=logs.append)))
-    second = threading.Thread(target=lambda: results.update(second=gen.execute(spec, FakeRunner(), log=logs.append)))
+    first = threading.Thread(
+        target=lambda: results.update(first=running.execute(spec, slow_runner, log=logs.append)))
+    second = threading.Thread(
+        target=lambda: results.update(second=running.execute(spec, FakeRunner(), log=logs.append)))
     first.start()
     assert started.wait(10)
     second.start()
@@ -353,8 +408,8 @@ def test_a_run_shared_by_two_processes_is_trained_once(tmp_path):
 
 
 def _grid(tmp_path, runner, seeds=(0, 1, 2)):
-    methods = [gen.METHOD_BY_KEY["lora"], gen.METHOD_BY_KEY["lora+tsrs"]]
-    return gen.run_grid([gen.TASKS["wordnet"]], [gen.Setting(8)], methods, list(seeds), [], str(tmp_path),
+    methods = [METHOD["lora"], METHOD["lora+tsrs"]]
+    return running.run_grid([grid.TASKS["wordnet"]], [grid.Setting(8)], methods, list(seeds), [], str(tmp_path),
                         runner=runner, log=lambda _: None, lrs_for=lambda t, m: [0.003, 0.01, 0.03])
 
 
@@ -429,9 +484,9 @@ def test_no_search_runs_each_method_at_its_recipe_configuration(tmp_path, monkey
     # lora and lora+tsrs (the counterpart is added), one configuration each, two seeds: no selection runs
     assert sorted((s.method, s.seed) for s in runner.specs) == [("lora", 0), ("lora", 1), ("lora+tsrs", 0),
                                                                  ("lora+tsrs", 1)]
-    lora_lr = gen.default_lr(gen.TASKS["wordnet"], gen.METHOD_BY_KEY["lora"])
+    lora_lr = grid.default_lr(grid.TASKS["wordnet"], METHOD["lora"])
     assert {s.lr for s in runner.specs} == {lora_lr}
-    assert {s.hparams for s in runner.specs if s.method == "lora+tsrs"} == {gen._TSRS_GRID[0]}
+    assert {s.hparams for s in runner.specs if s.method == "lora+tsrs"} == {registry.TSRS_GRID[0]}
     assert all("diagnostics=false" in s.overrides for s in runner.specs)
     report = (tmp_path / "out" / "generalization.md").read_text()
     assert "no search" in report and "--no-search" in report
@@ -441,8 +496,8 @@ def test_no_search_runs_each_method_at_its_recipe_configuration(tmp_path, monkey
 
 def test_select_on_clean_reuses_the_clean_selection_for_noisy_settings(tmp_path):
     runner = FakeRunner()
-    records = gen.run_grid([gen.TASKS["wordnet"]], [gen.Setting(8), gen.Setting(8, 0.4)],
-                           [gen.METHOD_BY_KEY["lora"]], [0, 1], [], str(tmp_path), runner=runner,
+    records = running.run_grid([grid.TASKS["wordnet"]], [grid.Setting(8), grid.Setting(8, 0.4)],
+                           [METHOD["lora"]], [0, 1], [], str(tmp_path), runner=runner,
                            log=lambda _: None, lrs_for=lambda t, m: [0.003, 0.01, 0.03], select_on_clean=True)
     noisy = [os.path.relpath(c, tmp_path) for c in runner.calls if "noise40" in c]
     assert sorted(noisy) == [os.path.join("wordnet", "8shot-noise40", "lora", f"lr0.01-s{s}") for s in (0, 1)]
@@ -451,7 +506,7 @@ def test_select_on_clean_reuses_the_clean_selection_for_noisy_settings(tmp_path)
         ("8shot-noise0", 0), ("8shot-noise0", 1), ("8shot-noise40", 0), ("8shot-noise40", 1)}
     # without the option the noisy setting selects on its own validation split
     again = FakeRunner()
-    gen.run_grid([gen.TASKS["wordnet"]], [gen.Setting(8, 0.2)], [gen.METHOD_BY_KEY["lora"]], [0], [], str(tmp_path),
+    running.run_grid([grid.TASKS["wordnet"]], [grid.Setting(8, 0.2)], [METHOD["lora"]], [0], [], str(tmp_path),
                  runner=again, log=lambda _: None, lrs_for=lambda t, m: [0.003, 0.01, 0.03])
     assert len(again.calls) == 3
 
@@ -483,7 +538,7 @@ def test_committed_tables_were_made_by_the_cpu_plan():
         with open(os.path.join(RESULTS, folder, "generalization.json")) as f:
             meta = json.load(f)["meta"]
         recorded = [*(c["command"] for c in meta.get("earlier_calls") or []), meta["command"]]
-        recorded = [[a for a in shlex.split(c[len(gen.COMMAND):]) if a != "--report-only"] for c in recorded]
+        recorded = [[a for a in shlex.split(c[len(cli.COMMAND):]) if a != "--report-only"] for c in recorded]
         planned = [[os.path.relpath(a, ROOT) if a.startswith(RESULTS) else a for a in p]
                    for p in run_all.CPU_PLAN if p[p.index("--out") + 1] == os.path.join(RESULTS, folder)]
         assert recorded == planned, folder
@@ -499,7 +554,7 @@ def test_no_counterparts_runs_exactly_the_given_methods(tmp_path, monkeypatch):
 
 def test_merge_keeps_other_groups_and_replaces_its_own(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    gen.write_outputs(_hand_records(), {"date": "d0", "command": "first call"}, str(out))  # lora, lora+tsrs
+    gen_results.write_outputs(_hand_records(), {"date": "d0", "command": "first call"}, str(out))  # lora, lora+tsrs
     monkeypatch.setattr(gen, "default_runner", SpecRecorder())
     common = ["--tasks", "wordnet", "--settings", "8", "--no-search", "--seeds", "0", "1",
               "--runs", str(tmp_path / "runs"), "--out", str(out)]
@@ -528,8 +583,8 @@ def test_merge_keeps_other_groups_and_replaces_its_own(tmp_path, monkeypatch):
 def test_merge_refuses_a_foreign_json(tmp_path):
     (tmp_path / "generalization.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="drop --merge"):
-        gen.read_results(str(tmp_path))
-    assert gen.read_results(str(tmp_path / "missing")) == ([], {})
+        gen_results.read_results(str(tmp_path))
+    assert gen_results.read_results(str(tmp_path / "missing")) == ([], {})
 
 
 def test_lr_only_searches_the_learning_rate_at_the_first_grid_point(tmp_path, monkeypatch):
@@ -539,10 +594,10 @@ def test_lr_only_searches_the_learning_rate_at_the_first_grid_point(tmp_path, mo
     gen.main(["--tasks", "wordnet", "--settings", "32", "--lr-multipliers", "1", "0.2", "--lr-only", "--methods",
               "lora+tsrs", "--no-counterparts", "--seeds", "0", "1", "--runs", str(tmp_path / "runs"),
               "--out", str(out)])
-    base = gen.default_lr(gen.TASKS["wordnet"], gen.METHOD_BY_KEY["lora+tsrs"])
+    base = grid.default_lr(grid.TASKS["wordnet"], METHOD["lora+tsrs"])
     selection = [s for s in runner.specs if s.seed == 0]
     assert sorted(s.lr for s in selection) == sorted([base, 0.2 * base])  # 2 lrs, not 2 lrs x 2 TSRS weights
-    assert {s.hparams for s in runner.specs} == {gen._TSRS_GRID[0]}
+    assert {s.hparams for s in runner.specs} == {registry.TSRS_GRID[0]}
     # FakeRunner's validation accuracy peaks at lr 1e-2, so the larger rate is chosen and seed 1 runs at it
     assert [s.lr for s in runner.specs if s.seed == 1] == [base]
     report = (out / "generalization.md").read_text()
@@ -567,7 +622,7 @@ def _two_seed_wordnet_call(tmp_path, monkeypatch, *args: str):
 
 def test_tsrs_weights_set_the_lambda_grid_and_keep_the_run_names(tmp_path, monkeypatch):
     # the default grid's run names are those of the committed runs (tsrs_weight0.1, tsrs_weight1.0)
-    assert [gen.config_tag(0.01, h) for h in gen._TSRS_GRID] == ["lr0.01-tsrs_weight0.1", "lr0.01-tsrs_weight1.0"]
+    assert [grid.config_tag(0.01, h) for h in registry.TSRS_GRID] == ["lr0.01-tsrs_weight0.1", "lr0.01-tsrs_weight1.0"]
     specs, meta, report = _two_seed_wordnet_call(tmp_path, monkeypatch, "--settings", "32", "--lr-multipliers", "0.4",
                                                  "--methods", "lora+tsrs", "--tsrs-weights", "0.1", "0.03", "0.01")
     selection = [s.hparams for s in specs if s.seed == 0]
@@ -575,23 +630,23 @@ def test_tsrs_weights_set_the_lambda_grid_and_keep_the_run_names(tmp_path, monke
     assert len(specs) == 4  # 3 selection runs on seed 0, then seed 1 at the chosen λ
     assert "TSRS λ ∈ {0.1, 0.03, 0.01}" in report and meta["tsrs_weights"] == [0.1, 0.03, 0.01]
     cmd = meta["command"]
-    assert gen.call_protocol(cmd) == " (configuration selected on validation, TSRS λ ∈ {0.1, 0.03, 0.01})"
+    assert gen_report.call_protocol(cmd) == " (configuration selected on validation, TSRS λ ∈ {0.1, 0.03, 0.01})"
     lr_only = cmd.replace("--tsrs-weights 0.1 0.03 0.01", "--tsrs-weights 0.03 0.1") + " --lr-only"
-    assert gen.call_protocol(lr_only) == " (learning rate selected on validation, λ = 0.03)"
+    assert gen_report.call_protocol(lr_only) == " (learning rate selected on validation, λ = 0.03)"
     # methods without a TSRS term keep their grid; --no-search takes the first λ given
-    plan = gen.plan_call(gen.build_parser().parse_args(["--no-search", "--tsrs-weights", "0.03", "1"]))
+    plan = cli.plan_call(cli.build_parser().parse_args(["--no-search", "--tsrs-weights", "0.03", "1"]))
     grids = {m.key: m.hparams for m in plan.methods}
     assert grids["lora+tsrs"] == grids["rlrr+tsrs+pacefast"] == (("regularizers.tsrs_weight=0.03",),)
     assert grids["pace"] == ((),)
     with pytest.raises(ValueError, match="--tsrs-weights"):
-        gen.plan_call(gen.build_parser().parse_args(["--tsrs-weights", "-1"]))
+        cli.plan_call(cli.build_parser().parse_args(["--tsrs-weights", "-1"]))
 
 
 def test_distance_ratios_set_the_self_labeling_radius_grid(tmp_path, monkeypatch):
-    shipped = gen.recipe_distance_ratio()
+    shipped = registry.recipe_distance_ratio()
     assert shipped == 0.05  # configs/methods/self_labeling.yaml
     # the recipe's ratio is the empty point: its runs keep the names of the runs made without the grid
-    assert gen.distance_grid([0.05, 0.2]) == ((), ("regularizers.distance_ratio=0.2",))
+    assert registry.distance_grid([0.05, 0.2]) == ((), ("regularizers.distance_ratio=0.2",))
     specs, meta, report = _two_seed_wordnet_call(tmp_path, monkeypatch, "--settings", "8", "--lr-multipliers", "10",
                                                  "--methods", "full+selflabel", "--distance-ratios", "0.05", "0.1", "0.2")
     selection = [s for s in specs if s.seed == 0]
@@ -605,17 +660,17 @@ def test_distance_ratios_set_the_self_labeling_radius_grid(tmp_path, monkeypatch
     assert len(specs) == 4  # 3 selection runs on seed 0, then seed 1 at the chosen ratio
     assert "self-labeling radius ratio ∈ {0.05, 0.1, 0.2}" in report and meta["distance_ratios"] == [0.05, 0.1, 0.2]
     cmd = meta["command"]
-    assert gen.call_protocol(cmd) == (
+    assert gen_report.call_protocol(cmd) == (
         " (configuration selected on validation, self-labeling radius ratio ∈ {0.05, 0.1, 0.2})")
-    assert gen.call_protocol(cmd + " --lr-only") == (
+    assert gen_report.call_protocol(cmd + " --lr-only") == (
         " (learning rate selected on validation, λ = 0.1, self-labeling radius ratio = 0.05)")
     # only the self-labeling method gets the grid; --no-search takes its first ratio
-    plan = gen.plan_call(gen.build_parser().parse_args(["--no-search", "--distance-ratios", "0.1", "0.05"]))
+    plan = cli.plan_call(cli.build_parser().parse_args(["--no-search", "--distance-ratios", "0.1", "0.05"]))
     grids = {m.key: m.hparams for m in plan.methods}
     assert grids["full+selflabel"] == (("regularizers.distance_ratio=0.1",),)
-    assert grids["full"] == ((),) and grids["lora+tsrs"] == gen._TSRS_GRID[:1]
+    assert grids["full"] == ((),) and grids["lora+tsrs"] == registry.TSRS_GRID[:1]
     with pytest.raises(ValueError, match="--distance-ratios"):
-        gen.plan_call(gen.build_parser().parse_args(["--distance-ratios", "0"]))
+        cli.plan_call(cli.build_parser().parse_args(["--distance-ratios", "0"]))
 
 
 def test_threads_sets_the_torch_threads_of_the_call(tmp_path, monkeypatch):
@@ -633,13 +688,14 @@ def test_threads_sets_the_torch_threads_of_the_call(tmp_path, monkeypatch):
 
 def test_command_groups_follow_the_cli():
     cmd = "python -m benchmarks.generalization --tasks wordnet --settings 8:0.4 --no-search --methods lora+tsrs"
-    assert gen.command_groups(cmd) == {("wordnet", 8, 0.4, "lora"), ("wordnet", 8, 0.4, "lora+tsrs")}
-    assert gen.command_groups(cmd + " --no-counterparts") == {("wordnet", 8, 0.4, "lora+tsrs")}
-    assert gen.command_groups("first call") is None
-    assert gen.command_groups("python -m benchmarks.generalization --methods nope") is None
-    assert gen.call_protocol(cmd) == " (no search)"
-    assert gen.call_protocol(cmd.replace("--no-search", "--lr-only")) == " (learning rate selected on validation, λ = 0.1)"
-    assert gen.call_protocol("first call") == ""
+    assert cli.command_groups(cmd) == {("wordnet", 8, 0.4, "lora"), ("wordnet", 8, 0.4, "lora+tsrs")}
+    assert cli.command_groups(cmd + " --no-counterparts") == {("wordnet", 8, 0.4, "lora+tsrs")}
+    assert cli.command_groups("first call") is None
+    assert cli.command_groups("python -m benchmarks.generalization --methods nope") is None
+    assert gen_report.call_protocol(cmd) == " (no search)"
+    assert gen_report.call_protocol(cmd.replace("--no-search", "--lr-only")) == (
+        " (learning rate selected on validation, λ = 0.1)")
+    assert gen_report.call_protocol("first call") == ""
 
 
 def test_merged_meta_drops_a_call_once_all_its_groups_were_written_again():
@@ -651,12 +707,12 @@ def test_merged_meta_drops_a_call_once_all_its_groups_were_written_again():
     # b replaced half of a; this call the other half: a and b (all of whose groups are written again) are dropped
     now = {"command": f"{prefix} --settings 8 --methods lora+tsrs lora"}
     groups = {("wordnet", 8, 0.0, "lora+tsrs"), ("wordnet", 8, 0.0, "lora")}
-    assert gen.merged_meta(now, earlier, groups)["earlier_calls"] == [foreign]
+    assert gen_results.merged_meta(now, earlier, groups)["earlier_calls"] == [foreign]
     # a call of other groups keeps every earlier one
-    other = gen.merged_meta({"command": f"{prefix} --settings 32 --methods lora"}, earlier,
+    other = gen_results.merged_meta({"command": f"{prefix} --settings 32 --methods lora"}, earlier,
                             {("wordnet", 32, 0.0, "lora")})
     assert other["earlier_calls"] == [foreign, a, b]
     # lora+tsrs only: a is covered by b and this call together and goes, b (its lora rows still in) stays
-    assert gen.merged_meta(now, earlier, {("wordnet", 8, 0.0, "lora+tsrs")})["earlier_calls"] == [foreign, b]
+    assert gen_results.merged_meta(now, earlier, {("wordnet", 8, 0.0, "lora+tsrs")})["earlier_calls"] == [foreign, b]
     # a command that does not parse goes only when this call repeats it
-    assert gen.merged_meta({"command": "first call"}, earlier, set())["earlier_calls"] == [a, b]
+    assert gen_results.merged_meta({"command": "first call"}, earlier, set())["earlier_calls"] == [a, b]

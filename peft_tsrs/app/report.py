@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import statistics
 from collections import defaultdict
-from typing import Any
+from typing import Any, Sequence
 
 from .plots import plot_comparison
 from .run import load_metrics
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (std 0 for one value, ``nan`` for none); the benchmarks' tables use it too."""
     if not values:
         return float("nan"), float("nan")
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -32,8 +33,8 @@ def collect(run_dirs: list[str]) -> list[dict[str, Any]]:
         raise ValueError(f"no finished run (metrics.json) among: {', '.join(run_dirs) or '(none given)'}")
     rows = []
     for (task, shots, noise, method), runs in groups.items():
-        test_mean, test_std = _mean_std([r["test"]["accuracy"] for r in runs])
-        val_mean, val_std = _mean_std([r["validation"]["accuracy"] for r in runs])
+        test_mean, test_std = mean_std([r["test"]["accuracy"] for r in runs])
+        val_mean, val_std = mean_std([r["validation"]["accuracy"] for r in runs])
         diag = [r.get("diagnostics", {}) for r in runs]
         rows.append({
             "label": method, "task": task, "shots": shots, "label_noise": noise, "seeds": len(runs),
@@ -41,8 +42,8 @@ def collect(run_dirs: list[str]) -> list[dict[str, Any]]:
             "validation_accuracy": val_mean, "validation_accuracy_std": val_std,
             "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in runs),
             "trainable_parameters": runs[0]["trainable_parameters"],
-            "stable_rank": _mean_std([d["stable_rank_mean"] for d in diag if "stable_rank_mean" in d])[0],
-            "noise_sensitivity": _mean_std([d["noise_sensitivity"] for d in diag if "noise_sensitivity" in d])[0],
+            "stable_rank": mean_std([d["stable_rank_mean"] for d in diag if "stable_rank_mean" in d])[0],
+            "noise_sensitivity": mean_std([d["noise_sensitivity"] for d in diag if "noise_sensitivity" in d])[0],
         })
     rows.sort(key=lambda r: (r["task"], r["shots"], r["label_noise"], r["label"]))
     return rows

@@ -1,0 +1,5 @@
+"""``python -m benchmarks.generalization``."""
+
+from . import main
+
+main()

@@ -1,0 +1,5 @@
+"""``python -m benchmarks.overhead``."""
+
+from . import main
+
+main()
