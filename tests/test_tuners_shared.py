@@ -57,9 +57,10 @@ def _uniform(shape: tuple[int, int], bound: float) -> torch.Tensor:
     return torch.empty(shape).uniform_(-bound, bound)
 
 
-def _kaiming_bound(fan_in: int) -> float:
-    """Kaiming-uniform with a = √5 (nn.Linear's init): gain √(2 / (1 + a²)), bound √3 · gain / √fan_in."""
-    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
+def _kaiming_bound(fan_in: int, a: float = math.sqrt(5)) -> float:
+    """Kaiming-uniform: gain √(2 / (1 + a²)), bound √3 · gain / √fan_in (a = √5 is nn.Linear's init; a = 0, the
+    official RLRR init, gives gain √2 and bound √(6 / fan_in))."""
+    gain = math.sqrt(2.0 / (1 + a**2))
     return math.sqrt(3.0) * (gain / math.sqrt(fan_in))
 
 
@@ -70,12 +71,13 @@ def _xavier_bound(fan_in: int, fan_out: int) -> float:
 
 def rlrr_reference(out_f: int, in_f: int, r: int, init_mode: str, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    R = _uniform((r, in_f), _kaiming_bound(in_f))
+    a = 0.0 if init_mode == "kaiming" else math.sqrt(5)
+    R = _uniform((r, in_f), _kaiming_bound(in_f, a))
     shift = torch.zeros(out_f)
     if init_mode == "identity":
         L = torch.zeros(out_f, r)
     elif init_mode == "kaiming":
-        L = _uniform((out_f, r), _kaiming_bound(r))
+        L = _uniform((out_f, r), _kaiming_bound(r, a))
     else:
         L = torch.empty(out_f, r).normal_(0.0, 0.5)
         shift = torch.empty(out_f).normal_(0.0, 0.02)

@@ -30,10 +30,11 @@ class RLRRConfig(TunerConfigBase):
         exclude_modules: Modules never to adapt.
         layers_to_transform: Only adapt blocks with these indices.
         layers_pattern: Name of the block list used with ``layers_to_transform``.
-        init_weights: ``True`` / ``"identity"`` (default): ``L = 0``, ``R`` Kaiming-uniform, ``shift = 0``, so the
-            model starts exactly at the pretrained one. ``"kaiming"``: the official initialization (``L`` and ``R``
-            Kaiming-uniform, ``shift = 0``; step 0 is *not* the pretrained model). ``False`` / ``"random"``: a random
-            non-identity adapter (for tests).
+        init_weights: ``True`` / ``"identity"`` (default, a deviation from the official code): ``L = 0``, ``R``
+            ``kaiming_uniform_(a=√5)`` (bound ``1/√in``), ``shift = 0``, so the model starts exactly at the pretrained
+            one. ``"kaiming"``: the official initialization, ``L`` and ``R`` both ``kaiming_uniform_(a=0)`` (gain √2,
+            bound ``√(6 / fan_in)``: ``√(6 / r)`` for ``L``, ``√(6 / in)`` for ``R``), ``shift = 0``; step 0 is *not*
+            the pretrained model. ``False`` / ``"random"``: a random non-identity adapter (for tests).
         ssf: Also add SSF scale/shift (``y * γ + β``) after the modules in ``ssf_modules`` (LayerNorms and the
             patch embedding, as in the official ViT code). ``γ = 1, β = 0`` with the identity init;
             ``γ ~ N(1, .02), β ~ N(0, .02)`` with ``"kaiming"``.
