@@ -197,6 +197,9 @@ def test_bf16_forward_and_merge():
         ({"noise_schedule": "cosine"}, "unknown noise_schedule"),
         ({"r": 0}, "positive integer"),
         ({"sigma": -0.5}, "sigma"),
+        ({"sigma": float("nan")}, "`sigma` must be a finite number"),
+        ({"sigma": float("inf")}, "`sigma` must be a finite number"),
+        ({"sigma": float("-inf")}, "`sigma` must be a finite number"),
     ],
 )
 def test_config_errors(kwargs, match):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 
@@ -223,3 +224,27 @@ def test_pace_default_head_is_the_shared_constant():
     heads.append("score")  # a fresh list each time: the default cannot be changed through it
     assert PACEConfig().heads == ["classifier"]
     assert PACEConfig(head_modules=["score"]).heads == ["score"]
+
+
+# ---------------------------------------------------------------------- non-finite floats
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("config_cls", [RLRRConfig, PACEConfig])
+def test_any_float_field_refuses_non_finite_values(config_cls, value):
+    """The check covers every float field of the configs (today PACE's sigma; a field added later is covered too)."""
+
+    @dataclasses.dataclass
+    class WithFloat(config_cls):
+        alpha: float = 1.0
+
+    with pytest.raises(ValueError, match=rf"{config_cls.__name__}: `alpha` must be a finite number, got {value!r}"):
+        WithFloat(alpha=value)
+    assert WithFloat(alpha=0.5).alpha == 0.5
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_non_finite_sigma_in_adapter_config_json_is_refused(tmp_path, value):
+    PACEConfig().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(path.read_text().replace('"sigma": 1.0', f'"sigma": {value}'))
+    with pytest.raises(ValueError, match="`sigma` must be a finite number"):
+        PACEConfig.from_pretrained(str(tmp_path))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
 from peft.config import PeftConfig
@@ -47,6 +48,7 @@ class TunerConfigBase(PeftConfig):
         """Lists become sets (PEFT convention), ``layers_pattern`` needs ``layers_to_transform``, a ``regularizers``
         recipe object is stored as its dict (so it lands in adapter_config.json without the tuner importing the
         trainer side; the deprecated ``tsrs`` field moves there), and the stored version is checked."""
+        self._check_finite_floats(method)
         for name in ("target_modules", "exclude_modules", *list_fields):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -63,6 +65,13 @@ class TunerConfigBase(PeftConfig):
                 raise TypeError(f"{method}: `regularizers` must be a RegularizerConfig or a dict of its fields.")
             self.regularizers = to_dict()
         self.peft_tsrs_version = check_saved_version(self.peft_tsrs_version, method)
+
+    def _check_finite_floats(self, method: str) -> None:
+        """Every float field must be finite: NaN or ±inf (also read from a JSON file) is refused, naming the field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{method}: `{f.name}` must be a finite number, got {value!r}.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):

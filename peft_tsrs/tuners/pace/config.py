@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -64,8 +65,10 @@ class PACEConfig(TunerConfigBase):
                               ("noise_schedule", NOISE_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"PACEConfig: unknown {name} {getattr(self, name)!r}; use one of {allowed}.")
-        if not isinstance(self.sigma, (int, float)) or self.sigma < 0:
-            raise ValueError(f"PACEConfig: `sigma` must be >= 0, got {self.sigma!r}.")
+        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)) or not (
+            math.isfinite(self.sigma) and self.sigma >= 0
+        ):
+            raise ValueError(f"PACEConfig: `sigma` must be a finite number >= 0, got {self.sigma!r}.")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"PACEConfig: `init_weights` must be True or False, got {self.init_weights!r}.")
         self._post_init_common("PACEConfig", ())
