@@ -270,3 +270,24 @@ def test_block_count_fallback_and_missing_head_warns_once():
         model(torch.randn(3, 4))
         model(torch.randn(3, 4))
     assert sum("no head module" in str(w.message) for w in record) == 1
+
+
+def test_new_layers_take_the_training_flag_of_their_target():
+    """A layer (and the head noise) added to a model in eval mode stays in eval mode: no noise, merged == unmerged."""
+    x = vit_inputs()
+    model = get_peft_model(make_tiny_vit(), PACEConfig(r=2, target_modules=["q_proj"], init_weights=False,
+                                                       modules_to_save=HEAD))  # the tiny ViT comes in eval mode
+    assert not any(m.training for m in model.modules() if isinstance(m, PACELinear))
+    assert torch.equal(logits(model, x), logits(model, x))  # no layer noise, no head noise
+    model.eval()
+    model.add_adapter("second", PACEConfig(r=2, target_modules=["fc1"], init_weights=False, modules_to_save=HEAD))
+    model.set_adapter("second")
+    added = [m for n, m in model.named_modules() if isinstance(m, PACELinear) and n.endswith("fc1")]
+    assert added and not any(m.training for m in added)
+    unmerged = logits(model, x)  # no .eval() call after add_adapter
+    assert torch.equal(logits(model, x), unmerged)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, x), unmerged, atol=1e-5, rtol=1e-4)
+    # a target in train mode gives a layer in train mode
+    trained = get_peft_model(make_tiny_vit().train(), PACEConfig(r=2, init_weights=False))
+    assert all(m.training for m in trained.modules() if isinstance(m, PACELinear))

@@ -238,3 +238,12 @@ def test_official_kaiming_init_uses_a_zero(r):
     assert L.abs().max() > 0.99 * bound_L and R.abs().max() > 0.99 * bound_R
     assert L.abs().max() > 2.0 * math.sqrt(1.0 / r)
     assert torch.count_nonzero(layer.rlrr_shift["default"]) == 0
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_new_layers_take_the_training_flag_of_their_target(train):
+    model = get_peft_model(make_tiny_vit().train(train), RLRRConfig(target_modules=["q_proj"], ssf=True))
+    model.add_adapter("second", RLRRConfig(target_modules=["fc1"]))
+    layers = [m for m in model.modules() if isinstance(m, (RLRRLinear, ScaleShift))]
+    assert any(isinstance(m, ScaleShift) for m in layers) and len(layers) > 4
+    assert all(m.training == train for m in layers)

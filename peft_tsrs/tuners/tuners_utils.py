@@ -142,6 +142,12 @@ class ComposedWeightLayer(BaseTunerLayer):
         ``Linear(nn.Module, SomeLayer)`` gets ``ABCMeta`` as its metaclass and the check applies).
         """
 
+    def _follow_training_flag(self) -> None:
+        """A new tuner layer takes the ``training`` flag of the module it wraps (``nn.Module`` starts in train mode,
+        so a layer added to a model in eval mode would otherwise run its training-only behaviour, e.g. PACE's
+        noise). Called once at the end of a layer's ``__init__``."""
+        self.train(self.get_base_layer().training)
+
     def _adapter_created(self, adapter_name: str, inference_mode: bool) -> None:
         """The end of every ``update_layer``: move the new parameters to the base layer's device and re-activate the
         active adapters (which sets ``requires_grad``: off for inactive adapters and in inference mode)."""

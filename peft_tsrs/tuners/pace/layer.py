@@ -135,6 +135,7 @@ class Linear(nn.Module, PACELayer):
         PACELayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, sigma=sigma)
+        self._follow_training_flag()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self._base_forward_or_none(x, *args, **kwargs)

@@ -92,6 +92,7 @@ class Linear(nn.Module, RLRRLayer):
         RLRRLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+        self._follow_training_flag()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self._base_forward_or_none(x, *args, **kwargs)
@@ -128,6 +129,7 @@ class ScaleShift(nn.Module, ComposedWeightLayer):
         self.rlrr_ssf_shift = nn.ParameterDict({})
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+        self._follow_training_flag()
 
     def update_layer(self, adapter_name: str, config: RLRRConfig) -> None:
         """Create the scale/shift vectors of ``adapter_name``; reads ``init_mode`` and ``inference_mode`` from
