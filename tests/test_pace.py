@@ -4,6 +4,7 @@ behaviour, errors."""
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 
 import pytest
@@ -37,16 +38,62 @@ def test_identity_init_is_the_pretrained_model(tiny):
         assert torch.equal(logits(model, x), ref), variant
 
 
-def test_forward_matches_formula():
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_matches_the_official_formulas(variant, bias):
+    """lora_mul_vpt_add: W0 ⊙ (1 + A B), W0 (P q) + b0 ⊙ (1 + δb); lora_add: W0 + A B, b0 + b_lora (its own bias);
+    vpt_add: W0, b0 + W0 (P q) (no b0 ⊙ δb term). Eval, merged and the noisy branch at σ = 0 all agree."""
     torch.manual_seed(0)
-    lin = nn.Linear(5, 4)
-    layer = PACELinear(lin, "default", PACEConfig(r=2, variant="lora_mul_vpt_add", init_weights=False)).eval()
+    lin = nn.Linear(5, 4, bias=bias)
+    layer = PACELinear(lin, "default", PACEConfig(r=2, variant=variant, init_weights=False)).eval()
     x = torch.randn(3, 5)
-    A, B = layer.pace_A["default"], layer.pace_B["default"]
-    P, q, s = layer.pace_P["default"], layer.pace_q["default"], layer.pace_bias_scale["default"]
-    w = lin.weight * (1 + A @ B)
-    b = lin.bias + lin.weight @ (P @ q) + lin.bias * s
-    torch.testing.assert_close(layer(x), x @ w.T + b)
+    w0, b0 = lin.weight.detach().clone(), torch.zeros(4) if not bias else lin.bias.detach().clone()
+    p = {name: getattr(layer, name)["default"].detach() for name in layer.adapter_layer_names
+         if "default" in getattr(layer, name)}
+    if variant == "lora_mul_vpt_add":
+        assert set(p) == {"pace_A", "pace_B", "pace_P", "pace_q", "pace_bias_scale"}
+        w = w0 * (1 + p["pace_A"] @ p["pace_B"])
+        b = w0 @ (p["pace_P"] @ p["pace_q"]) + b0 * (1 + p["pace_bias_scale"])
+    elif variant == "lora_add":
+        assert set(p) == {"pace_A", "pace_B", "pace_lora_bias"}
+        w = w0 + p["pace_A"] @ p["pace_B"]
+        b = b0 + p["pace_lora_bias"]
+    else:
+        assert set(p) == {"pace_P", "pace_q"}
+        w = w0
+        b = b0 + w0 @ (p["pace_P"] @ p["pace_q"])
+    expected = x @ w.T + b
+    torch.testing.assert_close(layer(x), expected)
+    layer.train()  # the separate base + branch path (σ = 0 for a layer built alone)
+    layer.sigma["default"] = 1e-30
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-5)
+    layer.eval()
+    layer.merge()
+    torch.testing.assert_close(lin.weight.detach(), w, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lin.bias.detach(), b, atol=1e-6, rtol=1e-5)
+    layer.unmerge()
+    assert torch.equal(lin.weight, w0) and (lin.bias is None) == (not bias)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_official_init_shapes_and_bounds(variant):
+    """As the official code: A (out × r) = 0, B (r × in) Xavier; P (in × r) = 0, q Xavier as (r × 1); δb = b_lora = 0."""
+    r, in_f, out_f = 200, 6, 5
+    torch.manual_seed(0)
+    layer = PACELinear(nn.Linear(in_f, out_f), "default", PACEConfig(r=r, variant=variant))
+    if variant != "vpt_add":
+        assert torch.count_nonzero(layer.pace_A["default"]) == 0
+        assert layer.pace_B["default"].abs().max() <= math.sqrt(6 / (in_f + r))
+    if variant != "lora_add":
+        assert torch.count_nonzero(layer.pace_P["default"]) == 0
+        q, bound = layer.pace_q["default"].detach(), math.sqrt(6 / (1 + r))
+        assert q.shape == (r,) and q.abs().max() <= bound and q.abs().max() > 0.9 * bound
+    for name in ("pace_bias_scale", "pace_lora_bias"):
+        if "default" in getattr(layer, name):
+            assert torch.count_nonzero(getattr(layer, name)["default"]) == 0
+    trainable = {n.split(".")[0] for n, p in layer.named_parameters() if p.requires_grad}
+    assert ("pace_lora_bias" in trainable) == (variant == "lora_add")
+    assert ("pace_bias_scale" in trainable) == (variant == "lora_mul_vpt_add")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -113,7 +160,7 @@ def test_noise_shapes():
         config = PACEConfig(r=2, variant="lora_add", noise_shape=shape, init_weights=False)
         layer = PACELinear(nn.Linear(4, 3), "default", config, sigma=1.0).train()
         branch = layer(x) - layer.base_layer(x)
-        clean = nn.functional.linear(x, layer.get_delta_weight("default"))
+        clean = nn.functional.linear(x, layer.get_delta_weight("default"), layer.pace_lora_bias["default"])
         ratio = branch / clean  # z per element
         spread = (ratio - ratio[:, :1]).abs().max()
         assert (spread < 1e-4) == constant_over_tokens, shape

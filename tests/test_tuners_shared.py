@@ -89,17 +89,23 @@ def pace_reference(out_f: int, in_f: int, r: int, variant: str, init_weights: bo
                    ) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     lora, vpt = variant in ("lora_mul_vpt_add", "lora_add"), variant in ("lora_mul_vpt_add", "vpt_add")
-    bound = _xavier_bound(in_f, r)  # B is (r, in), P is (in, r): the same fans
     ref = {}
     if lora:
-        ref["pace_B"] = _uniform((r, in_f), bound)
+        ref["pace_B"] = _uniform((r, in_f), _xavier_bound(in_f, r))  # (r, in): fan_in = in, fan_out = r
     if vpt:
-        ref["pace_P"] = _uniform((in_f, r), bound)
+        ref["pace_q"] = _uniform((r, 1), _xavier_bound(1, r)).reshape(r)  # official (r, 1): fan_in 1, fan_out r
+
+    def zeros_or_normal(shape, std):
+        return torch.zeros(shape) if init_weights else torch.empty(shape).normal_(0.0, std)
+
     if lora:
-        ref["pace_A"] = torch.zeros(out_f, r) if init_weights else torch.empty(out_f, r).normal_(0.0, 0.5 / math.sqrt(r))
+        ref["pace_A"] = zeros_or_normal((out_f, r), 0.5 / math.sqrt(r))
     if vpt:
-        ref["pace_q"] = torch.zeros(r) if init_weights else torch.empty(r).normal_(0.0, 0.5)
-        ref["pace_bias_scale"] = torch.zeros(out_f) if init_weights else torch.empty(out_f).normal_(0.0, 0.1)
+        ref["pace_P"] = zeros_or_normal((in_f, r), 0.5 / math.sqrt(r))
+    if variant == "lora_mul_vpt_add":
+        ref["pace_bias_scale"] = zeros_or_normal((out_f,), 0.1)
+    if variant == "lora_add":
+        ref["pace_lora_bias"] = zeros_or_normal((out_f,), 0.1)
     return ref
 
 

@@ -27,8 +27,11 @@ class PACEConfig(TunerConfigBase):
 
     Args:
         r: Rank of the adapter (official default 10).
-        variant: ``"lora_mul_vpt_add"`` (official): ``W' = W0 ⊙ (1 + A B)``, ``b' = b0 + W0 (P q) + b0 ⊙ δb``;
-            ``"lora_add"``: ``W' = W0 + A B``; ``"vpt_add"``: only the bias term ``W0 (P q) + b0 ⊙ δb``.
+        variant: ``"lora_mul_vpt_add"`` (official default): ``W' = W0 ⊙ (1 + A B)``,
+            ``b' = W0 (P q) + b0 ⊙ (1 + δb)``; ``"lora_add"``: ``W' = W0 + A B``, ``b' = b0 + b_lora`` (its own bias);
+            ``"vpt_add"``: ``W' = W0``, ``b' = b0 + W0 (P q)``. Shapes and inits as the official code: ``A`` (out × r)
+            = 0, ``B`` (r × in) Xavier-uniform, ``P`` (in × r) = 0, ``q`` Xavier-uniform as an (r × 1) matrix (stored
+            as a vector of size r), ``δb = b_lora = 0``.
         sigma: Noise scale σ (official grid 0.1–2). The noise is off in eval mode.
         noise_shape: ``"BC"``: one ``z`` per (sample, channel), shared across tokens; ``"BTC"``: per token.
         noise_schedule: ``"linear"``: σ decreases with depth (block 1 gets σ, the last block 2σ/B, the head σ/B);
@@ -38,8 +41,8 @@ class PACEConfig(TunerConfigBase):
             branch).
         head_modules: Names of the head module(s) (default ``["classifier"]``).
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in PEFT.
-        init_weights: ``True``: start exactly at the pretrained model (``A = 0``, ``q = 0``, ``δb = 0``);
-            ``False``: a random non-identity adapter (for tests).
+        init_weights: ``True``: the official init, which starts exactly at the pretrained model (``A = 0``,
+            ``P = 0``, ``δb = b_lora = 0``); ``False``: a random non-identity adapter (for tests).
         regularizers: An optional training recipe (``RegularizerConfig`` or its dict) saved with the adapter.
     """
 
