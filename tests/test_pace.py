@@ -338,3 +338,27 @@ def test_new_layers_take_the_training_flag_of_their_target():
     # a target in train mode gives a layer in train mode
     trained = get_peft_model(make_tiny_vit().train(), PACEConfig(r=2, init_weights=False))
     assert all(m.training for m in trained.modules() if isinstance(m, PACELinear))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_half_precision_base_with_float32_adapters(variant):
+    """PEFT's default autocast_adapter_dtype=True keeps the adapters in float32 on a bf16 base: forward (eval and the
+    noisy training path) and merge must mix the dtypes consistently (weight and bias end in one dtype)."""
+    model = get_peft_model(no_dropout(make_tiny_vit()).to(torch.bfloat16),
+                           PACEConfig(r=2, variant=variant, init_weights=False, modules_to_save=HEAD))
+    layer = next(m for m in model.modules() if isinstance(m, PACELinear))
+    assert all(p.dtype == torch.float32 for n, p in layer.named_parameters() if "pace_" in n)
+    x = {"pixel_values": vit_inputs()["pixel_values"].to(torch.bfloat16)}
+    out = logits(model.eval(), x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    weight, bias = layer.composed_weight_and_bias()
+    assert weight.dtype == bias.dtype == torch.float32
+    model.train()
+    assert torch.isfinite(model(**x).logits).all()
+    model.eval()
+    model.merge_adapter()
+    assert layer.get_base_layer().weight.dtype == layer.get_base_layer().bias.dtype == torch.bfloat16
+    assert (logits(model, x).float() - out.float()).abs().max() <= 0.05
+    model.unmerge_adapter()
+    merged = model.merge_and_unload()
+    assert (logits(merged, x).float() - out.float()).abs().max() <= 0.05

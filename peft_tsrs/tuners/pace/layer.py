@@ -100,6 +100,11 @@ class PACELayer(ComposedWeightLayer):
                     nn.init.normal_(table[adapter_name], std=table_std)
 
     # ------------------------------------------------------------------ the parametrization
+    def _adapter_dtype(self, adapter: str) -> torch.dtype:
+        """The dtype of an adapter's parameters."""
+        return next(table[adapter] for table in (getattr(self, n) for n in self.adapter_layer_names)
+                    if adapter in table).dtype
+
     def _deltas(self, adapter: str, w0: torch.Tensor, b0: Optional[torch.Tensor]
                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(ΔW, Δb) of one adapter from the original weight and bias (in the adapter's dtype)."""
@@ -118,13 +123,19 @@ class PACELayer(ComposedWeightLayer):
         return delta_w, delta_b
 
     def compose(self, weight, bias, adapter_names):
+        if adapter_names:
+            # One dtype for weight and bias: the adapters' (float32 on a half-precision base with PEFT's default
+            # autocast_adapter_dtype=True), also when a variant updates only one of the two (vpt_add: only Δb).
+            dtype = self._adapter_dtype(adapter_names[0])
+            weight = weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         for a in adapter_names:
             delta_w, delta_b = self._deltas(a, self.original_weight(), self.original_bias())
             if delta_w is not None:
                 weight = weight.to(delta_w.dtype) + delta_w
             if delta_b is not None:
                 bias = delta_b if bias is None else bias.to(delta_b.dtype) + delta_b
-        return weight, bias
+        return weight, (None if bias is None else bias.to(weight.dtype))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW of one adapter (zeros for ``vpt_add``), in the weight's dtype."""
