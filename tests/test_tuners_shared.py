@@ -254,3 +254,41 @@ def test_non_finite_sigma_in_adapter_config_json_is_refused(tmp_path, value):
     path.write_text(path.read_text().replace('"sigma": 1.0', f'"sigma": {value}'))
     with pytest.raises(ValueError, match="`sigma` must be a finite number"):
         PACEConfig.from_pretrained(str(tmp_path))
+
+
+# ---------------------------------------------------------------------- heads without a weight of their own
+def make_tiny_roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=40, num_labels=3, type_vocab_size=1,
+                        pad_token_id=1)
+    return RobertaForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("how", ["merge_and_unload", "unload"])
+@pytest.mark.parametrize("config", [RLRRConfig(ssf=True, init_weights=False), PACEConfig(init_weights=False)],
+                         ids=["rlrr", "pace"])
+def test_unloading_a_saved_head_without_weight(config, how):
+    """RobertaClassificationHead (dense + out_proj, no `.weight`) in modules_to_save: merge_and_unload / unload give
+    the plain model with the trained head (PEFT's base _replace_module raised AttributeError: no attribute 'weight')."""
+    config = dataclasses.replace(config, modules_to_save=["classifier"])
+    model = get_peft_model(make_tiny_roberta(), config).eval()
+    head = model.base_model.model.classifier
+    assert not hasattr(head.original_module, "weight")
+    with torch.no_grad():
+        head.modules_to_save["default"].out_proj.weight.add_(1.0)  # a trained head, differing from the original
+    x = {"input_ids": torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(0))}
+    with torch.no_grad():
+        out = model(**x).logits
+        trained_head = head.modules_to_save["default"]
+        plain = getattr(model, how)()
+        assert type(plain.classifier).__name__ == "RobertaClassificationHead" and plain.classifier is trained_head
+        assert not any(isinstance(m, ComposedWeightLayer) for m in plain.modules())
+        if how == "merge_and_unload":
+            torch.testing.assert_close(plain(**x).logits, out, atol=1e-5, rtol=1e-4)
+        else:  # the adapters are gone, the trained head stays (as PEFT's unload does with modules_to_save)
+            reference = make_tiny_roberta()
+            reference.classifier = trained_head
+            torch.testing.assert_close(plain(**x).logits, reference(**x).logits)

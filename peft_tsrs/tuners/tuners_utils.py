@@ -98,6 +98,27 @@ class ComposedWeightTuner(BaseTuner):
             )
         return peft_config
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Put ``new_module`` in place of ``child`` (as LoRA's override of PEFT's method).
+
+        PEFT's ``BaseTuner._replace_module`` copies ``child.weight`` (and ``bias``) onto a new module without a
+        ``base_layer``. ``merge_and_unload`` / ``unload`` pass through it for a ``modules_to_save`` wrapper too, and a
+        head without a ``weight`` of its own (e.g. ``RobertaClassificationHead``: dense + out_proj) then raised
+        AttributeError. Nothing needs copying here: an injected layer wraps ``child`` itself, and an unloaded module is
+        the wrapped module or PEFT's trained copy, which carries its own weights. New adapter parameters go to the
+        device of the wrapped module (the layers also move them in ``update_layer``).
+        """
+        setattr(parent, child_name, new_module)
+        if hasattr(child, "base_layer"):
+            child = child.base_layer
+        reference = next(child.parameters(), None)
+        if reference is None:
+            return
+        meta = torch.device("meta")
+        for name, module in new_module.named_modules():
+            if self.prefix in name and not any(p.device == meta for p in module.parameters()):
+                module.to(reference.device)
+
 
 class ComposedWeightLayer(BaseTunerLayer):
     """A tuner layer whose adapters act by rewriting the wrapped module's ``weight`` and ``bias``.
