@@ -292,3 +292,4 @@ def test_unloading_a_saved_head_without_weight(config, how):
             reference = make_tiny_roberta()
             reference.classifier = trained_head
             torch.testing.assert_close(plain(**x).logits, reference(**x).logits)
+

@@ -8,7 +8,9 @@ so ``unmerge`` restores them bit for bit, and every merge recomputes the weight 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import re
 import warnings
 from abc import abstractmethod
@@ -18,13 +20,15 @@ import torch
 from packaging.version import InvalidVersion, Version
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load_file as safetensors_load_file
 from torch import nn
 
 from ..version import __version__
 from .defaults import LINEAR_TARGETS, default_targets
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_WEIGHTS_NAME = "adapter_model.bin"  # written by save_pretrained(safe_serialization=False)
 
 Patterns = Optional[Union[str, Iterable[str]]]
 
@@ -66,17 +70,69 @@ def check_saved_version(saved: Optional[str], method: str) -> str:
     return str(saved)
 
 
-def check_adapter_folder(folder: str) -> None:
-    """Before PEFT reads the weights: a local ``adapter_model.safetensors`` must open (header and size intact)."""
-    path = os.path.join(folder, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        return
+def _weights_file(folder: str) -> Optional[str]:
+    """The weights file PEFT will read from a local adapter folder (safetensors first, as PEFT), else ``None``."""
+    for name in (WEIGHTS_NAME, BIN_WEIGHTS_NAME):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a weights file; a file that does not parse is reported as corrupted (ValueError)."""
     try:
-        with safe_open(path, framework="pt") as handle:
-            handle.keys()
-    except (SafetensorError, OSError) as err:
+        if path.endswith(".safetensors"):
+            return safetensors_load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise ValueError(f"{path} is corrupted or truncated ({err}). Save the adapter again with "
                          f"`model.save_pretrained(...)` or copy/download the folder again.") from None
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A content hash of adapter tensors: sha256 over name, dtype, shape and bytes of each, in name order (the same
+    for the safetensors and the .bin format, independent of the file's header layout)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_digest(folder: str) -> Optional[str]:
+    """:func:`tensors_digest` of a folder's weights file (what ``save_pretrained`` records), ``None`` if it has none."""
+    path = _weights_file(folder)
+    return None if path is None else tensors_digest(_read_tensors(path))
+
+
+def check_adapter_folder(folder: str, expected_digest: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Before PEFT touches the model: a local adapter folder must hold a weights file that parses, whose tensors match
+    the content hash recorded in adapter_config.json at save time (``weights_sha256``; folders written before it
+    existed have none) and are all finite. Returns the tensors (for method-specific checks)."""
+    path = _weights_file(folder)
+    if path is None:
+        raise FileNotFoundError(
+            f"{os.path.join(folder, WEIGHTS_NAME)} not found: the adapter folder {folder} has adapter_config.json but "
+            f"no weights file ({WEIGHTS_NAME} or {BIN_WEIGHTS_NAME}). Copy the complete folder, or save the adapter "
+            f"again with `model.save_pretrained({folder!r})`, which writes both. Nothing was loaded into the model."
+        )
+    tensors = _read_tensors(path)
+    if expected_digest is not None and tensors_digest(tensors) != expected_digest:
+        raise ValueError(
+            f"{path} does not match the content hash recorded in adapter_config.json when it was saved "
+            f"(weights_sha256): its tensor data is corrupted or the file was replaced. Save the adapter again with "
+            f"`model.save_pretrained(...)` or copy/download the folder again. Nothing was loaded into the model."
+        )
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ValueError(
+            f"{path} holds NaN/inf values (tensor {sorted(bad)[0]!r}{more}): the adapter diverged in training or the "
+            f"file is damaged. Use an earlier checkpoint or train again. Nothing was loaded into the model."
+        )
+    return tensors
 
 
 class ComposedWeightTuner(BaseTuner):

@@ -76,6 +76,16 @@ class PACEConfig(TunerConfigBase):
             raise ValueError(f"PACEConfig: `init_weights` must be True or False, got {self.init_weights!r}.")
         self._post_init_common("PACEConfig", ())
 
+    def _check_saved_tensors(self, names: set[str], path: str) -> None:
+        """A ``vpt_add`` adapter saved before the variant followed the official code carries a ``b0 ⊙ δb`` term
+        (``pace_bias_scale``) that ``vpt_add`` no longer has: refuse it rather than load it without that term."""
+        if self.variant == "vpt_add" and any(".pace_bias_scale" in n or n.startswith("pace_bias_scale") for n in names):
+            raise ValueError(
+                f"{path}: this vpt_add adapter was saved by an earlier peft-tsrs whose vpt_add also had a b0 ⊙ δb term "
+                f"(pace_bias_scale); vpt_add now follows the official VPT-add (b' = b0 + W0 P q) and would load it "
+                f"without that term. Train the adapter again, or load it with the peft-tsrs version that saved it."
+            )
+
     @property
     def explicit_head(self) -> bool:
         """Whether the user named the head modules (then a missing head is an error)."""
