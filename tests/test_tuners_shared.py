@@ -293,3 +293,31 @@ def test_unloading_a_saved_head_without_weight(config, how):
             reference.classifier = trained_head
             torch.testing.assert_close(plain(**x).logits, reference(**x).logits)
 
+
+# ---------------------------------------------------------------------- a failed injection is undone
+@pytest.mark.parametrize("config_cls", [RLRRConfig, PACEConfig])
+def test_injection_failing_part_way_leaves_the_model_as_it_was(config_cls):
+    """`vit.layernorm` is met after the q_proj layers were replaced: the error must not leave them injected."""
+    from conftest import make_tiny_vit, vit_inputs
+
+    base = make_tiny_vit()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match="adapts nn.Linear"):
+        get_peft_model(base, config_cls(target_modules=["q_proj", "layernorm"]))
+    assert not any(isinstance(m, ComposedWeightLayer) for m in base.modules())
+    assert list(base.state_dict()) == list(before)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+    # add_adapter on a PeftModel: existing layers lose the half-added adapter, new layers are unwrapped again
+    model = get_peft_model(make_tiny_vit(), config_cls(target_modules=["q_proj"], init_weights=False)).eval()
+    x = vit_inputs()
+    with torch.no_grad():
+        out = model(**x).logits
+    layers = {n for n, m in model.named_modules() if isinstance(m, ComposedWeightLayer)}
+    with pytest.raises(ValueError, match="adapts nn.Linear"):
+        model.add_adapter("second", config_cls(target_modules=["q_proj", "fc1", "layernorm"]))
+    assert {n for n, m in model.named_modules() if isinstance(m, ComposedWeightLayer)} == layers
+    assert all(m.available_adapters() == {"default"} for m in model.modules() if isinstance(m, ComposedWeightLayer))
+    assert "second" not in model.peft_config
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, out)

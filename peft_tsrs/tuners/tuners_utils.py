@@ -154,6 +154,26 @@ class ComposedWeightTuner(BaseTuner):
             )
         return peft_config
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """PEFT's injection, undone when it fails part-way (e.g. a target that is not an ``nn.Linear``, met after
+        other targets were already replaced): layers created by this call are replaced by the modules they wrap
+        again, and layers that existed before lose the half-added adapter, so the model is as it was."""
+        existing = {id(m) for m in model.modules() if isinstance(m, ComposedWeightLayer)}
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            for name, module in list(model.named_modules()):
+                if not isinstance(module, ComposedWeightLayer):
+                    continue
+                if id(module) in existing:
+                    if adapter_name in module.available_adapters():
+                        module.delete_adapter(adapter_name)
+                else:
+                    parent_name, _, child_name = name.rpartition(".")
+                    parent = model.get_submodule(parent_name) if parent_name else model
+                    setattr(parent, child_name, module.get_base_layer())
+            raise
+
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         """Put ``new_module`` in place of ``child`` (as LoRA's override of PEFT's method).
 
