@@ -44,6 +44,18 @@ class PACEConfig(TunerConfigBase):
         init_weights: ``True``: the official init, which starts exactly at the pretrained model (``A = 0``,
             ``P = 0``, ``δb = b_lora = 0``); ``False``: a random non-identity adapter (for tests).
         regularizers: An optional training recipe (``RegularizerConfig`` or its dict) saved with the adapter.
+
+    The defaults follow the official code (MaxwellYaoNi/PACE, Vision): ``variant="lora_mul_vpt_add"``, ``r=10``,
+    ``noise_shape="BC"``, the linear depth schedule with block 0 noiseless, the head noised, the identity init.
+    Remaining deviations, each an option with its default here:
+
+    * ``target_modules=None``: the blocks' linear layers of the model type (ViT: q/k/v/o, fc1, fc2; BERT-style:
+      query/key/value, attention output, intermediate and output dense). The official code adapts every ``nn.Linear``
+      of its timm ViT (the same set there); a BERT pooler is not adapted unless named in ``target_modules``.
+    * ``q`` is stored as a vector of size ``r`` (the official code keeps an ``r × 1`` matrix; same values and init).
+    * ``sigma=1.0``: the official script has no PACE default (σ is chosen per task from its grid 0.1–2).
+    * ``noise_first_block=False``: the official ViT-B setting; its Swin-B setting noises block 0 as well (``True``).
+    * The noise is drawn in the adapter branch's dtype (the official code draws it in float32).
     """
 
     r: int = field(default=10, metadata={"help": "Rank of the adapter (official: 10)."})

@@ -42,6 +42,17 @@ class RLRRConfig(TunerConfigBase):
         modules_to_save: Extra modules trained in full and saved with the adapter (e.g. the classifier head).
         regularizers: An optional training recipe (a ``RegularizerConfig`` or its dict) saved with the adapter and picked up by
             ``RegularizedTrainer`` when no recipe is passed to it.
+
+    Deviations from the official code (zstarN70/RLRR), each an option with its default here:
+
+    * ``init_weights=True`` (identity): the official init is ``"kaiming"`` (the model then does not start at the
+      pretrained one).
+    * ``ssf=False``: the official ViT code always adds SSF (after both LayerNorms of every block, the final
+      LayerNorm and the patch embedding); ``ssf=True`` does the same with the default ``ssf_modules``.
+    * ``r=1`` is the official rank; ``r > 1`` generalizes ``s_out s_inᵀ`` to ``L R``.
+    * The head: the official code starts the new classification head at zero; here the head stays the model's
+      (e.g. transformers' random init). Zero it yourself to match (``nn.init.zeros_`` on the ``modules_to_save``
+      copy's weight and bias).
     """
 
     r: int = field(default=1, metadata={"help": "Rank of the rescaling matrix L R (1 = the paper)."})
