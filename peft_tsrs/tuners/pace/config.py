@@ -91,7 +91,7 @@ class PACEConfig(TunerConfigBase):
     def _check_saved_tensors(self, names: set[str], path: str) -> None:
         """A ``vpt_add`` adapter saved before the variant followed the official code carries a ``b0 ⊙ δb`` term
         (``pace_bias_scale``) that ``vpt_add`` no longer has: refuse it rather than load it without that term."""
-        if self.variant == "vpt_add" and any(".pace_bias_scale" in n or n.startswith("pace_bias_scale") for n in names):
+        if self.variant == "vpt_add" and any(n.split(".")[-1] == "pace_bias_scale" for n in names):
             raise ValueError(
                 f"{path}: this vpt_add adapter was saved by an earlier peft-tsrs whose vpt_add also had a b0 ⊙ δb term "
                 f"(pace_bias_scale); vpt_add now follows the official VPT-add (b' = b0 + W0 P q) and would load it "
