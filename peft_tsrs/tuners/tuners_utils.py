@@ -129,7 +129,7 @@ def check_adapter_folder(folder: str, expected_digest: Optional[str] = None) -> 
     if bad:
         more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
         raise ValueError(
-            f"{path} holds NaN/inf values (tensor {sorted(bad)[0]!r}{more}): the adapter diverged in training or the "
+            f"{path} holds NaN/inf values (tensor {min(bad)!r}{more}): the adapter diverged in training or the "
             f"file is damaged. Use an earlier checkpoint or train again. Nothing was loaded into the model."
         )
     return tensors
