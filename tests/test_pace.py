@@ -4,6 +4,7 @@ behaviour, errors."""
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 
 import pytest
@@ -37,16 +38,62 @@ def test_identity_init_is_the_pretrained_model(tiny):
         assert torch.equal(logits(model, x), ref), variant
 
 
-def test_forward_matches_formula():
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_matches_the_official_formulas(variant, bias):
+    """lora_mul_vpt_add: W0 ⊙ (1 + A B), W0 (P q) + b0 ⊙ (1 + δb); lora_add: W0 + A B, b0 + b_lora (its own bias);
+    vpt_add: W0, b0 + W0 (P q) (no b0 ⊙ δb term). Eval, merged and the noisy branch at σ = 0 all agree."""
     torch.manual_seed(0)
-    lin = nn.Linear(5, 4)
-    layer = PACELinear(lin, "default", PACEConfig(r=2, variant="lora_mul_vpt_add", init_weights=False)).eval()
+    lin = nn.Linear(5, 4, bias=bias)
+    layer = PACELinear(lin, "default", PACEConfig(r=2, variant=variant, init_weights=False)).eval()
     x = torch.randn(3, 5)
-    A, B = layer.pace_A["default"], layer.pace_B["default"]
-    P, q, s = layer.pace_P["default"], layer.pace_q["default"], layer.pace_bias_scale["default"]
-    w = lin.weight * (1 + A @ B)
-    b = lin.bias + lin.weight @ (P @ q) + lin.bias * s
-    torch.testing.assert_close(layer(x), x @ w.T + b)
+    w0, b0 = lin.weight.detach().clone(), torch.zeros(4) if not bias else lin.bias.detach().clone()
+    p = {name: getattr(layer, name)["default"].detach() for name in layer.adapter_layer_names
+         if "default" in getattr(layer, name)}
+    if variant == "lora_mul_vpt_add":
+        assert set(p) == {"pace_A", "pace_B", "pace_P", "pace_q", "pace_bias_scale"}
+        w = w0 * (1 + p["pace_A"] @ p["pace_B"])
+        b = w0 @ (p["pace_P"] @ p["pace_q"]) + b0 * (1 + p["pace_bias_scale"])
+    elif variant == "lora_add":
+        assert set(p) == {"pace_A", "pace_B", "pace_lora_bias"}
+        w = w0 + p["pace_A"] @ p["pace_B"]
+        b = b0 + p["pace_lora_bias"]
+    else:
+        assert set(p) == {"pace_P", "pace_q"}
+        w = w0
+        b = b0 + w0 @ (p["pace_P"] @ p["pace_q"])
+    expected = x @ w.T + b
+    torch.testing.assert_close(layer(x), expected)
+    layer.train()  # the separate base + branch path (σ = 0 for a layer built alone)
+    layer.sigma["default"] = 1e-30
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-5)
+    layer.eval()
+    layer.merge()
+    torch.testing.assert_close(lin.weight.detach(), w, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lin.bias.detach(), b, atol=1e-6, rtol=1e-5)
+    layer.unmerge()
+    assert torch.equal(lin.weight, w0) and (lin.bias is None) == (not bias)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_official_init_shapes_and_bounds(variant):
+    """As the official code: A (out × r) = 0, B (r × in) Xavier; P (in × r) = 0, q Xavier as (r × 1); δb = b_lora = 0."""
+    r, in_f, out_f = 200, 6, 5
+    torch.manual_seed(0)
+    layer = PACELinear(nn.Linear(in_f, out_f), "default", PACEConfig(r=r, variant=variant))
+    if variant != "vpt_add":
+        assert torch.count_nonzero(layer.pace_A["default"]) == 0
+        assert layer.pace_B["default"].abs().max() <= math.sqrt(6 / (in_f + r))
+    if variant != "lora_add":
+        assert torch.count_nonzero(layer.pace_P["default"]) == 0
+        q, bound = layer.pace_q["default"].detach(), math.sqrt(6 / (1 + r))
+        assert q.shape == (r,) and q.abs().max() <= bound and q.abs().max() > 0.9 * bound
+    for name in ("pace_bias_scale", "pace_lora_bias"):
+        if "default" in getattr(layer, name):
+            assert torch.count_nonzero(getattr(layer, name)["default"]) == 0
+    trainable = {n.split(".")[0] for n, p in layer.named_parameters() if p.requires_grad}
+    assert ("pace_lora_bias" in trainable) == (variant == "lora_add")
+    assert ("pace_bias_scale" in trainable) == (variant == "lora_mul_vpt_add")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -113,7 +160,7 @@ def test_noise_shapes():
         config = PACEConfig(r=2, variant="lora_add", noise_shape=shape, init_weights=False)
         layer = PACELinear(nn.Linear(4, 3), "default", config, sigma=1.0).train()
         branch = layer(x) - layer.base_layer(x)
-        clean = nn.functional.linear(x, layer.get_delta_weight("default"))
+        clean = nn.functional.linear(x, layer.get_delta_weight("default"), layer.pace_lora_bias["default"])
         ratio = branch / clean  # z per element
         spread = (ratio - ratio[:, :1]).abs().max()
         assert (spread < 1e-4) == constant_over_tokens, shape
@@ -197,6 +244,9 @@ def test_bf16_forward_and_merge():
         ({"noise_schedule": "cosine"}, "unknown noise_schedule"),
         ({"r": 0}, "positive integer"),
         ({"sigma": -0.5}, "sigma"),
+        ({"sigma": float("nan")}, "`sigma` must be a finite number"),
+        ({"sigma": float("inf")}, "`sigma` must be a finite number"),
+        ({"sigma": float("-inf")}, "`sigma` must be a finite number"),
     ],
 )
 def test_config_errors(kwargs, match):
@@ -267,3 +317,48 @@ def test_block_count_fallback_and_missing_head_warns_once():
         model(torch.randn(3, 4))
         model(torch.randn(3, 4))
     assert sum("no head module" in str(w.message) for w in record) == 1
+
+
+def test_new_layers_take_the_training_flag_of_their_target():
+    """A layer (and the head noise) added to a model in eval mode stays in eval mode: no noise, merged == unmerged."""
+    x = vit_inputs()
+    model = get_peft_model(make_tiny_vit(), PACEConfig(r=2, target_modules=["q_proj"], init_weights=False,
+                                                       modules_to_save=HEAD))  # the tiny ViT comes in eval mode
+    assert not any(m.training for m in model.modules() if isinstance(m, PACELinear))
+    assert torch.equal(logits(model, x), logits(model, x))  # no layer noise, no head noise
+    model.eval()
+    model.add_adapter("second", PACEConfig(r=2, target_modules=["fc1"], init_weights=False, modules_to_save=HEAD))
+    model.set_adapter("second")
+    added = [m for n, m in model.named_modules() if isinstance(m, PACELinear) and n.endswith("fc1")]
+    assert added and not any(m.training for m in added)
+    unmerged = logits(model, x)  # no .eval() call after add_adapter
+    assert torch.equal(logits(model, x), unmerged)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model, x), unmerged, atol=1e-5, rtol=1e-4)
+    # a target in train mode gives a layer in train mode
+    trained = get_peft_model(make_tiny_vit().train(), PACEConfig(r=2, init_weights=False))
+    assert all(m.training for m in trained.modules() if isinstance(m, PACELinear))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_half_precision_base_with_float32_adapters(variant):
+    """PEFT's default autocast_adapter_dtype=True keeps the adapters in float32 on a bf16 base: forward (eval and the
+    noisy training path) and merge must mix the dtypes consistently (weight and bias end in one dtype)."""
+    model = get_peft_model(no_dropout(make_tiny_vit()).to(torch.bfloat16),
+                           PACEConfig(r=2, variant=variant, init_weights=False, modules_to_save=HEAD))
+    layer = next(m for m in model.modules() if isinstance(m, PACELinear))
+    assert all(p.dtype == torch.float32 for n, p in layer.named_parameters() if "pace_" in n)
+    x = {"pixel_values": vit_inputs()["pixel_values"].to(torch.bfloat16)}
+    out = logits(model.eval(), x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    weight, bias = layer.composed_weight_and_bias()
+    assert weight.dtype == bias.dtype == torch.float32
+    model.train()
+    assert torch.isfinite(model(**x).logits).all()
+    model.eval()
+    model.merge_adapter()
+    assert layer.get_base_layer().weight.dtype == layer.get_base_layer().bias.dtype == torch.bfloat16
+    assert (logits(model, x).float() - out.float()).abs().max() <= 0.05
+    model.unmerge_adapter()
+    merged = model.merge_and_unload()
+    assert (logits(merged, x).float() - out.float()).abs().max() <= 0.05

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import make_tiny_bert, make_tiny_vit, vit_inputs
@@ -219,3 +221,29 @@ def test_unknown_model_type_asks_for_target_modules():
     out = peft_model(x)
     peft_model.merge_adapter()
     torch.testing.assert_close(peft_model(x), out, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_official_kaiming_init_uses_a_zero(r):
+    """The official code inits both scale vectors with kaiming_uniform_(a=0): gain √2, bound √(6 / fan_in) — √6 ≈
+    2.449 for s_out (fan_in 1 at r=1), not PyTorch's a=√5 bound 1/√fan_in (1.0 there)."""
+    torch.manual_seed(0)
+    layer = RLRRLinear(nn.Linear(300, 2000), "default", RLRRConfig(r=r, init_weights="kaiming"))
+    L, R = layer.rlrr_L["default"].detach(), layer.rlrr_R["default"].detach()
+    bound_L, bound_R = math.sqrt(6.0 / r), math.sqrt(6.0 / 300)
+    if r == 1:
+        assert bound_L == pytest.approx(2.449, abs=1e-3)
+    assert L.abs().max() <= bound_L and R.abs().max() <= bound_R
+    # 2000·r and 300·r uniform draws: the largest comes within 1% of the bound (beyond any a=√5 bound, √(1/fan_in))
+    assert L.abs().max() > 0.99 * bound_L and R.abs().max() > 0.99 * bound_R
+    assert L.abs().max() > 2.0 * math.sqrt(1.0 / r)
+    assert torch.count_nonzero(layer.rlrr_shift["default"]) == 0
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_new_layers_take_the_training_flag_of_their_target(train):
+    model = get_peft_model(make_tiny_vit().train(train), RLRRConfig(target_modules=["q_proj"], ssf=True))
+    model.add_adapter("second", RLRRConfig(target_modules=["fc1"]))
+    layers = [m for m in model.modules() if isinstance(m, (RLRRLinear, ScaleShift))]
+    assert any(isinstance(m, ScaleShift) for m in layers) and len(layers) > 4
+    assert all(m.training == train for m in layers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 
@@ -57,9 +58,10 @@ def _uniform(shape: tuple[int, int], bound: float) -> torch.Tensor:
     return torch.empty(shape).uniform_(-bound, bound)
 
 
-def _kaiming_bound(fan_in: int) -> float:
-    """Kaiming-uniform with a = √5 (nn.Linear's init): gain √(2 / (1 + a²)), bound √3 · gain / √fan_in."""
-    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))
+def _kaiming_bound(fan_in: int, a: float = math.sqrt(5)) -> float:
+    """Kaiming-uniform: gain √(2 / (1 + a²)), bound √3 · gain / √fan_in (a = √5 is nn.Linear's init; a = 0, the
+    official RLRR init, gives gain √2 and bound √(6 / fan_in))."""
+    gain = math.sqrt(2.0 / (1 + a**2))
     return math.sqrt(3.0) * (gain / math.sqrt(fan_in))
 
 
@@ -70,12 +72,13 @@ def _xavier_bound(fan_in: int, fan_out: int) -> float:
 
 def rlrr_reference(out_f: int, in_f: int, r: int, init_mode: str, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    R = _uniform((r, in_f), _kaiming_bound(in_f))
+    a = 0.0 if init_mode == "kaiming" else math.sqrt(5)
+    R = _uniform((r, in_f), _kaiming_bound(in_f, a))
     shift = torch.zeros(out_f)
     if init_mode == "identity":
         L = torch.zeros(out_f, r)
     elif init_mode == "kaiming":
-        L = _uniform((out_f, r), _kaiming_bound(r))
+        L = _uniform((out_f, r), _kaiming_bound(r, a))
     else:
         L = torch.empty(out_f, r).normal_(0.0, 0.5)
         shift = torch.empty(out_f).normal_(0.0, 0.02)
@@ -86,17 +89,23 @@ def pace_reference(out_f: int, in_f: int, r: int, variant: str, init_weights: bo
                    ) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     lora, vpt = variant in ("lora_mul_vpt_add", "lora_add"), variant in ("lora_mul_vpt_add", "vpt_add")
-    bound = _xavier_bound(in_f, r)  # B is (r, in), P is (in, r): the same fans
     ref = {}
     if lora:
-        ref["pace_B"] = _uniform((r, in_f), bound)
+        ref["pace_B"] = _uniform((r, in_f), _xavier_bound(in_f, r))  # (r, in): fan_in = in, fan_out = r
     if vpt:
-        ref["pace_P"] = _uniform((in_f, r), bound)
+        ref["pace_q"] = _uniform((r, 1), _xavier_bound(1, r)).reshape(r)  # official (r, 1): fan_in 1, fan_out r
+
+    def zeros_or_normal(shape, std):
+        return torch.zeros(shape) if init_weights else torch.empty(shape).normal_(0.0, std)
+
     if lora:
-        ref["pace_A"] = torch.zeros(out_f, r) if init_weights else torch.empty(out_f, r).normal_(0.0, 0.5 / math.sqrt(r))
+        ref["pace_A"] = zeros_or_normal((out_f, r), 0.5 / math.sqrt(r))
     if vpt:
-        ref["pace_q"] = torch.zeros(r) if init_weights else torch.empty(r).normal_(0.0, 0.5)
-        ref["pace_bias_scale"] = torch.zeros(out_f) if init_weights else torch.empty(out_f).normal_(0.0, 0.1)
+        ref["pace_P"] = zeros_or_normal((in_f, r), 0.5 / math.sqrt(r))
+    if variant == "lora_mul_vpt_add":
+        ref["pace_bias_scale"] = zeros_or_normal((out_f,), 0.1)
+    if variant == "lora_add":
+        ref["pace_lora_bias"] = zeros_or_normal((out_f,), 0.1)
     return ref
 
 
@@ -221,3 +230,94 @@ def test_pace_default_head_is_the_shared_constant():
     heads.append("score")  # a fresh list each time: the default cannot be changed through it
     assert PACEConfig().heads == ["classifier"]
     assert PACEConfig(head_modules=["score"]).heads == ["score"]
+
+
+# ---------------------------------------------------------------------- non-finite floats
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("config_cls", [RLRRConfig, PACEConfig])
+def test_any_float_field_refuses_non_finite_values(config_cls, value):
+    """The check covers every float field of the configs (today PACE's sigma; a field added later is covered too)."""
+
+    @dataclasses.dataclass
+    class WithFloat(config_cls):
+        alpha: float = 1.0
+
+    with pytest.raises(ValueError, match=rf"{config_cls.__name__}: `alpha` must be a finite number, got {value!r}"):
+        WithFloat(alpha=value)
+    assert WithFloat(alpha=0.5).alpha == 0.5
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity"])
+def test_non_finite_sigma_in_adapter_config_json_is_refused(tmp_path, value):
+    PACEConfig().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(path.read_text().replace('"sigma": 1.0', f'"sigma": {value}'))
+    with pytest.raises(ValueError, match="`sigma` must be a finite number"):
+        PACEConfig.from_pretrained(str(tmp_path))
+
+
+# ---------------------------------------------------------------------- heads without a weight of their own
+def make_tiny_roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = RobertaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=40, num_labels=3, type_vocab_size=1,
+                        pad_token_id=1)
+    return RobertaForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("how", ["merge_and_unload", "unload"])
+@pytest.mark.parametrize("config", [RLRRConfig(ssf=True, init_weights=False), PACEConfig(init_weights=False)],
+                         ids=["rlrr", "pace"])
+def test_unloading_a_saved_head_without_weight(config, how):
+    """RobertaClassificationHead (dense + out_proj, no `.weight`) in modules_to_save: merge_and_unload / unload give
+    the plain model with the trained head (PEFT's base _replace_module raised AttributeError: no attribute 'weight')."""
+    config = dataclasses.replace(config, modules_to_save=["classifier"])
+    model = get_peft_model(make_tiny_roberta(), config).eval()
+    head = model.base_model.model.classifier
+    assert not hasattr(head.original_module, "weight")
+    with torch.no_grad():
+        head.modules_to_save["default"].out_proj.weight.add_(1.0)  # a trained head, differing from the original
+    x = {"input_ids": torch.randint(3, 50, (2, 6), generator=torch.Generator().manual_seed(0))}
+    with torch.no_grad():
+        out = model(**x).logits
+        trained_head = head.modules_to_save["default"]
+        plain = getattr(model, how)()
+        assert type(plain.classifier).__name__ == "RobertaClassificationHead" and plain.classifier is trained_head
+        assert not any(isinstance(m, ComposedWeightLayer) for m in plain.modules())
+        if how == "merge_and_unload":
+            torch.testing.assert_close(plain(**x).logits, out, atol=1e-5, rtol=1e-4)
+        else:  # the adapters are gone, the trained head stays (as PEFT's unload does with modules_to_save)
+            reference = make_tiny_roberta()
+            reference.classifier = trained_head
+            torch.testing.assert_close(plain(**x).logits, reference(**x).logits)
+
+
+# ---------------------------------------------------------------------- a failed injection is undone
+@pytest.mark.parametrize("config_cls", [RLRRConfig, PACEConfig])
+def test_injection_failing_part_way_leaves_the_model_as_it_was(config_cls):
+    """`vit.layernorm` is met after the q_proj layers were replaced: the error must not leave them injected."""
+    from conftest import make_tiny_vit, vit_inputs
+
+    base = make_tiny_vit()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match="adapts nn.Linear"):
+        get_peft_model(base, config_cls(target_modules=["q_proj", "layernorm"]))
+    assert not any(isinstance(m, ComposedWeightLayer) for m in base.modules())
+    assert list(base.state_dict()) == list(before)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+    # add_adapter on a PeftModel: existing layers lose the half-added adapter, new layers are unwrapped again
+    model = get_peft_model(make_tiny_vit(), config_cls(target_modules=["q_proj"], init_weights=False)).eval()
+    x = vit_inputs()
+    with torch.no_grad():
+        out = model(**x).logits
+    layers = {n for n, m in model.named_modules() if isinstance(m, ComposedWeightLayer)}
+    with pytest.raises(ValueError, match="adapts nn.Linear"):
+        model.add_adapter("second", config_cls(target_modules=["q_proj", "fc1", "layernorm"]))
+    assert {n for n, m in model.named_modules() if isinstance(m, ComposedWeightLayer)} == layers
+    assert all(m.available_adapters() == {"default"} for m in model.modules() if isinstance(m, ComposedWeightLayer))
+    assert "second" not in model.peft_config
+    with torch.no_grad():
+        assert torch.equal(model(**x).logits, out)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from .tuners_utils import check_adapter_folder, check_saved_version
+from .tuners_utils import check_adapter_folder, check_saved_version, weights_digest
 
 
 @dataclass
@@ -42,11 +43,17 @@ class TunerConfigBase(PeftConfig):
     peft_tsrs_version: Optional[str] = field(
         default=None, metadata={"help": "peft-tsrs version that wrote the adapter (set automatically)."}
     )
+    weights_sha256: Optional[str] = field(
+        default=None,
+        metadata={"help": "Content hash of the adapter tensors, written by save_pretrained and checked at load "
+                          "(set automatically)."},
+    )
 
     def _post_init_common(self, method: str, list_fields: tuple[str, ...] = ()) -> None:
         """Lists become sets (PEFT convention), ``layers_pattern`` needs ``layers_to_transform``, a ``regularizers``
         recipe object is stored as its dict (so it lands in adapter_config.json without the tuner importing the
         trainer side; the deprecated ``tsrs`` field moves there), and the stored version is checked."""
+        self._check_finite_floats(method)
         for name in ("target_modules", "exclude_modules", *list_fields):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -64,10 +71,33 @@ class TunerConfigBase(PeftConfig):
             self.regularizers = to_dict()
         self.peft_tsrs_version = check_saved_version(self.peft_tsrs_version, method)
 
+    def _check_finite_floats(self, method: str) -> None:
+        """Every float field must be finite: NaN or ±inf (also read from a JSON file) is refused, naming the field."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{method}: `{f.name}` must be a finite number, got {value!r}.")
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """As PEFT's, recording the content hash of the weights file next to it (``PeftModel.save_pretrained`` writes the
+        weights first, then the config), so a load can tell damaged tensor data from the saved one."""
+        self.weights_sha256 = weights_digest(save_directory) if os.path.isdir(save_directory) else None
+        super().save_pretrained(save_directory, **kwargs)
+
+    def _check_saved_tensors(self, names: set[str], path: str) -> None:
+        """Method-specific checks of the tensor names in a weights file (before anything is loaded)."""
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """As PEFT's, after checking that a local adapter folder's weights file is intact."""
+        """As PEFT's, then, for a local folder and before PEFT injects anything into a model: the weights file must
+        exist, parse, match the content hash recorded at save time and hold finite values (see
+        :func:`~peft_tsrs.tuners.tuners_utils.check_adapter_folder`), so a failed ``PeftModel.from_pretrained`` leaves
+        the base model untouched."""
         folder = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
-        if os.path.isdir(folder):
-            check_adapter_folder(folder)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        local = os.path.isdir(folder)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if local:
+            tensors = check_adapter_folder(folder, getattr(config, "weights_sha256", None))
+            if isinstance(config, TunerConfigBase):
+                config._check_saved_tensors(set(tensors), folder)
+        return config

@@ -8,7 +8,9 @@ so ``unmerge`` restores them bit for bit, and every merge recomputes the weight 
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import re
 import warnings
 from abc import abstractmethod
@@ -18,13 +20,15 @@ import torch
 from packaging.version import InvalidVersion, Version
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
+from safetensors.torch import load_file as safetensors_load_file
 from torch import nn
 
 from ..version import __version__
 from .defaults import LINEAR_TARGETS, default_targets
 
 WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_WEIGHTS_NAME = "adapter_model.bin"  # written by save_pretrained(safe_serialization=False)
 
 Patterns = Optional[Union[str, Iterable[str]]]
 
@@ -66,17 +70,69 @@ def check_saved_version(saved: Optional[str], method: str) -> str:
     return str(saved)
 
 
-def check_adapter_folder(folder: str) -> None:
-    """Before PEFT reads the weights: a local ``adapter_model.safetensors`` must open (header and size intact)."""
-    path = os.path.join(folder, WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        return
+def _weights_file(folder: str) -> Optional[str]:
+    """The weights file PEFT will read from a local adapter folder (safetensors first, as PEFT), else ``None``."""
+    for name in (WEIGHTS_NAME, BIN_WEIGHTS_NAME):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a weights file; a file that does not parse is reported as corrupted (ValueError)."""
     try:
-        with safe_open(path, framework="pt") as handle:
-            handle.keys()
-    except (SafetensorError, OSError) as err:
+        if path.endswith(".safetensors"):
+            return safetensors_load_file(path, device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
         raise ValueError(f"{path} is corrupted or truncated ({err}). Save the adapter again with "
                          f"`model.save_pretrained(...)` or copy/download the folder again.") from None
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A content hash of adapter tensors: sha256 over name, dtype, shape and bytes of each, in name order (the same
+    for the safetensors and the .bin format, independent of the file's header layout)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def weights_digest(folder: str) -> Optional[str]:
+    """:func:`tensors_digest` of a folder's weights file (what ``save_pretrained`` records), ``None`` if it has none."""
+    path = _weights_file(folder)
+    return None if path is None else tensors_digest(_read_tensors(path))
+
+
+def check_adapter_folder(folder: str, expected_digest: Optional[str] = None) -> dict[str, torch.Tensor]:
+    """Before PEFT touches the model: a local adapter folder must hold a weights file that parses, whose tensors match
+    the content hash recorded in adapter_config.json at save time (``weights_sha256``; folders written before it
+    existed have none) and are all finite. Returns the tensors (for method-specific checks)."""
+    path = _weights_file(folder)
+    if path is None:
+        raise FileNotFoundError(
+            f"{os.path.join(folder, WEIGHTS_NAME)} not found: the adapter folder {folder} has adapter_config.json but "
+            f"no weights file ({WEIGHTS_NAME} or {BIN_WEIGHTS_NAME}). Copy the complete folder, or save the adapter "
+            f"again with `model.save_pretrained({folder!r})`, which writes both. Nothing was loaded into the model."
+        )
+    tensors = _read_tensors(path)
+    if expected_digest is not None and tensors_digest(tensors) != expected_digest:
+        raise ValueError(
+            f"{path} does not match the content hash recorded in adapter_config.json when it was saved "
+            f"(weights_sha256): its tensor data is corrupted or the file was replaced. Save the adapter again with "
+            f"`model.save_pretrained(...)` or copy/download the folder again. Nothing was loaded into the model."
+        )
+    bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ValueError(
+            f"{path} holds NaN/inf values (tensor {min(bad)!r}{more}): the adapter diverged in training or the "
+            f"file is damaged. Use an earlier checkpoint or train again. Nothing was loaded into the model."
+        )
+    return tensors
 
 
 class ComposedWeightTuner(BaseTuner):
@@ -97,6 +153,47 @@ class ComposedWeightTuner(BaseTuner):
                 self.target_module_mapping, model_config.get("model_type"), "target_modules", self.method_name
             )
         return peft_config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """PEFT's injection, undone when it fails part-way (e.g. a target that is not an ``nn.Linear``, met after
+        other targets were already replaced): layers created by this call are replaced by the modules they wrap
+        again, and layers that existed before lose the half-added adapter, so the model is as it was."""
+        existing = {id(m) for m in model.modules() if isinstance(m, ComposedWeightLayer)}
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            for name, module in list(model.named_modules()):
+                if not isinstance(module, ComposedWeightLayer):
+                    continue
+                if id(module) in existing:
+                    if adapter_name in module.available_adapters():
+                        module.delete_adapter(adapter_name)
+                else:
+                    parent_name, _, child_name = name.rpartition(".")
+                    parent = model.get_submodule(parent_name) if parent_name else model
+                    setattr(parent, child_name, module.get_base_layer())
+            raise
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """Put ``new_module`` in place of ``child`` (as LoRA's override of PEFT's method).
+
+        PEFT's ``BaseTuner._replace_module`` copies ``child.weight`` (and ``bias``) onto a new module without a
+        ``base_layer``. ``merge_and_unload`` / ``unload`` pass through it for a ``modules_to_save`` wrapper too, and a
+        head without a ``weight`` of its own (e.g. ``RobertaClassificationHead``: dense + out_proj) then raised
+        AttributeError. Nothing needs copying here: an injected layer wraps ``child`` itself, and an unloaded module is
+        the wrapped module or PEFT's trained copy, which carries its own weights. New adapter parameters go to the
+        device of the wrapped module (the layers also move them in ``update_layer``).
+        """
+        setattr(parent, child_name, new_module)
+        if hasattr(child, "base_layer"):
+            child = child.base_layer
+        reference = next(child.parameters(), None)
+        if reference is None:
+            return
+        meta = torch.device("meta")
+        for name, module in new_module.named_modules():
+            if self.prefix in name and not any(p.device == meta for p in module.parameters()):
+                module.to(reference.device)
 
 
 class ComposedWeightLayer(BaseTunerLayer):
@@ -141,6 +238,12 @@ class ComposedWeightLayer(BaseTunerLayer):
         Abstract: a subclass without it cannot be instantiated (``BaseTunerLayer`` is an ``ABC``, so a layer class
         ``Linear(nn.Module, SomeLayer)`` gets ``ABCMeta`` as its metaclass and the check applies).
         """
+
+    def _follow_training_flag(self) -> None:
+        """A new tuner layer takes the ``training`` flag of the module it wraps (``nn.Module`` starts in train mode,
+        so a layer added to a model in eval mode would otherwise run its training-only behaviour, e.g. PACE's
+        noise). Called once at the end of a layer's ``__init__``."""
+        self.train(self.get_base_layer().training)
 
     def _adapter_created(self, adapter_name: str, inference_mode: bool) -> None:
         """The end of every ``update_layer``: move the new parameters to the base layer's device and re-activate the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -26,8 +27,11 @@ class PACEConfig(TunerConfigBase):
 
     Args:
         r: Rank of the adapter (official default 10).
-        variant: ``"lora_mul_vpt_add"`` (official): ``W' = W0 ⊙ (1 + A B)``, ``b' = b0 + W0 (P q) + b0 ⊙ δb``;
-            ``"lora_add"``: ``W' = W0 + A B``; ``"vpt_add"``: only the bias term ``W0 (P q) + b0 ⊙ δb``.
+        variant: ``"lora_mul_vpt_add"`` (official default): ``W' = W0 ⊙ (1 + A B)``,
+            ``b' = W0 (P q) + b0 ⊙ (1 + δb)``; ``"lora_add"``: ``W' = W0 + A B``, ``b' = b0 + b_lora`` (its own bias);
+            ``"vpt_add"``: ``W' = W0``, ``b' = b0 + W0 (P q)``. Shapes and inits as the official code: ``A`` (out × r)
+            = 0, ``B`` (r × in) Xavier-uniform, ``P`` (in × r) = 0, ``q`` Xavier-uniform as an (r × 1) matrix (stored
+            as a vector of size r), ``δb = b_lora = 0``.
         sigma: Noise scale σ (official grid 0.1–2). The noise is off in eval mode.
         noise_shape: ``"BC"``: one ``z`` per (sample, channel), shared across tokens; ``"BTC"``: per token.
         noise_schedule: ``"linear"``: σ decreases with depth (block 1 gets σ, the last block 2σ/B, the head σ/B);
@@ -37,9 +41,21 @@ class PACEConfig(TunerConfigBase):
             branch).
         head_modules: Names of the head module(s) (default ``["classifier"]``).
         target_modules, exclude_modules, layers_to_transform, layers_pattern, modules_to_save: as in PEFT.
-        init_weights: ``True``: start exactly at the pretrained model (``A = 0``, ``q = 0``, ``δb = 0``);
-            ``False``: a random non-identity adapter (for tests).
+        init_weights: ``True``: the official init, which starts exactly at the pretrained model (``A = 0``,
+            ``P = 0``, ``δb = b_lora = 0``); ``False``: a random non-identity adapter (for tests).
         regularizers: An optional training recipe (``RegularizerConfig`` or its dict) saved with the adapter.
+
+    The defaults follow the official code (MaxwellYaoNi/PACE, Vision): ``variant="lora_mul_vpt_add"``, ``r=10``,
+    ``noise_shape="BC"``, the linear depth schedule with block 0 noiseless, the head noised, the identity init.
+    Remaining deviations, each an option with its default here:
+
+    * ``target_modules=None``: the blocks' linear layers of the model type (ViT: q/k/v/o, fc1, fc2; BERT-style:
+      query/key/value, attention output, intermediate and output dense). The official code adapts every ``nn.Linear``
+      of its timm ViT (the same set there); a BERT pooler is not adapted unless named in ``target_modules``.
+    * ``q`` is stored as a vector of size ``r`` (the official code keeps an ``r × 1`` matrix; same values and init).
+    * ``sigma=1.0``: the official script has no PACE default (σ is chosen per task from its grid 0.1–2).
+    * ``noise_first_block=False``: the official ViT-B setting; its Swin-B setting noises block 0 as well (``True``).
+    * The noise is drawn in the adapter branch's dtype (the official code draws it in float32).
     """
 
     r: int = field(default=10, metadata={"help": "Rank of the adapter (official: 10)."})
@@ -64,11 +80,23 @@ class PACEConfig(TunerConfigBase):
                               ("noise_schedule", NOISE_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"PACEConfig: unknown {name} {getattr(self, name)!r}; use one of {allowed}.")
-        if not isinstance(self.sigma, (int, float)) or self.sigma < 0:
-            raise ValueError(f"PACEConfig: `sigma` must be >= 0, got {self.sigma!r}.")
+        if isinstance(self.sigma, bool) or not isinstance(self.sigma, (int, float)) or not (
+            math.isfinite(self.sigma) and self.sigma >= 0
+        ):
+            raise ValueError(f"PACEConfig: `sigma` must be a finite number >= 0, got {self.sigma!r}.")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"PACEConfig: `init_weights` must be True or False, got {self.init_weights!r}.")
         self._post_init_common("PACEConfig", ())
+
+    def _check_saved_tensors(self, names: set[str], path: str) -> None:
+        """A ``vpt_add`` adapter saved before the variant followed the official code carries a ``b0 ⊙ δb`` term
+        (``pace_bias_scale``) that ``vpt_add`` no longer has: refuse it rather than load it without that term."""
+        if self.variant == "vpt_add" and any(n.split(".")[-1] == "pace_bias_scale" for n in names):
+            raise ValueError(
+                f"{path}: this vpt_add adapter was saved by an earlier peft-tsrs whose vpt_add also had a b0 ⊙ δb term "
+                f"(pace_bias_scale); vpt_add now follows the official VPT-add (b' = b0 + W0 P q) and would load it "
+                f"without that term. Train the adapter again, or load it with the peft-tsrs version that saved it."
+            )
 
     @property
     def explicit_head(self) -> bool:

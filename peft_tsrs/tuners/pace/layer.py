@@ -1,5 +1,11 @@
 """PACE layers: an adapter on a frozen ``nn.Linear`` whose branch is multiplied by ``z ~ N(1, σ²)`` in training.
 
+The variants (as the official ``LoRAmul_VPTadd_Linear``, ``LoRAadd_Linear`` and ``VPTadd_Linear``):
+
+* ``lora_mul_vpt_add``: ``ΔW = W0 ⊙ (A B)``, ``Δb = W0 (P q) + b0 ⊙ δb``;
+* ``lora_add``: ``ΔW = A B``, ``Δb = b_lora`` (the LoRA branch's own bias);
+* ``vpt_add``: ``ΔW = 0``, ``Δb = W0 (P q)``.
+
 With ``ΔW`` and ``Δb`` the adapter's weight and bias updates (computed from the *original* ``W0, b0``):
 
 * eval, or σ = 0: ``y = x (W0 + ΔW)ᵀ + b0 + Δb`` — one matmul, deterministic, identical to the merged layer;
@@ -36,7 +42,7 @@ def multiplicative_noise(like: torch.Tensor, sigma: float, shape: str) -> torch.
 class PACELayer(ComposedWeightLayer):
     """Holds the PACE adapters of one linear layer, keyed by adapter name."""
 
-    adapter_layer_names = ("pace_A", "pace_B", "pace_P", "pace_q", "pace_bias_scale")
+    adapter_layer_names = ("pace_A", "pace_B", "pace_P", "pace_q", "pace_bias_scale", "pace_lora_bias")
     other_param_names = ("r", "variant", "sigma", "noise_shape")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -50,6 +56,7 @@ class PACELayer(ComposedWeightLayer):
         self.pace_P = nn.ParameterDict({})
         self.pace_q = nn.ParameterDict({})
         self.pace_bias_scale = nn.ParameterDict({})
+        self.pace_lora_bias = nn.ParameterDict({})
 
     def available_adapters(self) -> set[str]:
         return set(self.variant)
@@ -65,26 +72,39 @@ class PACELayer(ComposedWeightLayer):
         if variant in (MUL, ADD):
             self.pace_A[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
             self.pace_B[adapter_name] = nn.Parameter(torch.empty(r, self.in_features))
+        if variant == ADD:
+            self.pace_lora_bias[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
         if variant in (MUL, VPT):
-            self.pace_P[adapter_name] = nn.Parameter(torch.empty(self.in_features, r))
-            self.pace_q[adapter_name] = nn.Parameter(torch.zeros(r))
+            self.pace_P[adapter_name] = nn.Parameter(torch.zeros(self.in_features, r))
+            self.pace_q[adapter_name] = nn.Parameter(torch.empty(r))
+        if variant == MUL:
             self.pace_bias_scale[adapter_name] = nn.Parameter(torch.zeros(self.out_features))
         self.reset_pace_parameters(adapter_name, config.init_weights)
         self._adapter_created(adapter_name, config.inference_mode)
 
     @torch.no_grad()
     def reset_pace_parameters(self, adapter_name: str, init_weights: bool) -> None:
-        """Identity: ``A = 0`` with ``B`` Xavier, ``q = 0`` with ``P`` Xavier, ``δb = 0``; else random."""
-        for table in (self.pace_B, self.pace_P):
-            if adapter_name in table:
-                nn.init.xavier_uniform_(table[adapter_name])
+        """The official init: ``A = 0`` with ``B`` (r × in) Xavier-uniform; ``P = 0`` with ``q`` Xavier-uniform as the
+        official (r × 1) matrix (fan_in 1, fan_out r: bound ``√(6 / (r + 1))``); ``δb = 0``, ``b_lora = 0``. The
+        adapter starts as the identity. ``init_weights=False`` then draws ``A``, ``P``, ``δb`` and ``b_lora`` at random
+        (a non-identity adapter, for tests)."""
+        if adapter_name in self.pace_B:
+            nn.init.xavier_uniform_(self.pace_B[adapter_name])
+        if adapter_name in self.pace_q:
+            nn.init.xavier_uniform_(self.pace_q[adapter_name].view(-1, 1))  # q stored as a vector of size r
         if not init_weights:
-            for table, std in ((self.pace_A, 0.5 / math.sqrt(self.r[adapter_name])), (self.pace_q, 0.5),
-                               (self.pace_bias_scale, 0.1)):
+            std = 0.5 / math.sqrt(self.r[adapter_name])
+            for table, table_std in ((self.pace_A, std), (self.pace_P, std), (self.pace_bias_scale, 0.1),
+                                     (self.pace_lora_bias, 0.1)):
                 if adapter_name in table:
-                    nn.init.normal_(table[adapter_name], std=std)
+                    nn.init.normal_(table[adapter_name], std=table_std)
 
     # ------------------------------------------------------------------ the parametrization
+    def _adapter_dtype(self, adapter: str) -> torch.dtype:
+        """The dtype of an adapter's parameters."""
+        return next(table[adapter] for table in (getattr(self, n) for n in self.adapter_layer_names)
+                    if adapter in table).dtype
+
     def _deltas(self, adapter: str, w0: torch.Tensor, b0: Optional[torch.Tensor]
                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         """(ΔW, Δb) of one adapter from the original weight and bias (in the adapter's dtype)."""
@@ -92,23 +112,30 @@ class PACELayer(ComposedWeightLayer):
         delta_w = delta_b = None
         if variant in (MUL, ADD):
             A, B = self.pace_A[adapter], self.pace_B[adapter]
-            w = w0.to(A.dtype)
-            delta_w = w * (A @ B) if variant == MUL else A @ B
+            delta_w = w0.to(A.dtype) * (A @ B) if variant == MUL else A @ B
+        if variant == ADD:
+            delta_b = self.pace_lora_bias[adapter]  # LoRA-add's own bias: b' = b0 + b_lora
         if variant in (MUL, VPT):
-            P, q, scale = self.pace_P[adapter], self.pace_q[adapter], self.pace_bias_scale[adapter]
-            delta_b = w0.to(P.dtype) @ (P @ q)
-            if b0 is not None:
-                delta_b = delta_b + b0.to(P.dtype) * scale
+            P, q = self.pace_P[adapter], self.pace_q[adapter]
+            delta_b = w0.to(P.dtype) @ (P @ q)  # VPT-add: W0 (P q)
+            if variant == MUL and b0 is not None:
+                delta_b = delta_b + b0.to(P.dtype) * self.pace_bias_scale[adapter]  # b0 ⊙ δb
         return delta_w, delta_b
 
     def compose(self, weight, bias, adapter_names):
+        if adapter_names:
+            # One dtype for weight and bias: the adapters' (float32 on a half-precision base with PEFT's default
+            # autocast_adapter_dtype=True), also when a variant updates only one of the two (vpt_add: only Δb).
+            dtype = self._adapter_dtype(adapter_names[0])
+            weight = weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         for a in adapter_names:
             delta_w, delta_b = self._deltas(a, self.original_weight(), self.original_bias())
             if delta_w is not None:
                 weight = weight.to(delta_w.dtype) + delta_w
             if delta_b is not None:
                 bias = delta_b if bias is None else bias.to(delta_b.dtype) + delta_b
-        return weight, bias
+        return weight, (None if bias is None else bias.to(weight.dtype))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW of one adapter (zeros for ``vpt_add``), in the weight's dtype."""
@@ -135,6 +162,7 @@ class Linear(nn.Module, PACELayer):
         PACELayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, sigma=sigma)
+        self._follow_training_flag()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self._base_forward_or_none(x, *args, **kwargs)

@@ -30,10 +30,11 @@ class RLRRConfig(TunerConfigBase):
         exclude_modules: Modules never to adapt.
         layers_to_transform: Only adapt blocks with these indices.
         layers_pattern: Name of the block list used with ``layers_to_transform``.
-        init_weights: ``True`` / ``"identity"`` (default): ``L = 0``, ``R`` Kaiming-uniform, ``shift = 0``, so the
-            model starts exactly at the pretrained one. ``"kaiming"``: the official initialization (``L`` and ``R``
-            Kaiming-uniform, ``shift = 0``; step 0 is *not* the pretrained model). ``False`` / ``"random"``: a random
-            non-identity adapter (for tests).
+        init_weights: ``True`` / ``"identity"`` (default, a deviation from the official code): ``L = 0``, ``R``
+            ``kaiming_uniform_(a=√5)`` (bound ``1/√in``), ``shift = 0``, so the model starts exactly at the pretrained
+            one. ``"kaiming"``: the official initialization, ``L`` and ``R`` both ``kaiming_uniform_(a=0)`` (gain √2,
+            bound ``√(6 / fan_in)``: ``√(6 / r)`` for ``L``, ``√(6 / in)`` for ``R``), ``shift = 0``; step 0 is *not*
+            the pretrained model. ``False`` / ``"random"``: a random non-identity adapter (for tests).
         ssf: Also add SSF scale/shift (``y * γ + β``) after the modules in ``ssf_modules`` (LayerNorms and the
             patch embedding, as in the official ViT code). ``γ = 1, β = 0`` with the identity init;
             ``γ ~ N(1, .02), β ~ N(0, .02)`` with ``"kaiming"``.
@@ -41,6 +42,17 @@ class RLRRConfig(TunerConfigBase):
         modules_to_save: Extra modules trained in full and saved with the adapter (e.g. the classifier head).
         regularizers: An optional training recipe (a ``RegularizerConfig`` or its dict) saved with the adapter and picked up by
             ``RegularizedTrainer`` when no recipe is passed to it.
+
+    Deviations from the official code (zstarN70/RLRR), each an option with its default here:
+
+    * ``init_weights=True`` (identity): the official init is ``"kaiming"`` (the model then does not start at the
+      pretrained one).
+    * ``ssf=False``: the official ViT code always adds SSF (after both LayerNorms of every block, the final
+      LayerNorm and the patch embedding); ``ssf=True`` does the same with the default ``ssf_modules``.
+    * ``r=1`` is the official rank; ``r > 1`` generalizes ``s_out s_inᵀ`` to ``L R``.
+    * The head: the official code starts the new classification head at zero; here the head stays the model's
+      (e.g. transformers' random init). Zero it yourself to match (``nn.init.zeros_`` on the ``modules_to_save``
+      copy's weight and bias).
     """
 
     r: int = field(default=1, metadata={"help": "Rank of the rescaling matrix L R (1 = the paper)."})

@@ -39,14 +39,18 @@ class RLRRLayer(ComposedWeightLayer):
 
     @torch.no_grad()
     def reset_rlrr_parameters(self, adapter_name: str, init_mode: str) -> None:
-        """``identity``: L=0, R Kaiming; ``kaiming``: both Kaiming (official); ``random``: non-identity."""
+        """``kaiming`` (official): ``L`` and ``R`` both ``kaiming_uniform_(a=0)`` (gain √2, bound ``√(6 / fan_in)``:
+        fan_in is ``r`` for ``L``, ``in_features`` for ``R``), ``shift = 0``. ``identity``: ``L = 0``, ``R``
+        ``kaiming_uniform_(a=√5)`` (nn.Linear's init, bound ``1 / √in_features``), ``shift = 0``. ``random``: ``R`` as
+        for identity, ``L`` and ``shift`` normal (a non-identity adapter for tests)."""
         L, R, shift = self.rlrr_L[adapter_name], self.rlrr_R[adapter_name], self.rlrr_shift[adapter_name]
-        nn.init.kaiming_uniform_(R, a=math.sqrt(5))
+        official = init_mode == "kaiming"
+        nn.init.kaiming_uniform_(R, a=0.0 if official else math.sqrt(5))
         shift.zero_()
         if init_mode == "identity":
             L.zero_()
-        elif init_mode == "kaiming":
-            nn.init.kaiming_uniform_(L, a=math.sqrt(5))
+        elif official:
+            nn.init.kaiming_uniform_(L, a=0.0)
         elif init_mode == "random":
             nn.init.normal_(L, std=0.5)
             nn.init.normal_(shift, std=0.02)
@@ -88,6 +92,7 @@ class Linear(nn.Module, RLRRLayer):
         RLRRLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+        self._follow_training_flag()
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = self._base_forward_or_none(x, *args, **kwargs)
@@ -124,6 +129,7 @@ class ScaleShift(nn.Module, ComposedWeightLayer):
         self.rlrr_ssf_shift = nn.ParameterDict({})
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
+        self._follow_training_flag()
 
     def update_layer(self, adapter_name: str, config: RLRRConfig) -> None:
         """Create the scale/shift vectors of ``adapter_name``; reads ``init_mode`` and ``inference_mode`` from
