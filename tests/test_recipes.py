@@ -148,6 +148,53 @@ def test_labels_out_of_range_are_a_clear_error():
         check_labels(datasets.DatasetDict(train=datasets.Dataset.from_dict({"label": [-1]})), 3)
 
 
+# --------------------------------------------------------------------------- string label columns
+def _text_dataset(labels: list) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"text": [f"a {y} here" for y in labels], "label": labels})
+
+
+def test_string_labels_are_encoded_by_the_data_helpers():
+    """String labels used to end in `too many dimensions 'str'` in the collator (or `invalid literal for int()` in
+    few_shot_split / flip_labels): they become ClassLabel ids, names kept."""
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    from peft_tsrs.app.data import few_shot_split, flip_labels, minilm_path, tokenize_dataset
+
+    ds = _text_dataset(["cat", "dog", "car"] * 10)
+    splits = few_shot_split(ds, 2, 2, 3, seed=0)
+    assert splits["train"].features["label"].names == ["car", "cat", "dog"]
+    assert sorted(set(splits["test"]["label"])) == [0, 1, 2]
+    assert splits["train"].features["label"].int2str(splits["train"]["label"][0]) in splits["train"]["text"][0]
+    noisy = flip_labels(ds, 0.2, seed=0, num_classes=3)
+    assert noisy.features["label"].names == ["car", "cat", "dog"] and set(noisy["label"]) <= {0, 1, 2}
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenized = tokenize_dataset(ds, tokenizer, max_length=16, padding=False)
+    batch = DataCollatorWithPadding(tokenizer)([tokenized[i] for i in range(4)])
+    assert batch["labels"].tolist() == [1, 2, 0, 1]
+
+
+def test_string_labels_get_one_mapping_for_all_splits():
+    from peft_tsrs.app.data import encode_labels
+
+    # datasets' own DatasetDict.class_encode_column encodes each split alone: 'c' would be 1 in train, 1 in test
+    splits = datasets.DatasetDict(train=_text_dataset(["b", "c"]), test=_text_dataset(["a", "c"]))
+    encoded = encode_labels(splits)
+    assert encoded["train"].features["label"].names == encoded["test"].features["label"].names == ["a", "b", "c"]
+    assert list(encoded["train"]["label"]) == [1, 2] and list(encoded["test"]["label"]) == [0, 2]
+    ints = _text_dataset([0, 1])
+    assert encode_labels(ints) is ints  # already class ids: unchanged
+    with pytest.raises(ValueError, match=r"rows without a label \(None\); drop them first"):
+        encode_labels(_text_dataset(["a", None]))
+
+
+def test_check_labels_refuses_string_labels_with_the_fix():
+    from peft_tsrs.app.tasks import check_labels
+
+    with pytest.raises(ValueError, match=r"split 'train' has label 'cat', not a class id; encode .*encode_labels"):
+        check_labels(datasets.DatasetDict(train=_text_dataset(["cat", "dog"])), 2)
+
+
 def test_missing_dataset_package_says_which_apt_get_command(monkeypatch, tmp_path):
     import peft_tsrs.app.data.fashion_mnist as fmnist
     import peft_tsrs.app.data.wordnet as wordnet

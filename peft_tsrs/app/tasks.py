@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import datasets
+import numpy as np
 from torch import nn
 from transformers import (
     AutoModelForImageClassification,
@@ -50,9 +51,15 @@ def _label_names(ds: datasets.Dataset) -> list[str]:
 
 
 def check_labels(splits: datasets.DatasetDict, num_labels: int) -> None:
-    """Labels must be class ids in ``[0, num_labels)``; say which split and value is wrong otherwise."""
+    """Labels must be class ids in ``[0, num_labels)``; say which split and value is wrong otherwise (string labels:
+    encode them first, see :func:`~peft_tsrs.app.data.encode_labels`)."""
     for name, ds in splits.items():
         labels = ds["label"]
+        text = next((y for y in labels if not isinstance(y, (int, np.integer)) or isinstance(y, bool)), None)
+        if text is not None:
+            raise ValueError(f"split {name!r} has label {text!r}, not a class id; encode the label column first: "
+                             f"peft_tsrs.app.data.encode_labels(splits) (datasets' class_encode_column, one mapping "
+                             f"for all splits).")
         bad = [y for y in labels if not 0 <= int(y) < num_labels]
         if bad:
             raise ValueError(f"split {name!r} has label {bad[0]} outside [0, {num_labels}); labels must be class ids "
