@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -103,20 +104,42 @@ def test_report_over_two_runs(demo, tmp_path, capsys):
         (["demo", "-o", "training.epoch=3"], "unknown key(s) ['epoch']"),
         (["report", "no/such/run"], "no finished run (metrics.json)"),
         (["push", "no/such/run", "me/repo"], "run folder not found"),
+        # wrong types, NaN, a missing model folder: these used to end in a TypeError / OSError traceback
+        (["train", "-o", "training.epochs=abc"], "training.epochs must be a number, got 'abc'"),
+        (["train", "-o", "regularizers.tsrs_weight=abc"], "regularizers.tsrs_weight must be a number, got 'abc'"),
+        (["train", "-o", "regularizers.tsrs_weight=nan"], "regularizers.tsrs_weight must be a finite number"),
+        (["train", "-o", "regularizers.tsrs_weight=.nan"], "regularizers.tsrs_weight must be a finite number"),
+        (["train", "-o", "model.name=/no/such/model"], "model.name '/no/such/model': no such model folder"),
+        (["train", "-o", "training.batch_size=[1"], "is not valid YAML at line 1"),
+        (["demo", "-o", "training.epochs=abc"], "training.epochs must be a number"),
     ],
 )
-def test_errors_exit_2_with_a_readable_message(argv, message, capsys):
+def test_errors_exit_2_with_a_readable_message(argv, message, capsys, tmp_path):
+    if argv[0] in ("train", "demo"):
+        argv = [*argv[:1], "--output-dir", str(tmp_path / "out"), *argv[1:]]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("peft-tsrs: error: ") and message in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and err.count("\n") == 1, err  # one line
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
-def test_usage_errors_exit_2(capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["push", "only-one-arg"])
-    assert exc.value.code == 2
-    assert "REPO_ID" in capsys.readouterr().err.upper()
+def test_broken_yaml_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "broken.yaml").write_text("training:\n  epochs: [1\n")
+    assert main(["train", str(tmp_path / "broken.yaml"), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"peft-tsrs: error: recipe file {tmp_path / 'broken.yaml'} is not valid YAML at line 3")
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_nan_weight_in_a_recipe_file_is_refused_not_recorded_as_another_method(tmp_path, capsys):
+    """`tsrs_weight: .nan` used to switch TSRS off silently and exit 0 with the run recorded as plain `rlrr`."""
+    (tmp_path / "tsrs.yaml").write_text("regularizers:\n  tsrs_weight: .nan\n")
+    code = main(["train", str(tmp_path / "tsrs.yaml"), "--output-dir", str(tmp_path / "out"), "--no-progress",
+                 "-o", *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and "regularizers.tsrs_weight must be a finite number, got nan" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
 # --------------------------------------------------------------------------- push (Hub calls recorded, no network)
@@ -196,6 +219,59 @@ def test_push_api_returns_the_url_and_rejects_a_folder_without_adapter(tmp_path,
     (upload,) = fake_hub["upload_folder"]
     assert upload["commit_message"] == "msg" and upload["token"] == "hf_dummy"
     assert {p.name for p in upload["copy"].iterdir()} == {"adapter_config.json", "metrics.json"}
+
+
+def _run_folder(tmp_path: Path) -> Path:
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
+    return tmp_path / "run"
+
+
+def test_push_without_network_is_one_line_saying_what_to_do(tmp_path):
+    """No token and no network used to print a 70-line ConnectError traceback. The Hub endpoint is a closed local
+    port: nothing leaves this machine."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "peft_tsrs.app.cli", "push", str(_run_folder(tmp_path)), "me/x"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    err = result.stderr
+    assert result.returncode == 2, err
+    assert err.startswith("peft-tsrs: error: cannot reach the Hub at http://127.0.0.1:9") and err.count("\n") == 1, err
+    assert "hf auth login" in err and "HF_TOKEN" in err and "network" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_push_refused_for_lack_of_login_says_to_log_in(tmp_path, monkeypatch, capsys, status):
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def refuse(self, *args, **kwargs):
+        response = SimpleNamespace(status_code=status, headers={}, request=None)  # what HfHubHTTPError reads
+        raise HfHubHTTPError("Invalid username or password.\nline two", response=response)
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    assert main(["push", str(_run_folder(tmp_path)), "me/x"]) == 2
+    err = capsys.readouterr().err
+    assert f"HTTP {status}" in err and "hf auth login" in err and "HF_TOKEN" in err and err.count("\n") == 1, err
+
+
+def test_push_without_a_stored_token_says_to_log_in(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    def no_token(self, *args, **kwargs):
+        raise LocalTokenNotFoundError("Token is required (`token=True`), but no token found.")
+
+    monkeypatch.setattr(HfApi, "create_repo", no_token)
+    assert main(["push", str(_run_folder(tmp_path)), "me/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peft-tsrs: error: not logged in to the Hub: log in with `hf auth login`"), err
 
 
 def test_push_offline_is_a_readable_error(tmp_path, monkeypatch, capsys):

@@ -114,11 +114,58 @@ def test_overrides_parse_types():
         ({"task": {"name": "mnist"}}, r"task.name must be one of .*wordnet.*got 'mnist'"),
         ({"regularizers": {"distance_norm": "frob"}}, r"distance_radius"),
         ({"training": {"learning_rate": 0}}, r"learning_rate"),
+        # wrong types and non-finite numbers: one line naming the key, never a TypeError from a comparison
+        ({"training": {"epochs": "abc"}}, r"^training.epochs must be a number, got 'abc' \(e.g. training.epochs=10"),
+        ({"training": {"max_steps": 2.5}}, r"^training.max_steps must be a whole number, got 2.5"),
+        ({"training": {"epochs": None}}, r"^training.epochs must be a number, got None"),
+        ({"task": {"shots_per_class": "8"}}, r"^task.shots_per_class must be a whole number, got '8'"),
+        ({"task": {"classes": ["a"]}}, r"^task.classes must be a list of whole numbers"),
+        ({"task": {"label_noise": float("inf")}}, r"^task.label_noise must be a finite number, got inf"),
+        ({"regularizers": {"tsrs_weight": "abc"}}, r"^regularizers.tsrs_weight must be a number, got 'abc'"),
+        ({"regularizers": {"tsrs_weight": float("nan")}}, r"^regularizers.tsrs_weight must be a finite number"),
+        ({"regularizers": {"pace_weight": "nan"}}, r"^regularizers.pace_weight must be a finite number, got 'nan'"),
+        ({"regularizers": {"tsrs_inject_layer": "mid"}}, r"^regularizers.tsrs_inject_layer must be a whole number"),
+        ({"adapter": {"type": "rlrr", "r": "abc"}}, r"^adapter.r must be a whole number, got 'abc'"),
+        ({"adapter": {"type": "rlrr", "r": 0}}, r"'adapter'.*RLRRConfig: `r` must be a positive integer"),
+        ({"diagnostics": "maybe"}, r"^diagnostics must be true or false"),
+        ({"training": 3}, r"recipe section 'training' must be a mapping"),
+        ({"name": ""}, r"name '' is not a run folder name"),
+        ({"name": ".."}, r"name '..' is not a run folder name"),
+        ({"model": {"name": "/no/such/model/folder"}}, r"model.name '/no/such/model/folder': no such model folder"),
+        ({"model": {"name": "./relative/missing"}}, r"no such model folder"),
     ],
 )
 def test_clear_errors(data, message):
     with pytest.raises(ValueError, match=message):
         recipe_from_dict(data)
+
+
+def test_numbers_given_for_strings_and_ints_for_floats_are_accepted():
+    recipe = recipe_from_dict({"name": 2024, "training": {"epochs": 3, "learning_rate": 1e-3}})
+    assert recipe.name == "2024" and recipe.training.epochs == 3
+    assert load_recipe([], ["regularizers.tsrs_weight=1"]).regularizers.tsrs_weight == 1
+
+
+def test_a_nan_regularizer_weight_cannot_switch_the_term_off_unnoticed(tmp_path):
+    """`tsrs_weight: .nan` used to pass (NaN < 0 is false), turn TSRS off (NaN > 0 is false too) and record the run
+    as plain RLRR. The recipe refuses it, from YAML and from Python."""
+    (tmp_path / "nan.yaml").write_text("regularizers:\n  tsrs_weight: .nan\n")
+    with pytest.raises(ValueError, match=r"regularizers.tsrs_weight must be a finite number, got nan"):
+        load_recipe([str(tmp_path / "nan.yaml")])
+    from peft_tsrs.config import RegularizerConfig
+
+    # built in Python (RegularizerConfig may refuse NaN itself; either way no recipe with a NaN weight validates)
+    with pytest.raises(ValueError, match=r"tsrs_weight"):
+        Recipe(regularizers=RegularizerConfig(tsrs_weight=float("nan"))).validate()
+
+
+def test_model_folder_without_config_is_refused(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ValueError, match=r"is a folder without config.json"):
+        recipe_from_dict({"model": {"name": str(tmp_path / "model")}})
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert recipe_from_dict({"model": {"name": str(tmp_path / "model")}}).model.name == str(tmp_path / "model")
+    assert recipe_from_dict({"model": {"name": "org/some-model"}}).model.name == "org/some-model"  # a Hub id
 
 
 def test_override_without_equals_sign():
@@ -134,6 +181,13 @@ def test_missing_or_malformed_recipe_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="must be a YAML mapping"):
         load_recipe([str(tmp_path / "list.yaml")])
+    # broken YAML: one line naming the file and the line, not PyYAML's multi-line report
+    (tmp_path / "broken.yaml").write_text("training:\n  epochs: [1\n")
+    with pytest.raises(ValueError, match=r"broken.yaml is not valid YAML at line \d+, column \d+: ") as err:
+        load_recipe([str(tmp_path / "broken.yaml")])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"override 'training.classes=\[1' is not valid YAML"):
+        load_recipe([], ["training.classes=[1"])
 
 
 def test_labels_out_of_range_are_a_clear_error():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -86,7 +87,8 @@ def build_wordnet(recipe: Recipe) -> TaskData:
     names = _label_names(splits["train"])
     splits = _add_label_noise(splits, recipe, len(names))
     path = resolve_model_path(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with _loading(recipe, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     splits = tokenize_dataset(splits, tokenizer, max_length=task.max_length, padding=False)
     return TaskData(splits, names, DataCollatorWithPadding(tokenizer), path, tokenizer)
 
@@ -119,6 +121,17 @@ def resolve_model_path(recipe: Recipe) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _loading(recipe: Recipe, what: str):
+    """A backbone that cannot be loaded (offline Hub id, broken folder) as a one-line ``ValueError``."""
+    try:
+        yield
+    except OSError as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(f"cannot load the {what} of model.name {recipe.model.name!r} ({reason}); use minilm, "
+                         f"fmnist_vit or a local model folder (a Hub id needs the network or a cached copy).") from None
+
+
 def build_task(recipe: Recipe) -> TaskData:
     """Datasets for ``recipe.task`` (dispatch on its name) with labels checked."""
     data = {"wordnet": build_wordnet, "fashion_mnist": build_fashion_mnist}[recipe.task.name](recipe)
@@ -132,4 +145,5 @@ def build_model(recipe: Recipe, data: TaskData, path: Optional[str] = None) -> n
     kwargs = dict(num_labels=data.num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()},
                   ignore_mismatched_sizes=True)
     auto = AutoModelForSequenceClassification if recipe.task.name == "wordnet" else AutoModelForImageClassification
-    return auto.from_pretrained(path or data.model_path, **kwargs)
+    with _loading(recipe, "model"):
+        return auto.from_pretrained(path or data.model_path, **kwargs)
