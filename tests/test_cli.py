@@ -44,6 +44,7 @@ def test_train(trained):
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["method"] == "rlrr" and metrics["train_steps"] == 2
     check_run_folder(str(trained), metrics)
+    assert [p.name for p in trained.parent.iterdir()] == ["cli-run"]  # the temporary folder became the run folder
 
 
 @pytest.mark.slow
@@ -140,6 +141,67 @@ def test_a_nan_weight_in_a_recipe_file_is_refused_not_recorded_as_another_method
     err = capsys.readouterr().err
     assert code == 2 and "regularizers.tsrs_weight must be a finite number, got nan" in err, err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def _fail(*args, **kwargs):
+    raise RuntimeError("boom\nsecond line")
+
+
+def test_a_failing_run_leaves_no_folder_and_keeps_the_previous_run(tmp_path, monkeypatch, capsys):
+    """recipe.yaml used to be written before anything was built: a failed run left a partial folder behind."""
+    import peft_tsrs.app.run as run
+
+    monkeypatch.setattr(run, "build_task", _fail)
+    out = tmp_path / "new" / "runs"  # parents that do not exist yet: removed again
+    assert main(["train", "--output-dir", str(out), "--name", "r", "--no-progress", "-o", *QUICK]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("peft-tsrs: error: RuntimeError: boom second line") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "new").exists()
+    # a rerun that fails leaves the earlier run folder of that name as it was
+    earlier = tmp_path / "runs" / "r"
+    earlier.mkdir(parents=True)
+    (earlier / "recipe.yaml").write_text("name: r\n")
+    (earlier / "metrics.json").write_text("{}")
+    assert main(["train", "--output-dir", str(tmp_path / "runs"), "--name", "r", "--no-progress", "-o", *QUICK]) == 1
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"]
+    assert sorted(p.name for p in earlier.iterdir()) == ["metrics.json", "recipe.yaml"]
+    # ... and a folder that is not a run folder is never replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["train", "--output-dir", str(tmp_path), "--name", "mine", "-o", *QUICK]) == 2
+    assert "is not a peft-tsrs run folder" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_the_leftover_of_a_killed_run_is_removed_by_the_next_run(tmp_path, monkeypatch):
+    """SIGKILL cannot be cleaned up after: the next run of that name removes the dead process's temporary folder
+    (a live process's one stays)."""
+    import subprocess
+    import sys
+
+    import peft_tsrs.app.run as run
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".r.partial-{dead.pid}-abc").mkdir()
+    (tmp_path / f".r.partial-{dead.pid}-abc" / "recipe.yaml").write_text("name: r\n")
+    (tmp_path / f".r.partial-{os.getpid()}-xyz").mkdir()  # a live process
+    (tmp_path / f".other.partial-{dead.pid}-abc").mkdir()  # another run name
+    monkeypatch.setattr(run, "build_task", _fail)
+    assert main(["train", "--output-dir", str(tmp_path), "--name", "r", "-o", *QUICK]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.partial-{dead.pid}-abc",
+                                                          f".r.partial-{os.getpid()}-xyz"]
+
+
+@pytest.mark.slow
+def test_a_run_failing_after_training_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import peft_tsrs.app.run as run
+
+    monkeypatch.setattr(run, "_save_outputs", _fail)  # after training and the checkpoints
+    assert main(["train", "--output-dir", str(tmp_path / "out"), "--name", "r", "--no-progress", "-o", *QUICK]) == 1
+    assert not (tmp_path / "out").exists()  # neither the run folder nor the output folder the run created
+    assert "RuntimeError: boom" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- push (Hub calls recorded, no network)

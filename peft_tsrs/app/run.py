@@ -7,6 +7,10 @@ Output folder ``<output_dir>/<name>/``:
   ``adapter.type: full``), tokenizer if any, and a model card ``README.md`` naming method, recipe and results;
 * ``metrics.json`` — validation/test metrics of the selected epoch, timings, per-epoch history, diagnostics;
 * ``recipe.yaml`` — the resolved recipe; ``training_curves.png`` — losses and validation accuracy.
+
+The folder is written under a temporary name next to it (``<output_dir>/.<name>.partial-*``) and renamed when the run
+has finished: a run that fails (bad value, missing model, error or Ctrl-C during training) leaves no folder behind,
+and a rerun under the same name replaces the previous run folder only once it has succeeded.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from typing import Any, Optional
 
@@ -92,10 +97,116 @@ def _diagnose(model, trainer: RegularizedTrainer, data: TaskData, reference: dic
 
 
 def run_recipe(recipe: Recipe, progress: bool = True, keep_checkpoints: bool = False) -> dict[str, Any]:
-    """Fine-tune as ``recipe`` says and write the run folder; returns the metrics dict (also in metrics.json)."""
+    """Fine-tune as ``recipe`` says and write the run folder; returns the metrics dict (also in metrics.json).
+
+    Everything is written into a temporary folder next to ``recipe.run_dir`` that becomes the run folder at the end;
+    on any failure it is removed (and so are the parent folders this call created): a failed run leaves nothing.
+    """
     recipe.validate()
     run_dir = recipe.run_dir
-    os.makedirs(run_dir, exist_ok=True)
+    _check_target(run_dir)
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    created = _missing_folders(parent)
+    os.makedirs(parent, exist_ok=True)
+    prefix = f".{os.path.basename(os.path.abspath(run_dir))}.partial-"
+    _remove_stale(parent, prefix)
+    work = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+    try:
+        metrics = _run(recipe, work, progress, keep_checkpoints)
+        _move_into_place(work, run_dir)
+        if keep_checkpoints:
+            _relocate_checkpoints(run_dir, work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        for folder in reversed(created):  # only the folders this call made, and only if still empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        raise
+    return metrics
+
+
+RUN_MARKERS = ("recipe.yaml", "metrics.json", "adapter")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale(parent: str, prefix: str) -> None:
+    """Temporary folders of this run name left by a process that no longer exists (killed with SIGKILL, out of
+    memory): ``<prefix><pid>-<random>``. Those of a live process (a concurrent run of the same name) stay."""
+    for entry in os.listdir(parent):
+        pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) else ""
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _check_target(run_dir: str) -> None:
+    """A run may replace an earlier run folder (a rerun under the same name), never another folder or a file."""
+    if os.path.isfile(run_dir):
+        raise ValueError(f"the run folder {run_dir} is a file; choose another name or output_dir.")
+    if os.path.isdir(run_dir) and os.listdir(run_dir) and not any(
+            os.path.exists(os.path.join(run_dir, m)) for m in RUN_MARKERS):
+        raise ValueError(f"{run_dir} exists and is not a peft-tsrs run folder (no recipe.yaml, metrics.json or "
+                         f"adapter/); choose another name or output_dir, or remove it.")
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """``folder`` and those of its parents that do not exist yet, outermost first."""
+    missing = []
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        up = os.path.dirname(folder)
+        if up == folder:
+            break
+        folder = up
+    return missing[::-1]
+
+
+def _move_into_place(work: str, run_dir: str) -> None:
+    """Rename the finished ``work`` folder to ``run_dir``; an earlier run folder there is replaced."""
+    if not os.path.lexists(run_dir):
+        os.rename(work, run_dir)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(run_dir))}.old-",
+                           dir=os.path.dirname(os.path.abspath(run_dir)))
+    os.rmdir(old)
+    os.rename(run_dir, old)
+    try:
+        os.rename(work, run_dir)
+    except BaseException:
+        os.rename(old, run_dir)  # put the earlier run back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _relocate_checkpoints(run_dir: str, work: str) -> None:
+    """Kept checkpoints name the best checkpoint by its path in the temporary folder: point them at the run
+    folder."""
+    folder = os.path.join(run_dir, CHECKPOINTS)
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name, "trainer_state.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as fh:
+            state = json.load(fh)
+        best = state.get("best_model_checkpoint")
+        if best and os.path.abspath(best).startswith(os.path.abspath(work) + os.sep):
+            state["best_model_checkpoint"] = os.path.join(run_dir, os.path.relpath(best, work))
+            with open(path, "w") as fh:
+                json.dump(state, fh, indent=2, sort_keys=True)
+
+
+def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -> dict[str, Any]:
+    """The run itself, writing into ``run_dir`` (the temporary folder)."""
     with open(os.path.join(run_dir, "recipe.yaml"), "w") as fh:
         yaml.safe_dump(recipe.to_dict(), fh, sort_keys=False)
     set_seed(recipe.training.seed)
