@@ -204,6 +204,28 @@ def test_a_run_failing_after_training_leaves_nothing(tmp_path, monkeypatch, caps
     assert "RuntimeError: boom" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_kept_checkpoints_are_recorded_with_their_folder(tmp_path):
+    assert main(["train", "--output-dir", str(tmp_path), "--name", "keep", "--no-progress", "--keep-checkpoints",
+                 "-o", *QUICK]) == 0
+    run_dir = tmp_path / "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]  # no temporary folder left next to it
+    best = json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"]
+    assert best["folder"] == f"checkpoints/checkpoint-{best['step']}" and (run_dir / best["folder"]).is_dir()
+    for checkpoint in (run_dir / "checkpoints").iterdir():
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        assert Path(state["best_model_checkpoint"]).parent == run_dir / "checkpoints"
+        config = json.loads((checkpoint / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["push", "only-one-arg"])
+    assert exc.value.code == 2
+    assert "REPO_ID" in capsys.readouterr().err.upper()
+
+
 # --------------------------------------------------------------------------- push (Hub calls recorded, no network)
 @pytest.fixture
 def fake_hub(monkeypatch, tmp_path):

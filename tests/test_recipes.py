@@ -31,9 +31,9 @@ TINY_TASK = {
 # Start the self-labeling terms at once, so a 2-step run goes through label correction and reweighting.
 START_NOW = ["regularizers.label_correction_start_epoch=0", "regularizers.reweight_start_epoch=0"]
 METRICS_KEYS = {
-    "name", "method", "task", "shots_per_class", "label_noise", "seed", "validation", "test", "best_checkpoint",
-    "train_time_s", "train_steps", "seconds_per_step", "trainable_parameters", "total_parameters", "n_train",
-    "history", "collapsed_at_step",
+    "name", "method", "task", "base_model", "shots_per_class", "label_noise", "seed", "validation", "test",
+    "best_checkpoint", "train_time_s", "train_steps", "seconds_per_step", "trainable_parameters", "total_parameters",
+    "n_train", "history", "collapsed_at_step",
 }
 
 
@@ -331,6 +331,25 @@ def check_run_folder(run_dir: str, metrics: dict) -> None:
     assert f"{saved['test']['accuracy']:.4f}" in card
 
     data = build_task(recipe)
+    # the base model is recorded by its Hub id (MiniLM) or a descriptive name (the ViT pretrained here), never by the
+    # local folder it was loaded from (a venv or cache path, meaningless on the Hub or another machine)
+    expected = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
+                "fmnist_vit": os.path.basename(data.model_path)}[recipe.model.name]
+    assert saved["base_model"] == expected and os.sep not in expected.replace("/", "")
+    for path in run.rglob("*"):
+        if path.suffix in (".json", ".md", ".yaml"):
+            assert data.model_path not in path.read_text(), path
+    card_meta = card.split("---")[1]
+    if recipe.model.name == "minilm":
+        assert f"base_model: {expected}" in card_meta
+        if recipe.adapter.type != "full":
+            assert f"base_model:adapter:{expected}" in card_meta
+    else:  # not on the Hub: no base_model metadata, the card names it in the text
+        assert "base_model" not in card_meta and f"Base model: `{expected}`" in card
+    # the selected checkpoint: step and metric, no path to the deleted checkpoints folder
+    best = saved["best_checkpoint"]
+    assert best["metric"] == "eval_accuracy" and isinstance(best["step"], int) and 1 <= best["step"] <= 2
+    assert best["value"] == pytest.approx(saved["validation"]["accuracy"]) and best["folder"] is None
     adapter_dir = str(run / "adapter")
     if recipe.adapter.type == "full":
         assert (run / "adapter" / "config.json").is_file()
@@ -338,6 +357,8 @@ def check_run_folder(run_dir: str, metrics: dict) -> None:
     else:
         assert (run / "adapter" / "adapter_config.json").is_file()
         assert (run / "adapter" / "adapter_model.safetensors").is_file()
+        config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == expected
         model = PeftModel.from_pretrained(build_model(recipe, data), adapter_dir)
     logits, labels = _logits(model, data, "test")
     loss = torch.nn.functional.cross_entropy(logits, labels).item()

@@ -30,7 +30,17 @@ from ..tuners.rlrr import RLRRConfig
 TASKS = ("wordnet", "fashion_mnist")
 # model.name values that are not folders: the shipped MiniLM and the ViT pretrained here on Fashion-MNIST.
 BUILTIN_MODELS = ("minilm", "fmnist_vit")
+# Hub ids of the backbones shipped offline: what a run records as its base model instead of the local folder.
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def base_model_on_hub(model_name: str) -> bool:
+    """Whether the base model a run records for ``model.name`` is a Hub id (the shipped MiniLM, or a name that is
+    not a local folder); the self-pretrained Fashion-MNIST ViT and local folders are not."""
+    if model_name in BUILTIN_MODELS:
+        return model_name in HUB_IDS
+    return not os.path.isdir(os.path.expanduser(model_name))
 
 
 def looks_like_path(name: str) -> bool:

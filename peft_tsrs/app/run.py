@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 import torch
 import yaml
+from peft import PeftModel
 from transformers import TrainingArguments, set_seed
 
 from .. import diagnostics
@@ -112,10 +113,10 @@ def run_recipe(recipe: Recipe, progress: bool = True, keep_checkpoints: bool = F
     _remove_stale(parent, prefix)
     work = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
     try:
-        metrics = _run(recipe, work, progress, keep_checkpoints)
+        metrics, model_path = _run(recipe, work, progress, keep_checkpoints)
         _move_into_place(work, run_dir)
         if keep_checkpoints:
-            _relocate_checkpoints(run_dir, work)
+            _relocate_checkpoints(run_dir, work, model_path, metrics["base_model"])
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         for folder in reversed(created):  # only the folders this call made, and only if still empty
@@ -188,25 +189,55 @@ def _move_into_place(work: str, run_dir: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _relocate_checkpoints(run_dir: str, work: str) -> None:
-    """Kept checkpoints name the best checkpoint by its path in the temporary folder: point them at the run
-    folder."""
+def _relocate_checkpoints(run_dir: str, work: str, model_path: str, base_model: str) -> None:
+    """Kept checkpoints name the best checkpoint by its path in the temporary folder, and the base model by the
+    local folder it was loaded from: point them at the run folder and at the recorded base model name."""
     folder = os.path.join(run_dir, CHECKPOINTS)
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        path = os.path.join(folder, name, "trainer_state.json")
-        if not os.path.isfile(path):
+        checkpoint = os.path.join(folder, name)
+        path = os.path.join(checkpoint, "trainer_state.json")
+        if os.path.isfile(path):
+            with open(path) as fh:
+                state = json.load(fh)
+            best = state.get("best_model_checkpoint")
+            if best and os.path.abspath(best).startswith(os.path.abspath(work) + os.sep):
+                state["best_model_checkpoint"] = os.path.join(run_dir, os.path.relpath(best, work))
+                with open(path, "w") as fh:
+                    json.dump(state, fh, indent=2, sort_keys=True)
+        if model_path == base_model:
             continue
-        with open(path) as fh:
-            state = json.load(fh)
-        best = state.get("best_model_checkpoint")
-        if best and os.path.abspath(best).startswith(os.path.abspath(work) + os.sep):
-            state["best_model_checkpoint"] = os.path.join(run_dir, os.path.relpath(best, work))
-            with open(path, "w") as fh:
-                json.dump(state, fh, indent=2, sort_keys=True)
+        for file in ("adapter_config.json", "README.md"):  # PEFT's files: the folder path -> the recorded name
+            path = os.path.join(checkpoint, file)
+            if os.path.isfile(path):
+                with open(path) as fh:
+                    text = fh.read()
+                with open(path, "w") as fh:
+                    fh.write(text.replace(model_path, base_model))
 
 
-def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -> dict[str, Any]:
-    """The run itself, writing into ``run_dir`` (the temporary folder)."""
+def best_checkpoint(trainer: RegularizedTrainer, keep_checkpoints: bool) -> Optional[dict[str, Any]]:
+    """What the run selected on validation: step, metric and its value. The adapter/ folder holds that checkpoint's
+    weights (``load_best_model_at_end``); ``folder`` is its path inside the run folder when the checkpoints are kept
+    (``--keep-checkpoints``), else ``None`` (the checkpoints are deleted at the end of the run)."""
+    state = trainer.state
+    if state.best_model_checkpoint is None:
+        return None
+    name = os.path.basename(os.path.normpath(state.best_model_checkpoint))
+    step = state.best_global_step
+    if step is None and name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+        step = int(name[len("checkpoint-"):])
+    metric = trainer.args.metric_for_best_model
+    return {
+        "step": step,
+        "metric": metric if metric.startswith("eval_") else f"eval_{metric}",
+        "value": state.best_metric,
+        "folder": f"{CHECKPOINTS}/{name}" if keep_checkpoints else None,
+    }
+
+
+def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -> tuple[dict[str, Any], str]:
+    """The run itself, writing into ``run_dir`` (the temporary folder); returns the metrics and the folder the base
+    model was loaded from."""
     with open(os.path.join(run_dir, "recipe.yaml"), "w") as fh:
         yaml.safe_dump(recipe.to_dict(), fh, sort_keys=False)
     set_seed(recipe.training.seed)
@@ -232,12 +263,13 @@ def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -
         "name": recipe.name,
         "method": recipe.method,
         "task": recipe.task.name,
+        "base_model": data.model_id or recipe.model.name,
         "shots_per_class": recipe.task.shots_per_class,
         "label_noise": recipe.task.label_noise,
         "seed": recipe.training.seed,
         "validation": {k.removeprefix("validation_"): v for k, v in validation.items()},
         "test": {k.removeprefix("test_"): v for k, v in test.items()},
-        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_checkpoint": best_checkpoint(trainer, keep_checkpoints),
         "train_time_s": round(train_time, 2),
         "train_steps": train_output.global_step,
         "seconds_per_step": round(train_time / max(1, train_output.global_step), 4),
@@ -253,7 +285,7 @@ def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -
     _save_outputs(recipe, model, data, metrics, run_dir)
     if not keep_checkpoints:
         shutil.rmtree(os.path.join(run_dir, CHECKPOINTS), ignore_errors=True)
-    return metrics
+    return metrics, data.model_path
 
 
 def _count_parameters(model) -> tuple[int, int]:
@@ -264,13 +296,32 @@ def _count_parameters(model) -> tuple[int, int]:
 def _save_outputs(recipe: Recipe, model, data: TaskData, metrics: dict[str, Any], run_dir: str) -> None:
     adapter_dir = os.path.join(run_dir, "adapter")
     os.makedirs(adapter_dir, exist_ok=True)
-    model.save_pretrained(adapter_dir)
+    if isinstance(model, PeftModel):
+        # The base model was loaded from a local folder (the venv's MiniLM, the ViT cache); the adapter config and
+        # PEFT's `base_model:adapter:` tag record the Hub id / descriptive name instead (set only now: during
+        # training PEFT's checkpoint saves look the base config up by this name, which would ask the Hub).
+        record_base_model(model, metrics["base_model"])
+        # the app never resizes the embeddings: no vocabulary check against the base model (a Hub request)
+        model.save_pretrained(adapter_dir, save_embedding_layers=False)
+    else:
+        model.save_pretrained(adapter_dir)
     write_model_card(adapter_dir, recipe, metrics)
     if data.processor is not None:
         data.processor.save_pretrained(adapter_dir)
     with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
         json.dump(metrics, fh, indent=2, default=float)
     plot_training_curves(metrics["history"], os.path.join(run_dir, "training_curves.png"), title=recipe.name)
+
+
+def record_base_model(model: PeftModel, name: str) -> None:
+    """Make ``model`` record ``name`` as its base model when saved (adapter config ``base_model_name_or_path``,
+    PEFT's model card tag) instead of the folder it was loaded from."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = name
+    base = model.get_base_model()
+    base.name_or_path = name
+    if getattr(base, "config", None) is not None:
+        base.config.name_or_path = name
 
 
 def load_metrics(run_dir: str) -> Optional[dict[str, Any]]:

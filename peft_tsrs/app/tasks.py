@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -28,7 +29,7 @@ from .data import (
     pretrained_fmnist_vit,
     tokenize_dataset,
 )
-from .recipes import Recipe
+from .recipes import HUB_IDS, Recipe
 
 
 @dataclass
@@ -40,6 +41,7 @@ class TaskData:
     collator: Callable
     model_path: str
     processor: Any = None  # tokenizer (text) saved next to the adapter
+    model_id: Optional[str] = None  # what the run records as its base model (see base_model_id); None: model_path
 
     @property
     def num_labels(self) -> int:
@@ -90,7 +92,8 @@ def build_wordnet(recipe: Recipe) -> TaskData:
     with _loading(recipe, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path)
     splits = tokenize_dataset(splits, tokenizer, max_length=task.max_length, padding=False)
-    return TaskData(splits, names, DataCollatorWithPadding(tokenizer), path, tokenizer)
+    return TaskData(splits, names, DataCollatorWithPadding(tokenizer), path, tokenizer,
+                    model_id=base_model_id(recipe, path))
 
 
 def build_fashion_mnist(recipe: Recipe) -> TaskData:
@@ -108,7 +111,8 @@ def build_fashion_mnist(recipe: Recipe) -> TaskData:
     splits = datasets.DatasetDict(train=train_val["train"], validation=train_val["validation"], test=test["test"])
     names = _label_names(splits["train"])
     splits = _add_label_noise(splits, recipe, len(names))
-    return TaskData(splits, names, default_data_collator, resolve_model_path(recipe))
+    path = resolve_model_path(recipe)
+    return TaskData(splits, names, default_data_collator, path, model_id=base_model_id(recipe, path))
 
 
 def resolve_model_path(recipe: Recipe) -> str:
@@ -118,6 +122,18 @@ def resolve_model_path(recipe: Recipe) -> str:
         return minilm_path()
     if name == "fmnist_vit":
         return pretrained_fmnist_vit(classes=recipe.model.pretrain_classes, epochs=recipe.model.pretrain_epochs)
+    return name
+
+
+def base_model_id(recipe: Recipe, path: str) -> str:
+    """The name a run records as its base model (adapter config ``base_model_name_or_path``, model card): the Hub id
+    of the shipped MiniLM, the descriptive name of the ViT pretrained here (its cache folder name, e.g.
+    ``fmnist-vit-v1-h128-l4-c01234-e2-s0``: not on the Hub), else ``model.name`` as given. Never a venv path."""
+    name = recipe.model.name
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    if name == "fmnist_vit":
+        return os.path.basename(os.path.normpath(path))
     return name
 
 
