@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def test_train(trained):
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["method"] == "rlrr" and metrics["train_steps"] == 2
     check_run_folder(str(trained), metrics)
+    assert [p.name for p in trained.parent.iterdir()] == ["cli-run"]  # the temporary folder became the run folder
 
 
 @pytest.mark.slow
@@ -103,13 +105,118 @@ def test_report_over_two_runs(demo, tmp_path, capsys):
         (["demo", "-o", "training.epoch=3"], "unknown key(s) ['epoch']"),
         (["report", "no/such/run"], "no finished run (metrics.json)"),
         (["push", "no/such/run", "me/repo"], "run folder not found"),
+        # wrong types, NaN, a missing model folder: these used to end in a TypeError / OSError traceback
+        (["train", "-o", "training.epochs=abc"], "training.epochs must be a number, got 'abc'"),
+        (["train", "-o", "regularizers.tsrs_weight=abc"], "regularizers.tsrs_weight must be a number, got 'abc'"),
+        (["train", "-o", "regularizers.tsrs_weight=nan"], "regularizers.tsrs_weight must be a finite number"),
+        (["train", "-o", "regularizers.tsrs_weight=.nan"], "regularizers.tsrs_weight must be a finite number"),
+        (["train", "-o", "model.name=/no/such/model"], "model.name '/no/such/model': no such model folder"),
+        (["train", "-o", "training.batch_size=[1"], "is not valid YAML at line 1"),
+        (["demo", "-o", "training.epochs=abc"], "training.epochs must be a number"),
     ],
 )
-def test_errors_exit_2_with_a_readable_message(argv, message, capsys):
+def test_errors_exit_2_with_a_readable_message(argv, message, capsys, tmp_path):
+    if argv[0] in ("train", "demo"):
+        argv = [*argv[:1], "--output-dir", str(tmp_path / "out"), *argv[1:]]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("peft-tsrs: error: ") and message in err, err
+    assert "Traceback" not in err and err.count("\n") == 1, err  # one line
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_broken_yaml_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "broken.yaml").write_text("training:\n  epochs: [1\n")
+    assert main(["train", str(tmp_path / "broken.yaml"), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"peft-tsrs: error: recipe file {tmp_path / 'broken.yaml'} is not valid YAML at line 3")
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_a_nan_weight_in_a_recipe_file_is_refused_not_recorded_as_another_method(tmp_path, capsys):
+    """`tsrs_weight: .nan` used to switch TSRS off silently and exit 0 with the run recorded as plain `rlrr`."""
+    (tmp_path / "tsrs.yaml").write_text("regularizers:\n  tsrs_weight: .nan\n")
+    code = main(["train", str(tmp_path / "tsrs.yaml"), "--output-dir", str(tmp_path / "out"), "--no-progress",
+                 "-o", *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and "regularizers.tsrs_weight must be a finite number, got nan" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def _fail(*args, **kwargs):
+    raise RuntimeError("boom\nsecond line")
+
+
+def test_a_failing_run_leaves_no_folder_and_keeps_the_previous_run(tmp_path, monkeypatch, capsys):
+    """recipe.yaml used to be written before anything was built: a failed run left a partial folder behind."""
+    import peft_tsrs.app.run as run
+
+    monkeypatch.setattr(run, "build_task", _fail)
+    out = tmp_path / "new" / "runs"  # parents that do not exist yet: removed again
+    assert main(["train", "--output-dir", str(out), "--name", "r", "--no-progress", "-o", *QUICK]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("peft-tsrs: error: RuntimeError: boom second line") and err.count("\n") == 1, err
     assert "Traceback" not in err
+    assert not (tmp_path / "new").exists()
+    # a rerun that fails leaves the earlier run folder of that name as it was
+    earlier = tmp_path / "runs" / "r"
+    earlier.mkdir(parents=True)
+    (earlier / "recipe.yaml").write_text("name: r\n")
+    (earlier / "metrics.json").write_text("{}")
+    assert main(["train", "--output-dir", str(tmp_path / "runs"), "--name", "r", "--no-progress", "-o", *QUICK]) == 1
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["r"]
+    assert sorted(p.name for p in earlier.iterdir()) == ["metrics.json", "recipe.yaml"]
+    # ... and a folder that is not a run folder is never replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["train", "--output-dir", str(tmp_path), "--name", "mine", "-o", *QUICK]) == 2
+    assert "is not a peft-tsrs run folder" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_the_leftover_of_a_killed_run_is_removed_by_the_next_run(tmp_path, monkeypatch):
+    """SIGKILL cannot be cleaned up after: the next run of that name removes the dead process's temporary folder
+    (a live process's one stays)."""
+    import subprocess
+    import sys
+
+    import peft_tsrs.app.run as run
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".r.partial-{dead.pid}-abc").mkdir()
+    (tmp_path / f".r.partial-{dead.pid}-abc" / "recipe.yaml").write_text("name: r\n")
+    (tmp_path / f".r.partial-{os.getpid()}-xyz").mkdir()  # a live process
+    (tmp_path / f".other.partial-{dead.pid}-abc").mkdir()  # another run name
+    monkeypatch.setattr(run, "build_task", _fail)
+    assert main(["train", "--output-dir", str(tmp_path), "--name", "r", "-o", *QUICK]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.partial-{dead.pid}-abc",
+                                                          f".r.partial-{os.getpid()}-xyz"]
+
+
+@pytest.mark.slow
+def test_a_run_failing_after_training_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import peft_tsrs.app.run as run
+
+    monkeypatch.setattr(run, "_save_outputs", _fail)  # after training and the checkpoints
+    assert main(["train", "--output-dir", str(tmp_path / "out"), "--name", "r", "--no-progress", "-o", *QUICK]) == 1
+    assert not (tmp_path / "out").exists()  # neither the run folder nor the output folder the run created
+    assert "RuntimeError: boom" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_kept_checkpoints_are_recorded_with_their_folder(tmp_path):
+    assert main(["train", "--output-dir", str(tmp_path), "--name", "keep", "--no-progress", "--keep-checkpoints",
+                 "-o", *QUICK]) == 0
+    run_dir = tmp_path / "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]  # no temporary folder left next to it
+    best = json.loads((run_dir / "metrics.json").read_text())["best_checkpoint"]
+    assert best["folder"] == f"checkpoints/checkpoint-{best['step']}" and (run_dir / best["folder"]).is_dir()
+    for checkpoint in (run_dir / "checkpoints").iterdir():
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        assert Path(state["best_model_checkpoint"]).parent == run_dir / "checkpoints"
+        config = json.loads((checkpoint / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def test_usage_errors_exit_2(capsys):
@@ -196,6 +303,59 @@ def test_push_api_returns_the_url_and_rejects_a_folder_without_adapter(tmp_path,
     (upload,) = fake_hub["upload_folder"]
     assert upload["commit_message"] == "msg" and upload["token"] == "hf_dummy"
     assert {p.name for p in upload["copy"].iterdir()} == {"adapter_config.json", "metrics.json"}
+
+
+def _run_folder(tmp_path: Path) -> Path:
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{}")
+    return tmp_path / "run"
+
+
+def test_push_without_network_is_one_line_saying_what_to_do(tmp_path):
+    """No token and no network used to print a 70-line ConnectError traceback. The Hub endpoint is a closed local
+    port: nothing leaves this machine."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-m", "peft_tsrs.app.cli", "push", str(_run_folder(tmp_path)), "me/x"],
+                            env=env, capture_output=True, text=True, timeout=120)
+    err = result.stderr
+    assert result.returncode == 2, err
+    assert err.startswith("peft-tsrs: error: cannot reach the Hub at http://127.0.0.1:9") and err.count("\n") == 1, err
+    assert "hf auth login" in err and "HF_TOKEN" in err and "network" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_push_refused_for_lack_of_login_says_to_log_in(tmp_path, monkeypatch, capsys, status):
+    from types import SimpleNamespace
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    def refuse(self, *args, **kwargs):
+        response = SimpleNamespace(status_code=status, headers={}, request=None)  # what HfHubHTTPError reads
+        raise HfHubHTTPError("Invalid username or password.\nline two", response=response)
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    assert main(["push", str(_run_folder(tmp_path)), "me/x"]) == 2
+    err = capsys.readouterr().err
+    assert f"HTTP {status}" in err and "hf auth login" in err and "HF_TOKEN" in err and err.count("\n") == 1, err
+
+
+def test_push_without_a_stored_token_says_to_log_in(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    def no_token(self, *args, **kwargs):
+        raise LocalTokenNotFoundError("Token is required (`token=True`), but no token found.")
+
+    monkeypatch.setattr(HfApi, "create_repo", no_token)
+    assert main(["push", str(_run_folder(tmp_path)), "me/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("peft-tsrs: error: not logged in to the Hub: log in with `hf auth login`"), err
 
 
 def test_push_offline_is_a_readable_error(tmp_path, monkeypatch, capsys):

@@ -93,3 +93,14 @@ def test_quickstart_runs_in_quick_mode(tmp_path, monkeypatch):
     regularized = yaml.safe_load((out / "rlrr-regularized" / "recipe.yaml").read_text())["regularizers"]
     assert regularized == load_recipe([], DEMO_REGULARIZERS).regularizers.to_dict()
     print(f"quick notebook: {elapsed:.1f} s")
+
+
+def test_notebook_shows_the_offline_metrics():
+    """The metrics of the notebook's runs come from peft_tsrs.metrics.compute_metrics, and the notebook says so and
+    shows it for one's own Trainer: evaluate.load("accuracy") fetches its script from the Hub (no network here)."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    text = "\n".join(c.source for c in nb.cells)
+    assert "peft_tsrs.metrics import compute_metrics" in text or "peft_tsrs.metrics.compute_metrics" in text
+    assert "compute_metrics=compute_metrics" in text or "compute_metrics=peft_tsrs.metrics.compute_metrics" in text
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "evaluate.load" not in code  # the Hub-only way is never run

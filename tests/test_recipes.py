@@ -31,9 +31,9 @@ TINY_TASK = {
 # Start the self-labeling terms at once, so a 2-step run goes through label correction and reweighting.
 START_NOW = ["regularizers.label_correction_start_epoch=0", "regularizers.reweight_start_epoch=0"]
 METRICS_KEYS = {
-    "name", "method", "task", "shots_per_class", "label_noise", "seed", "validation", "test", "best_checkpoint",
-    "train_time_s", "train_steps", "seconds_per_step", "trainable_parameters", "total_parameters", "n_train",
-    "history", "collapsed_at_step",
+    "name", "method", "task", "base_model", "shots_per_class", "label_noise", "seed", "validation", "test",
+    "best_checkpoint", "train_time_s", "train_steps", "seconds_per_step", "trainable_parameters", "total_parameters",
+    "n_train", "history", "collapsed_at_step",
 }
 
 
@@ -114,11 +114,58 @@ def test_overrides_parse_types():
         ({"task": {"name": "mnist"}}, r"task.name must be one of .*wordnet.*got 'mnist'"),
         ({"regularizers": {"distance_norm": "frob"}}, r"distance_radius"),
         ({"training": {"learning_rate": 0}}, r"learning_rate"),
+        # wrong types and non-finite numbers: one line naming the key, never a TypeError from a comparison
+        ({"training": {"epochs": "abc"}}, r"^training.epochs must be a number, got 'abc' \(e.g. training.epochs=10"),
+        ({"training": {"max_steps": 2.5}}, r"^training.max_steps must be a whole number, got 2.5"),
+        ({"training": {"epochs": None}}, r"^training.epochs must be a number, got None"),
+        ({"task": {"shots_per_class": "8"}}, r"^task.shots_per_class must be a whole number, got '8'"),
+        ({"task": {"classes": ["a"]}}, r"^task.classes must be a list of whole numbers"),
+        ({"task": {"label_noise": float("inf")}}, r"^task.label_noise must be a finite number, got inf"),
+        ({"regularizers": {"tsrs_weight": "abc"}}, r"^regularizers.tsrs_weight must be a number, got 'abc'"),
+        ({"regularizers": {"tsrs_weight": float("nan")}}, r"^regularizers.tsrs_weight must be a finite number"),
+        ({"regularizers": {"pace_weight": "nan"}}, r"^regularizers.pace_weight must be a finite number, got 'nan'"),
+        ({"regularizers": {"tsrs_inject_layer": "mid"}}, r"^regularizers.tsrs_inject_layer must be a whole number"),
+        ({"adapter": {"type": "rlrr", "r": "abc"}}, r"^adapter.r must be a whole number, got 'abc'"),
+        ({"adapter": {"type": "rlrr", "r": 0}}, r"'adapter'.*RLRRConfig: `r` must be a positive integer"),
+        ({"diagnostics": "maybe"}, r"^diagnostics must be true or false"),
+        ({"training": 3}, r"recipe section 'training' must be a mapping"),
+        ({"name": ""}, r"name '' is not a run folder name"),
+        ({"name": ".."}, r"name '..' is not a run folder name"),
+        ({"model": {"name": "/no/such/model/folder"}}, r"model.name '/no/such/model/folder': no such model folder"),
+        ({"model": {"name": "./relative/missing"}}, r"no such model folder"),
     ],
 )
 def test_clear_errors(data, message):
     with pytest.raises(ValueError, match=message):
         recipe_from_dict(data)
+
+
+def test_numbers_given_for_strings_and_ints_for_floats_are_accepted():
+    recipe = recipe_from_dict({"name": 2024, "training": {"epochs": 3, "learning_rate": 1e-3}})
+    assert recipe.name == "2024" and recipe.training.epochs == 3
+    assert load_recipe([], ["regularizers.tsrs_weight=1"]).regularizers.tsrs_weight == 1
+
+
+def test_a_nan_regularizer_weight_cannot_switch_the_term_off_unnoticed(tmp_path):
+    """`tsrs_weight: .nan` used to pass (NaN < 0 is false), turn TSRS off (NaN > 0 is false too) and record the run
+    as plain RLRR. The recipe refuses it, from YAML and from Python."""
+    (tmp_path / "nan.yaml").write_text("regularizers:\n  tsrs_weight: .nan\n")
+    with pytest.raises(ValueError, match=r"regularizers.tsrs_weight must be a finite number, got nan"):
+        load_recipe([str(tmp_path / "nan.yaml")])
+    from peft_tsrs.config import RegularizerConfig
+
+    # built in Python (RegularizerConfig may refuse NaN itself; either way no recipe with a NaN weight validates)
+    with pytest.raises(ValueError, match=r"tsrs_weight"):
+        Recipe(regularizers=RegularizerConfig(tsrs_weight=float("nan"))).validate()
+
+
+def test_model_folder_without_config_is_refused(tmp_path):
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ValueError, match=r"is a folder without config.json"):
+        recipe_from_dict({"model": {"name": str(tmp_path / "model")}})
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert recipe_from_dict({"model": {"name": str(tmp_path / "model")}}).model.name == str(tmp_path / "model")
+    assert recipe_from_dict({"model": {"name": "org/some-model"}}).model.name == "org/some-model"  # a Hub id
 
 
 def test_override_without_equals_sign():
@@ -134,6 +181,13 @@ def test_missing_or_malformed_recipe_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="must be a YAML mapping"):
         load_recipe([str(tmp_path / "list.yaml")])
+    # broken YAML: one line naming the file and the line, not PyYAML's multi-line report
+    (tmp_path / "broken.yaml").write_text("training:\n  epochs: [1\n")
+    with pytest.raises(ValueError, match=r"broken.yaml is not valid YAML at line \d+, column \d+: ") as err:
+        load_recipe([str(tmp_path / "broken.yaml")])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"override 'training.classes=\[1' is not valid YAML"):
+        load_recipe([], ["training.classes=[1"])
 
 
 def test_labels_out_of_range_are_a_clear_error():
@@ -146,6 +200,53 @@ def test_labels_out_of_range_are_a_clear_error():
         check_labels(datasets.DatasetDict(train=ok, test=bad), 3)
     with pytest.raises(ValueError, match=r"label -1 outside"):
         check_labels(datasets.DatasetDict(train=datasets.Dataset.from_dict({"label": [-1]})), 3)
+
+
+# --------------------------------------------------------------------------- string label columns
+def _text_dataset(labels: list) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"text": [f"a {y} here" for y in labels], "label": labels})
+
+
+def test_string_labels_are_encoded_by_the_data_helpers():
+    """String labels used to end in `too many dimensions 'str'` in the collator (or `invalid literal for int()` in
+    few_shot_split / flip_labels): they become ClassLabel ids, names kept."""
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    from peft_tsrs.app.data import few_shot_split, flip_labels, minilm_path, tokenize_dataset
+
+    ds = _text_dataset(["cat", "dog", "car"] * 10)
+    splits = few_shot_split(ds, 2, 2, 3, seed=0)
+    assert splits["train"].features["label"].names == ["car", "cat", "dog"]
+    assert sorted(set(splits["test"]["label"])) == [0, 1, 2]
+    assert splits["train"].features["label"].int2str(splits["train"]["label"][0]) in splits["train"]["text"][0]
+    noisy = flip_labels(ds, 0.2, seed=0, num_classes=3)
+    assert noisy.features["label"].names == ["car", "cat", "dog"] and set(noisy["label"]) <= {0, 1, 2}
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenized = tokenize_dataset(ds, tokenizer, max_length=16, padding=False)
+    batch = DataCollatorWithPadding(tokenizer)([tokenized[i] for i in range(4)])
+    assert batch["labels"].tolist() == [1, 2, 0, 1]
+
+
+def test_string_labels_get_one_mapping_for_all_splits():
+    from peft_tsrs.app.data import encode_labels
+
+    # datasets' own DatasetDict.class_encode_column encodes each split alone: 'c' would be 1 in train, 1 in test
+    splits = datasets.DatasetDict(train=_text_dataset(["b", "c"]), test=_text_dataset(["a", "c"]))
+    encoded = encode_labels(splits)
+    assert encoded["train"].features["label"].names == encoded["test"].features["label"].names == ["a", "b", "c"]
+    assert list(encoded["train"]["label"]) == [1, 2] and list(encoded["test"]["label"]) == [0, 2]
+    ints = _text_dataset([0, 1])
+    assert encode_labels(ints) is ints  # already class ids: unchanged
+    with pytest.raises(ValueError, match=r"rows without a label \(None\); drop them first"):
+        encode_labels(_text_dataset(["a", None]))
+
+
+def test_check_labels_refuses_string_labels_with_the_fix():
+    from peft_tsrs.app.tasks import check_labels
+
+    with pytest.raises(ValueError, match=r"split 'train' has label 'cat', not a class id; encode .*encode_labels"):
+        check_labels(datasets.DatasetDict(train=_text_dataset(["cat", "dog"])), 2)
 
 
 def test_missing_dataset_package_says_which_apt_get_command(monkeypatch, tmp_path):
@@ -230,6 +331,25 @@ def check_run_folder(run_dir: str, metrics: dict) -> None:
     assert f"{saved['test']['accuracy']:.4f}" in card
 
     data = build_task(recipe)
+    # the base model is recorded by its Hub id (MiniLM) or a descriptive name (the ViT pretrained here), never by the
+    # local folder it was loaded from (a venv or cache path, meaningless on the Hub or another machine)
+    expected = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
+                "fmnist_vit": os.path.basename(data.model_path)}[recipe.model.name]
+    assert saved["base_model"] == expected and os.sep not in expected.replace("/", "")
+    for path in run.rglob("*"):
+        if path.suffix in (".json", ".md", ".yaml"):
+            assert data.model_path not in path.read_text(), path
+    card_meta = card.split("---")[1]
+    if recipe.model.name == "minilm":
+        assert f"base_model: {expected}" in card_meta
+        if recipe.adapter.type != "full":
+            assert f"base_model:adapter:{expected}" in card_meta
+    else:  # not on the Hub: no base_model metadata, the card names it in the text
+        assert "base_model" not in card_meta and f"Base model: `{expected}`" in card
+    # the selected checkpoint: step and metric, no path to the deleted checkpoints folder
+    best = saved["best_checkpoint"]
+    assert best["metric"] == "eval_accuracy" and isinstance(best["step"], int) and 1 <= best["step"] <= 2
+    assert best["value"] == pytest.approx(saved["validation"]["accuracy"]) and best["folder"] is None
     adapter_dir = str(run / "adapter")
     if recipe.adapter.type == "full":
         assert (run / "adapter" / "config.json").is_file()
@@ -237,6 +357,8 @@ def check_run_folder(run_dir: str, metrics: dict) -> None:
     else:
         assert (run / "adapter" / "adapter_config.json").is_file()
         assert (run / "adapter" / "adapter_model.safetensors").is_file()
+        config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == expected
         model = PeftModel.from_pretrained(build_model(recipe, data), adapter_dir)
     logits, labels = _logits(model, data, "test")
     loss = torch.nn.functional.cross_entropy(logits, labels).item()

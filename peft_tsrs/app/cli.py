@@ -10,15 +10,21 @@
 comparison table. ``push`` uploads a finished run folder (adapter, model card, metrics, curves) to the Hub.
 
 ``--override`` takes one or more ``KEY=VALUE`` (``-o a=1 b=2`` or ``-o a=1 -o b=2``); put recipe files before it.
+
+Every error ends the command with exit status 2 (1 for an unexpected one) and one line ``peft-tsrs: error: ...`` on
+stderr saying what to change, without a traceback (``PEFT_TSRS_DEBUG=1`` shows it). A failed ``train`` leaves no run
+folder behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Optional, Sequence
 
+from .hub import PushError
 from .recipes import load_recipe
 
 # The regularized arm of the demo: TSRS noise stability + PACE-fast consistency on the same adapter and budget.
@@ -45,10 +51,11 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = list(args.override or [])
     _check_overrides(overrides)
+    # JSON-quoted: a YAML string whatever the text (`--name 1e-3` stays the name "1e-3")
     if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
+        overrides.append(f"output_dir={json.dumps(args.output_dir)}")
     if args.name:
-        overrides.append(f"name={args.name}")
+        overrides.append(f"name={json.dumps(args.name)}")
     recipe = load_recipe(args.recipes, overrides)
     metrics = run_recipe(recipe, progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints)
     print(f"{recipe.name}: validation accuracy {metrics['validation']['accuracy']:.4f}, "
@@ -74,7 +81,7 @@ def _demo(args: argparse.Namespace) -> int:
     run_dirs = []
     for name, overrides in arms.items():
         extra = list(args.override or [])
-        recipe = load_recipe([], [*overrides, *extra, f"output_dir={out}", f"name=demo-{name}"])
+        recipe = load_recipe([], [*overrides, *extra, f"output_dir={json.dumps(out)}", f"name=demo-{name}"])
         print(f"== {name}: {recipe.method} on {recipe.task.name} ({recipe.task.shots_per_class} shots/class)",
               flush=True)
         run_recipe(recipe, progress=not args.no_progress)
@@ -84,17 +91,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
     from .hub import push_run_to_hub
 
-    try:
-        url = push_run_to_hub(args.run_dir, args.repo_id, private=args.private, token=args.token,
-                              commit_message=args.message)
-    except OfflineModeIsEnabled as err:
-        raise ValueError(f"cannot push with HF_HUB_OFFLINE=1 set ({err}); unset it and retry.") from None
-    except HfHubHTTPError as err:
-        raise ValueError(f"the Hub refused the push to {args.repo_id}: {err}") from None
+    url = push_run_to_hub(args.run_dir, args.repo_id, private=args.private, token=args.token,
+                          commit_message=args.message)
     print(f"pushed {args.run_dir} -> {url}")
     return 0
 
@@ -131,14 +131,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that carry a message written for the user (exit status 2); anything else is unexpected (exit status 1).
+USER_ERRORS = (ValueError, FileNotFoundError, ImportError, PushError)
+
+
+def one_line(err: BaseException, limit: int = 1000) -> str:
+    """An exception's message on one line (whitespace and line breaks collapsed), at most ``limit`` characters."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = os.environ.get("PEFT_TSRS_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"peft-tsrs: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("peft-tsrs: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"peft-tsrs: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # no traceback for users; PEFT_TSRS_DEBUG=1 shows it
+        if debug:
+            raise
+        print(f"peft-tsrs: error: {type(err).__name__}: {one_line(err)} (unexpected; rerun with PEFT_TSRS_DEBUG=1 "
+              f"for the traceback and report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from .recipes import Recipe
+from .recipes import HUB_IDS, Recipe, base_model_on_hub
 
 PAPERS = {
     "rlrr": "RLRR — residual low-rank rescaling (Dong et al., CVPR 2024)",
@@ -25,6 +25,15 @@ def _papers(method: str) -> list[str]:
     return [text for key, text in PAPERS.items() if any(p == key or p.startswith(key) for p in parts)]
 
 
+def _base_note(recipe: Recipe) -> str:
+    if recipe.model.name == "fmnist_vit":
+        classes = ", ".join(str(c) for c in recipe.model.pretrain_classes)
+        return (f" — a small ViT pretrained by peft-tsrs on Fashion-MNIST classes {classes} "
+                f"({recipe.model.pretrain_epochs:g} epochs), not on the Hub: rebuild it with "
+                f"`peft_tsrs.app.data.pretrained_fmnist_vit` (the recipe below says how).")
+    return "" if base_model_on_hub(recipe.model.name) else " (a local model folder, not on the Hub)."
+
+
 def card_text(recipe: Recipe, metrics: dict[str, Any]) -> str:
     """The Markdown body of the card."""
     test, val = metrics.get("test", {}), metrics.get("validation", {})
@@ -34,6 +43,8 @@ def card_text(recipe: Recipe, metrics: dict[str, Any]) -> str:
         f"Fine-tuned with [peft-tsrs](https://pypi.org/project/peft-tsrs/): **{recipe.method}** on task "
         f"`{recipe.task.name}` ({recipe.task.shots_per_class} examples per class"
         + (f", {recipe.task.label_noise:.0%} label noise" if recipe.task.label_noise else "") + ").",
+        "",
+        f"Base model: `{base_model(recipe, metrics)}`" + _base_note(recipe),
         "",
         "## Methods",
         *[f"- {p}" for p in _papers(recipe.method)],
@@ -65,21 +76,28 @@ def card_text(recipe: Recipe, metrics: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Hub ids of the backbones shipped offline, for the card's `base_model` field.
-HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+def base_model(recipe: Recipe, metrics: dict[str, Any]) -> str:
+    """The base model the run recorded (``metrics['base_model']``; older runs: the Hub id or ``model.name``)."""
+    return metrics.get("base_model") or HUB_IDS.get(recipe.model.name, recipe.model.name)
 
 
 def write_model_card(folder: str, recipe: Recipe, metrics: dict[str, Any]) -> str:
     """Write ``folder/README.md`` after ``save_pretrained``, keeping the metadata PEFT put there (its tags,
-    framework versions) and adding ours."""
+    framework versions) and adding ours. ``base_model`` (and the ``base_model:adapter:`` tag) is set only when the
+    base is a Hub id; a local folder or the self-pretrained ViT is named in the text instead."""
     path = os.path.join(folder, "README.md")
     previous = ModelCard.load(path) if os.path.isfile(path) else None
     data = previous.data if previous is not None else ModelCardData()
     data.library_name = "peft"
-    data.tags = sorted(set(data.tags or []) | {"peft-tsrs", *recipe.method.split("+"), recipe.task.name})
+    base = base_model(recipe, metrics)
+    tags = {t for t in data.tags or [] if not t.startswith("base_model:")}  # PEFT's tag may hold a local folder
+    data.base_model = None
+    if base_model_on_hub(recipe.model.name):
+        data.base_model = base
+        if recipe.adapter.type != "full":
+            tags.add(f"base_model:adapter:{base}")
+    data.tags = sorted(tags | {"peft-tsrs", *recipe.method.split("+"), recipe.task.name})
     data.metrics = ["accuracy", "f1"]
-    if recipe.model.name in HUB_IDS:
-        data.base_model = HUB_IDS[recipe.model.name]
     versions = ""
     if previous is not None and "### Framework versions" in previous.text:
         versions = "\n### Framework versions" + previous.text.split("### Framework versions", 1)[1]

@@ -4,27 +4,49 @@ A recipe has five sections — ``task``, ``model``, ``adapter``, ``regularizers`
 ``training`` — plus ``name`` and ``output_dir``. The dataclass defaults are the embedded default run: MiniLM
 fine-tuned few-shot (8 glosses per class) on WordNet's 26 noun categories with an RLRR adapter. Several YAML files
 merge in order (``task`` file, then ``method`` file, ...) and ``--override section.key=value`` edits the result.
-Unknown keys are rejected with the list of valid ones.
+Unknown keys are rejected with the list of valid ones; values of the wrong type (``training.epochs=abc``), non-finite
+numbers (``.nan``, ``.inf``) and broken YAML are rejected with a one-line ``ValueError`` naming the key to change.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
 from peft import LoraConfig, PeftConfig
 
-from ..config import RegularizerConfig
+from ..config import RegularizerConfig, upgrade_keys
 from ..tuners.pace import PACEConfig
 from ..tuners.rlrr import RLRRConfig
 
 TASKS = ("wordnet", "fashion_mnist")
+# model.name values that are not folders: the shipped MiniLM and the ViT pretrained here on Fashion-MNIST.
+BUILTIN_MODELS = ("minilm", "fmnist_vit")
+# Hub ids of the backbones shipped offline: what a run records as its base model instead of the local folder.
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def base_model_on_hub(model_name: str) -> bool:
+    """Whether the base model a run records for ``model.name`` is a Hub id (the shipped MiniLM, or a name that is
+    not a local folder); the self-pretrained Fashion-MNIST ViT and local folders are not."""
+    if model_name in BUILTIN_MODELS:
+        return model_name in HUB_IDS
+    return not os.path.isdir(os.path.expanduser(model_name))
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``model.name`` can only be a folder (absolute, relative with ``./``, ``~``, or not shaped like a Hub
+    id ``name`` / ``org/name``)."""
+    return not _HUB_ID.match(name) or ".." in name
 # The one registry of adapter types a recipe may name: type -> PEFT config class (None: full fine-tuning).
 ADAPTER_CONFIGS: dict[str, Optional[type[PeftConfig]]] = {
     "full": None, "lora": LoraConfig, "rlrr": RLRRConfig, "pace": PACEConfig,
@@ -52,6 +74,120 @@ def check_options(adapter_type: str, options: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for adapter.type {adapter_type!r}; "
                          f"valid: {', '.join(sorted(valid))}")
+
+
+# --------------------------------------------------------------------------- value types
+def _example(where: str, default: Any) -> str:
+    if default is None or default is dataclasses.MISSING:
+        return ""
+    text = ("true" if default else "false") if isinstance(default, bool) else str(default)
+    return f" (e.g. {where}={text})"
+
+
+def _field_default(f: Optional[dataclasses.Field]) -> Any:
+    if f is None:
+        return None
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _not_finite(where: str, value: Any) -> ValueError:
+    return ValueError(f"{where} must be a finite number, got {value!r}; set a real value (NaN and infinity are "
+                      f"refused: a NaN weight would silently turn its term off).")
+
+
+def _check_value(where: str, value: Any, annotation: Any, default: Any, strict: bool = True) -> Any:
+    """``value`` if it has the type ``annotation`` says (YAML numbers given for a string field become strings),
+    else a one-line ``ValueError`` naming ``where`` (``section.key``) and an example. ``strict=False`` (adapter
+    options, handed to PEFT configs) only refuses what cannot be a number where a number is expected."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Union:
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        if len(options) == 1:
+            return _check_value(where, value, options[0], default, strict)
+        return value  # a union of several types: left to whoever reads it
+    hint = _example(where, default)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where} must be true or false, got {value!r}{hint}.")
+    if annotation in (int, float):
+        if isinstance(value, str):
+            try:
+                parsed = float(value)
+            except ValueError:
+                parsed = 0.0
+            if not math.isfinite(parsed):
+                raise _not_finite(where, value)
+        if _is_number(value) and not math.isfinite(value):
+            raise _not_finite(where, value)
+        if annotation is float and _is_number(value):
+            return value
+        if annotation is int and (isinstance(value, int) and not isinstance(value, bool)
+                                  or not strict and _is_number(value)):
+            return value
+        kind = "a whole number" if annotation is int else "a number"
+        raise ValueError(f"{where} must be {kind}, got {value!r}{hint}.")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if strict and _is_number(value):
+            return str(value)  # YAML reads `name: 1` as a number
+        raise ValueError(f"{where} must be a string, got {value!r}{hint}.")
+    if origin is list and args and args[0] in (int, str) and strict:
+        if isinstance(value, list) and all(isinstance(v, args[0]) and not isinstance(v, bool) for v in value):
+            return value
+        kind = "whole numbers" if args[0] is int else "strings"
+        raise ValueError(f"{where} must be a list of {kind}, got {value!r}{hint}.")
+    if (annotation is dict or origin is dict) and strict and not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping, got {value!r}.")
+    return value
+
+
+def _type_hints(cls) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not resolve: nothing checked for this class
+        return {}
+
+
+def checked_values(section: str, cls, values: dict[str, Any], strict: bool = True) -> dict[str, Any]:
+    """``values`` (keys of the dataclass ``cls``) with each value's type checked against the field's annotation
+    (see :func:`_check_value`); keys that are not fields of ``cls`` are left for the unknown-key check."""
+    hints = _type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for key, value in values.items():
+        if key in hints and key in fields:
+            where = f"{section}.{key}" if section else key
+            out[key] = _check_value(where, value, hints[key], _field_default(fields[key]), strict)
+    return out
+
+
+def _check_object(section: str, obj: Any) -> None:
+    """Type-check the fields of a built dataclass ``obj`` in place (a recipe built in Python, not from YAML)."""
+    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    for key, value in checked_values(section, type(obj), values).items():
+        if value is not values[key]:
+            setattr(obj, key, value)
+
+
+def _mapping(section: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"recipe section '{section}' must be a mapping of keys (e.g. {section}.<key>=<value>), "
+                         f"got {value!r}.")
+    return value
 
 
 @dataclass
@@ -85,6 +221,22 @@ class ModelSpec:
     pretrain_epochs: float = 2.0
     pretrain_classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
 
+    def validate(self) -> None:
+        """A local model folder must exist and hold a ``config.json`` (checked before anything is written); any
+        other name is taken for a Hub id, loaded when the run starts."""
+        name = self.name
+        if name in BUILTIN_MODELS:
+            return
+        folder = os.path.expanduser(name)
+        if os.path.isdir(folder):
+            if not os.path.isfile(os.path.join(folder, "config.json")):
+                raise ValueError(f"model.name {name!r} is a folder without config.json; point model.name at a "
+                                 f"saved Hugging Face model folder, or use one of {', '.join(BUILTIN_MODELS)}.")
+            return
+        if looks_like_path(name):
+            raise ValueError(f"model.name {name!r}: no such model folder; use one of {', '.join(BUILTIN_MODELS)}, "
+                             f"a folder holding config.json, or a Hub id such as org/model.")
+
 
 @dataclass
 class AdapterSpec:
@@ -97,6 +249,14 @@ class AdapterSpec:
         if self.type not in ADAPTERS:
             raise ValueError(f"adapter.type must be one of {ADAPTERS}, got {self.type!r}.")
         check_options(self.type, self.options)
+        if self.type == "full":
+            return
+        cls = config_class(self.type)
+        self.options = checked_values("adapter", cls, self.options, strict=False)
+        try:  # the PEFT config's own checks (e.g. RLRR's rank), before any data or model is loaded
+            cls(**self.options)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"recipe section 'adapter': {' '.join(str(err).split())}") from None
 
 
 @dataclass
@@ -135,9 +295,25 @@ class Recipe:
     diagnostics: bool = True
 
     def validate(self) -> "Recipe":
+        """Check every value's type and range (a one-line ``ValueError`` naming the key); returns ``self``."""
+        for key, value in checked_values("", Recipe, {k: getattr(self, k) for k in _SCALARS}).items():
+            setattr(self, key, value)
+        for section in ("task", "model", "training", "regularizers"):
+            if not dataclasses.is_dataclass(getattr(self, section)):
+                raise ValueError(f"recipe section '{section}' must be a mapping, got {getattr(self, section)!r}.")
+            _check_object(section, getattr(self, section))
+        name = os.path.normpath(self.name) if self.name else ""
+        if name in ("", ".", "..") or os.path.isabs(name) or name.startswith(".." + os.sep):
+            raise ValueError(f"name {self.name!r} is not a run folder name; give a name such as my-run "
+                             f"(the run folder is <output_dir>/<name>).")
+        if not self.output_dir:
+            raise ValueError("output_dir is empty; give the parent folder of the run folder, e.g. output_dir=runs.")
         self.task.validate()
+        self.model.validate()
         self.adapter.validate()
-        self.training.validate()  # the regularizers validated themselves when built
+        self.training.validate()
+        # RegularizerConfig validated itself when built; the types and finiteness are checked above as well, so a
+        # NaN weight cannot switch a term off unnoticed (and `method` cannot name a method that does not run).
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -177,11 +353,20 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 
-def _yaml_load(text) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)
+def _yaml_load(text, source: str) -> Any:
+    """Parse YAML; a syntax error becomes a one-line ``ValueError`` naming ``source`` and the line."""
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise ValueError(f"{source} is not valid YAML{where}: {problem}; fix it (quote values that contain "
+                         f"':', '#', '[' or '{{').") from None
 
 
 _SECTIONS = {"task": TaskSpec, "model": ModelSpec, "training": TrainSpec}
+_SCALARS = ("name", "output_dir", "diagnostics")
 _TOP_LEVEL = {"name", "output_dir", "diagnostics", "task", "model", "adapter", "regularizers", "training", "base"}
 
 
@@ -198,19 +383,20 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     if unknown:
         raise ValueError(f"unknown recipe key(s) {unknown}; valid top-level keys: {', '.join(sorted(_TOP_LEVEL))}")
     recipe = Recipe()
-    for key in ("name", "output_dir", "diagnostics"):
-        if key in data:
-            setattr(recipe, key, data[key])
+    for key, value in checked_values("", Recipe, {k: data[k] for k in _SCALARS if k in data}).items():
+        setattr(recipe, key, value)
     for section, cls in _SECTIONS.items():
-        given = data.get(section) or {}
+        given = _mapping(section, data.get(section))
         _check_keys(section, given, cls)
-        setattr(recipe, section, cls(**given))
-    adapter = dict(data.get("adapter") or {})
+        setattr(recipe, section, cls(**checked_values(section, cls, given)))
+    adapter = dict(_mapping("adapter", data.get("adapter")))
     recipe.adapter = AdapterSpec(type=adapter.pop("type", "rlrr"), options=adapter)
-    regularizers = data.get("regularizers") or {}
+    # types first: RegularizerConfig compares its values with numbers and would fail on a string
+    regularizers = checked_values("regularizers", RegularizerConfig,
+                                  upgrade_keys(_mapping("regularizers", data.get("regularizers"))))
     try:
         recipe.regularizers = RegularizerConfig.from_dict(regularizers)
-    except ValueError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"recipe section 'regularizers': {err}") from None
     return recipe.validate()
 
@@ -231,7 +417,7 @@ def read_yaml(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"recipe file not found: {path}")
     with open(path) as fh:
-        data = _yaml_load(fh) or {}
+        data = _yaml_load(fh, f"recipe file {path}") or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe must be a YAML mapping, got {type(data).__name__}.")
     base = data.pop("base", None)
@@ -245,7 +431,7 @@ def parse_override(text: str) -> dict[str, Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like section.key=value, e.g. training.epochs=3")
     path, raw = text.split("=", 1)
-    value = _yaml_load(raw) if raw.strip() else None
+    value = _yaml_load(raw, f"the value of override {text!r}") if raw.strip() else None
     out: dict[str, Any] = {}
     node = out
     keys = path.strip().split(".")

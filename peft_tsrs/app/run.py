@@ -7,6 +7,10 @@ Output folder ``<output_dir>/<name>/``:
   ``adapter.type: full``), tokenizer if any, and a model card ``README.md`` naming method, recipe and results;
 * ``metrics.json`` — validation/test metrics of the selected epoch, timings, per-epoch history, diagnostics;
 * ``recipe.yaml`` — the resolved recipe; ``training_curves.png`` — losses and validation accuracy.
+
+The folder is written under a temporary name next to it (``<output_dir>/.<name>.partial-*``) and renamed when the run
+has finished: a run that fails (bad value, missing model, error or Ctrl-C during training) leaves no folder behind,
+and a rerun under the same name replaces the previous run folder only once it has succeeded.
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from typing import Any, Optional
 
 import torch
 import yaml
+from peft import PeftModel
 from transformers import TrainingArguments, set_seed
 
 from .. import diagnostics
@@ -92,10 +98,146 @@ def _diagnose(model, trainer: RegularizedTrainer, data: TaskData, reference: dic
 
 
 def run_recipe(recipe: Recipe, progress: bool = True, keep_checkpoints: bool = False) -> dict[str, Any]:
-    """Fine-tune as ``recipe`` says and write the run folder; returns the metrics dict (also in metrics.json)."""
+    """Fine-tune as ``recipe`` says and write the run folder; returns the metrics dict (also in metrics.json).
+
+    Everything is written into a temporary folder next to ``recipe.run_dir`` that becomes the run folder at the end;
+    on any failure it is removed (and so are the parent folders this call created): a failed run leaves nothing.
+    """
     recipe.validate()
     run_dir = recipe.run_dir
-    os.makedirs(run_dir, exist_ok=True)
+    _check_target(run_dir)
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    created = _missing_folders(parent)
+    os.makedirs(parent, exist_ok=True)
+    prefix = f".{os.path.basename(os.path.abspath(run_dir))}.partial-"
+    _remove_stale(parent, prefix)
+    work = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
+    try:
+        metrics, model_path = _run(recipe, work, progress, keep_checkpoints)
+        _move_into_place(work, run_dir)
+        if keep_checkpoints:
+            _relocate_checkpoints(run_dir, work, model_path, metrics["base_model"])
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        for folder in reversed(created):  # only the folders this call made, and only if still empty
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+        raise
+    return metrics
+
+
+RUN_MARKERS = ("recipe.yaml", "metrics.json", "adapter")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale(parent: str, prefix: str) -> None:
+    """Temporary folders of this run name left by a process that no longer exists (killed with SIGKILL, out of
+    memory): ``<prefix><pid>-<random>``. Those of a live process (a concurrent run of the same name) stay."""
+    for entry in os.listdir(parent):
+        pid = entry[len(prefix):].split("-", 1)[0] if entry.startswith(prefix) else ""
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _check_target(run_dir: str) -> None:
+    """A run may replace an earlier run folder (a rerun under the same name), never another folder or a file."""
+    if os.path.isfile(run_dir):
+        raise ValueError(f"the run folder {run_dir} is a file; choose another name or output_dir.")
+    if os.path.isdir(run_dir) and os.listdir(run_dir) and not any(
+            os.path.exists(os.path.join(run_dir, m)) for m in RUN_MARKERS):
+        raise ValueError(f"{run_dir} exists and is not a peft-tsrs run folder (no recipe.yaml, metrics.json or "
+                         f"adapter/); choose another name or output_dir, or remove it.")
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """``folder`` and those of its parents that do not exist yet, outermost first."""
+    missing = []
+    while folder and not os.path.exists(folder):
+        missing.append(folder)
+        up = os.path.dirname(folder)
+        if up == folder:
+            break
+        folder = up
+    return missing[::-1]
+
+
+def _move_into_place(work: str, run_dir: str) -> None:
+    """Rename the finished ``work`` folder to ``run_dir``; an earlier run folder there is replaced."""
+    if not os.path.lexists(run_dir):
+        os.rename(work, run_dir)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(run_dir))}.old-",
+                           dir=os.path.dirname(os.path.abspath(run_dir)))
+    os.rmdir(old)
+    os.rename(run_dir, old)
+    try:
+        os.rename(work, run_dir)
+    except BaseException:
+        os.rename(old, run_dir)  # put the earlier run back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _relocate_checkpoints(run_dir: str, work: str, model_path: str, base_model: str) -> None:
+    """Kept checkpoints name the best checkpoint by its path in the temporary folder, and the base model by the
+    local folder it was loaded from: point them at the run folder and at the recorded base model name."""
+    folder = os.path.join(run_dir, CHECKPOINTS)
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        checkpoint = os.path.join(folder, name)
+        path = os.path.join(checkpoint, "trainer_state.json")
+        if os.path.isfile(path):
+            with open(path) as fh:
+                state = json.load(fh)
+            best = state.get("best_model_checkpoint")
+            if best and os.path.abspath(best).startswith(os.path.abspath(work) + os.sep):
+                state["best_model_checkpoint"] = os.path.join(run_dir, os.path.relpath(best, work))
+                with open(path, "w") as fh:
+                    json.dump(state, fh, indent=2, sort_keys=True)
+        if model_path == base_model:
+            continue
+        for file in ("adapter_config.json", "README.md"):  # PEFT's files: the folder path -> the recorded name
+            path = os.path.join(checkpoint, file)
+            if os.path.isfile(path):
+                with open(path) as fh:
+                    text = fh.read()
+                with open(path, "w") as fh:
+                    fh.write(text.replace(model_path, base_model))
+
+
+def best_checkpoint(trainer: RegularizedTrainer, keep_checkpoints: bool) -> Optional[dict[str, Any]]:
+    """What the run selected on validation: step, metric and its value. The adapter/ folder holds that checkpoint's
+    weights (``load_best_model_at_end``); ``folder`` is its path inside the run folder when the checkpoints are kept
+    (``--keep-checkpoints``), else ``None`` (the checkpoints are deleted at the end of the run)."""
+    state = trainer.state
+    if state.best_model_checkpoint is None:
+        return None
+    name = os.path.basename(os.path.normpath(state.best_model_checkpoint))
+    step = state.best_global_step
+    if step is None and name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit():
+        step = int(name[len("checkpoint-"):])
+    metric = trainer.args.metric_for_best_model
+    return {
+        "step": step,
+        "metric": metric if metric.startswith("eval_") else f"eval_{metric}",
+        "value": state.best_metric,
+        "folder": f"{CHECKPOINTS}/{name}" if keep_checkpoints else None,
+    }
+
+
+def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -> tuple[dict[str, Any], str]:
+    """The run itself, writing into ``run_dir`` (the temporary folder); returns the metrics and the folder the base
+    model was loaded from."""
     with open(os.path.join(run_dir, "recipe.yaml"), "w") as fh:
         yaml.safe_dump(recipe.to_dict(), fh, sort_keys=False)
     set_seed(recipe.training.seed)
@@ -121,12 +263,13 @@ def run_recipe(recipe: Recipe, progress: bool = True, keep_checkpoints: bool = F
         "name": recipe.name,
         "method": recipe.method,
         "task": recipe.task.name,
+        "base_model": data.model_id or recipe.model.name,
         "shots_per_class": recipe.task.shots_per_class,
         "label_noise": recipe.task.label_noise,
         "seed": recipe.training.seed,
         "validation": {k.removeprefix("validation_"): v for k, v in validation.items()},
         "test": {k.removeprefix("test_"): v for k, v in test.items()},
-        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_checkpoint": best_checkpoint(trainer, keep_checkpoints),
         "train_time_s": round(train_time, 2),
         "train_steps": train_output.global_step,
         "seconds_per_step": round(train_time / max(1, train_output.global_step), 4),
@@ -142,7 +285,7 @@ def run_recipe(recipe: Recipe, progress: bool = True, keep_checkpoints: bool = F
     _save_outputs(recipe, model, data, metrics, run_dir)
     if not keep_checkpoints:
         shutil.rmtree(os.path.join(run_dir, CHECKPOINTS), ignore_errors=True)
-    return metrics
+    return metrics, data.model_path
 
 
 def _count_parameters(model) -> tuple[int, int]:
@@ -153,13 +296,32 @@ def _count_parameters(model) -> tuple[int, int]:
 def _save_outputs(recipe: Recipe, model, data: TaskData, metrics: dict[str, Any], run_dir: str) -> None:
     adapter_dir = os.path.join(run_dir, "adapter")
     os.makedirs(adapter_dir, exist_ok=True)
-    model.save_pretrained(adapter_dir)
+    if isinstance(model, PeftModel):
+        # The base model was loaded from a local folder (the venv's MiniLM, the ViT cache); the adapter config and
+        # PEFT's `base_model:adapter:` tag record the Hub id / descriptive name instead (set only now: during
+        # training PEFT's checkpoint saves look the base config up by this name, which would ask the Hub).
+        record_base_model(model, metrics["base_model"])
+        # the app never resizes the embeddings: no vocabulary check against the base model (a Hub request)
+        model.save_pretrained(adapter_dir, save_embedding_layers=False)
+    else:
+        model.save_pretrained(adapter_dir)
     write_model_card(adapter_dir, recipe, metrics)
     if data.processor is not None:
         data.processor.save_pretrained(adapter_dir)
     with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
         json.dump(metrics, fh, indent=2, default=float)
     plot_training_curves(metrics["history"], os.path.join(run_dir, "training_curves.png"), title=recipe.name)
+
+
+def record_base_model(model: PeftModel, name: str) -> None:
+    """Make ``model`` record ``name`` as its base model when saved (adapter config ``base_model_name_or_path``,
+    PEFT's model card tag) instead of the folder it was loaded from."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = name
+    base = model.get_base_model()
+    base.name_or_path = name
+    if getattr(base, "config", None) is not None:
+        base.config.name_or_path = name
 
 
 def load_metrics(run_dir: str) -> Optional[dict[str, Any]]:

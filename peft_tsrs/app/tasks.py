@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import datasets
+import numpy as np
 from torch import nn
 from transformers import (
     AutoModelForImageClassification,
@@ -26,7 +29,7 @@ from .data import (
     pretrained_fmnist_vit,
     tokenize_dataset,
 )
-from .recipes import Recipe
+from .recipes import HUB_IDS, Recipe
 
 
 @dataclass
@@ -38,6 +41,7 @@ class TaskData:
     collator: Callable
     model_path: str
     processor: Any = None  # tokenizer (text) saved next to the adapter
+    model_id: Optional[str] = None  # what the run records as its base model (see base_model_id); None: model_path
 
     @property
     def num_labels(self) -> int:
@@ -50,9 +54,15 @@ def _label_names(ds: datasets.Dataset) -> list[str]:
 
 
 def check_labels(splits: datasets.DatasetDict, num_labels: int) -> None:
-    """Labels must be class ids in ``[0, num_labels)``; say which split and value is wrong otherwise."""
+    """Labels must be class ids in ``[0, num_labels)``; say which split and value is wrong otherwise (string labels:
+    encode them first, see :func:`~peft_tsrs.app.data.encode_labels`)."""
     for name, ds in splits.items():
         labels = ds["label"]
+        text = next((y for y in labels if not isinstance(y, (int, np.integer)) or isinstance(y, bool)), None)
+        if text is not None:
+            raise ValueError(f"split {name!r} has label {text!r}, not a class id; encode the label column first: "
+                             f"peft_tsrs.app.data.encode_labels(splits) (datasets' class_encode_column, one mapping "
+                             f"for all splits).")
         bad = [y for y in labels if not 0 <= int(y) < num_labels]
         if bad:
             raise ValueError(f"split {name!r} has label {bad[0]} outside [0, {num_labels}); labels must be class ids "
@@ -79,9 +89,11 @@ def build_wordnet(recipe: Recipe) -> TaskData:
     names = _label_names(splits["train"])
     splits = _add_label_noise(splits, recipe, len(names))
     path = resolve_model_path(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with _loading(recipe, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     splits = tokenize_dataset(splits, tokenizer, max_length=task.max_length, padding=False)
-    return TaskData(splits, names, DataCollatorWithPadding(tokenizer), path, tokenizer)
+    return TaskData(splits, names, DataCollatorWithPadding(tokenizer), path, tokenizer,
+                    model_id=base_model_id(recipe, path))
 
 
 def build_fashion_mnist(recipe: Recipe) -> TaskData:
@@ -99,7 +111,8 @@ def build_fashion_mnist(recipe: Recipe) -> TaskData:
     splits = datasets.DatasetDict(train=train_val["train"], validation=train_val["validation"], test=test["test"])
     names = _label_names(splits["train"])
     splits = _add_label_noise(splits, recipe, len(names))
-    return TaskData(splits, names, default_data_collator, resolve_model_path(recipe))
+    path = resolve_model_path(recipe)
+    return TaskData(splits, names, default_data_collator, path, model_id=base_model_id(recipe, path))
 
 
 def resolve_model_path(recipe: Recipe) -> str:
@@ -110,6 +123,29 @@ def resolve_model_path(recipe: Recipe) -> str:
     if name == "fmnist_vit":
         return pretrained_fmnist_vit(classes=recipe.model.pretrain_classes, epochs=recipe.model.pretrain_epochs)
     return name
+
+
+def base_model_id(recipe: Recipe, path: str) -> str:
+    """The name a run records as its base model (adapter config ``base_model_name_or_path``, model card): the Hub id
+    of the shipped MiniLM, the descriptive name of the ViT pretrained here (its cache folder name, e.g.
+    ``fmnist-vit-v1-h128-l4-c01234-e2-s0``: not on the Hub), else ``model.name`` as given. Never a venv path."""
+    name = recipe.model.name
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    if name == "fmnist_vit":
+        return os.path.basename(os.path.normpath(path))
+    return name
+
+
+@contextlib.contextmanager
+def _loading(recipe: Recipe, what: str):
+    """A backbone that cannot be loaded (offline Hub id, broken folder) as a one-line ``ValueError``."""
+    try:
+        yield
+    except OSError as err:
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(f"cannot load the {what} of model.name {recipe.model.name!r} ({reason}); use minilm, "
+                         f"fmnist_vit or a local model folder (a Hub id needs the network or a cached copy).") from None
 
 
 def build_task(recipe: Recipe) -> TaskData:
@@ -125,4 +161,5 @@ def build_model(recipe: Recipe, data: TaskData, path: Optional[str] = None) -> n
     kwargs = dict(num_labels=data.num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()},
                   ignore_mismatched_sizes=True)
     auto = AutoModelForSequenceClassification if recipe.task.name == "wordnet" else AutoModelForImageClassification
-    return auto.from_pretrained(path or data.model_path, **kwargs)
+    with _loading(recipe, "model"):
+        return auto.from_pretrained(path or data.model_path, **kwargs)

@@ -2,7 +2,7 @@
 splits, label noise, and the Fashion-MNIST ViT transfer setting."""
 
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, read_fashion_mnist
-from .splits import few_shot_split, flip_labels
+from .splits import encode_labels, few_shot_split, flip_labels
 from .text import minilm_path, tokenize_dataset
 from .vit_pretrain import pretrained_fmnist_vit
 from .wordnet import NOUN_CATEGORIES, load_wordnet_nouns
@@ -10,6 +10,7 @@ from .wordnet import NOUN_CATEGORIES, load_wordnet_nouns
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "NOUN_CATEGORIES",
+    "encode_labels",
     "few_shot_split",
     "flip_labels",
     "load_fashion_mnist",

@@ -1,13 +1,51 @@
-"""Stratified few-shot splits and symmetric label noise for ``datasets.Dataset`` objects."""
+"""Stratified few-shot splits, symmetric label noise and label encoding for ``datasets.Dataset`` objects."""
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TypeVar
 
 import datasets
 import numpy as np
 import pyarrow as pa
 from datasets.fingerprint import Hasher
+
+
+_STRING_DTYPES = ("string", "large_string")
+D = TypeVar("D", datasets.Dataset, datasets.DatasetDict)
+
+
+def encode_labels(ds: D, label_column: str = "label") -> D:
+    """A string label column (``"cat"``, ``"dog"``) as class ids: cast to a ``ClassLabel`` whose names are the
+    sorted strings, like ``datasets``' ``class_encode_column``, but with ONE mapping for every split of a
+    ``DatasetDict`` (``class_encode_column`` on a ``DatasetDict`` encodes each split on its own, so a split missing
+    a class would get other ids). Other label columns (already ``ClassLabel`` or integers) and data sets without
+    ``label_column`` are returned unchanged. Rows without a label (``None``) are refused: drop them first.
+
+    The collator turns labels into a tensor, so string labels otherwise fail at training time with
+    ``ValueError: too many dimensions 'str'``; :func:`few_shot_split`, :func:`flip_labels` and
+    :func:`~peft_tsrs.app.data.tokenize_dataset` call this for you.
+    """
+    parts: list[datasets.Dataset] = list(ds.values()) if isinstance(ds, datasets.DatasetDict) else [ds]
+    parts = [d for d in parts if label_column in d.column_names]
+    if not parts:
+        return ds
+    feature = parts[0].features[label_column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in _STRING_DTYPES):
+        return ds
+    values: set = set()
+    for d in parts:
+        values.update(d.unique(label_column))
+    if None in values:
+        raise ValueError(f"the label column {label_column!r} has rows without a label (None); drop them first, e.g. "
+                         f"ds.filter(lambda row: row[{label_column!r}] is not None).")
+    label = datasets.ClassLabel(names=sorted(values))
+
+    def cast(d: datasets.Dataset) -> datasets.Dataset:
+        return d.cast_column(label_column, label) if label_column in d.column_names else d
+
+    if isinstance(ds, datasets.DatasetDict):
+        return datasets.DatasetDict({name: cast(d) for name, d in ds.items()})
+    return cast(ds)
 
 
 def _class_name(ds: datasets.Dataset, label_column: str, cls: int) -> str:
@@ -69,6 +107,7 @@ def few_shot_split(
         raise ValueError(
             f"few_shot_split: no column {label_column!r}; pass label_column= (columns: {ds.column_names})."
         )
+    ds = encode_labels(ds, label_column)  # string labels -> class ids (ClassLabel names keep the strings)
     counts = {"shots_per_class": shots_per_class, "val_per_class": val_per_class, "test_per_class": test_per_class}
     for name, value in counts.items():
         if value is not None and (not isinstance(value, (int, np.integer)) or value < 0):
@@ -135,6 +174,7 @@ def flip_labels(
         raise ValueError(f"flip_labels: fraction must lie in [0, 1], got {fraction}.")
     if num_classes < 2:
         raise ValueError(f"flip_labels: need num_classes >= 2 to move a label to another class, got {num_classes}.")
+    ds = encode_labels(ds, label_column)
     labels = _labels(ds, label_column)
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(

@@ -33,13 +33,19 @@ def tokenize_dataset(
     max_length: int = 64,
     text_column: str = "text",
     padding: Union[bool, str] = "max_length",
+    label_column: str = "label",
 ) -> Union[datasets.Dataset, datasets.DatasetDict]:
     """Replace ``text_column`` by ``input_ids`` and ``attention_mask`` (truncated to ``max_length``; padded to it by
-    default so the default collator works). Every other column (``label``, ``index``, ...) is kept."""
+    default so the default collator works). Every other column (``label``, ``index``, ...) is kept; a string
+    ``label_column`` is encoded as class ids (:func:`~peft_tsrs.app.data.encode_labels`, one mapping for all
+    splits), since the collator cannot make a tensor of strings."""
+    from .splits import encode_labels
+
     columns = ds.column_names
     names = columns if isinstance(columns, list) else next(iter(columns.values()))
     if text_column not in names:
         raise ValueError(f"tokenize_dataset: no column {text_column!r}; pass text_column= (columns: {names}).")
+    ds = encode_labels(ds, label_column)
 
     def encode(batch: dict) -> dict:
         enc = tokenizer(batch[text_column], truncation=True, max_length=max_length, padding=padding)
