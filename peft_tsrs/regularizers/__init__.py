@@ -17,7 +17,14 @@ from .blocks import find_blocks, first_tensor, unwrap_model
 from .consistency import FastConsistencyStore, PACERegularizer, consistency_mse, lazy_should_apply, shared_dropout
 from .distance import DistanceConstraint, DistanceRegularizer, project_frobenius_, project_inf_op_
 from .noise_stability import NoiseStability, TSRSRegularizer, relative_perturbation
-from .self_labeling import LabelCorrector, SelfLabeling, reweight_temperature, reweighted_loss
+from .self_labeling import (
+    LabelCorrector,
+    SelfLabeling,
+    epoch_number,
+    reweight_temperature,
+    reweighted_loss,
+    scheduled_temperature,
+)
 
 register_regularizer("tsrs", TSRSRegularizer)
 register_regularizer("pace", PACERegularizer)
@@ -38,6 +45,7 @@ __all__ = [
     "TSRSRegularizer",
     "build_regularizers",
     "consistency_mse",
+    "epoch_number",
     "find_blocks",
     "first_tensor",
     "lazy_should_apply",
@@ -48,6 +56,7 @@ __all__ = [
     "relative_perturbation",
     "reweight_temperature",
     "reweighted_loss",
+    "scheduled_temperature",
     "shared_dropout",
     "unwrap_model",
 ]
