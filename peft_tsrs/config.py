@@ -48,7 +48,11 @@ class RegularizerConfig:
         distance_radius: absolute radius D of the first stages (grows by ``distance_depth_scale`` per later stage).
         distance_ratio: relative radius, ``D_l = ratio · ‖W0_l‖`` (instead of ``distance_radius``).
         distance_head_radius: radius of the new head around zero (``None``: head unconstrained).
-        distance_mode: ``"project"`` after every optimizer step, or ``"penalty"`` (``λ‖W − W0‖²`` added to the loss).
+        distance_mode: ``"project"`` after every optimizer step, or ``"penalty"`` (``λ·dist(W − W0)`` added to the loss,
+            ``dist`` the squared Frobenius norm or the max-row L1 norm as ``distance_norm`` says).
+        distance_penalty_stage_scale: γ of the penalty mode: λ, λ, λγ, λγ² over the four stages (official default 1).
+        distance_head_penalty_weight: λ of the head's penalty around zero (``None``: the head is penalized with
+            ``distance_penalty_weight`` only when ``distance_head_radius`` is set).
     Regularized self-labeling (Li & Zhang, NeurIPS 2021):
         label_correction_threshold: confidence above which a disagreeing stored label is overwritten (paper 0.9;
             ``None`` disables).
@@ -114,6 +118,12 @@ class RegularizerConfig:
         default="epoch", metadata={"help": "Anneal T once per 'epoch' (official) or every 'step'.",
                                    "choices": list(TEMPERATURE_SCHEDULES)}
     )
+    distance_penalty_stage_scale: float = field(
+        default=1.0, metadata={"help": "Penalty growth γ per later stage (λ, λ, λγ, λγ²)."}
+    )
+    distance_head_penalty_weight: Optional[float] = field(
+        default=None, metadata={"help": "Penalty λ of the head around zero (None: λ, only with a head radius)."}
+    )
     block_path: Optional[str] = field(
         default=None, metadata={"help": "Dotted path of the model's block ModuleList, if not found automatically."}
     )
@@ -160,6 +170,12 @@ class RegularizerConfig:
                               ("reweight_temperature_schedule", TEMPERATURE_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"RegularizerConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if self.distance_penalty_stage_scale <= 0:
+            raise ValueError("RegularizerConfig.distance_penalty_stage_scale must be > 0, "
+                             f"got {self.distance_penalty_stage_scale}.")
+        if self.distance_head_penalty_weight is not None and self.distance_head_penalty_weight < 0:
+            raise ValueError("RegularizerConfig.distance_head_penalty_weight must be >= 0 (or None), "
+                             f"got {self.distance_head_penalty_weight}.")
 
     # ------------------------------------------------------------------ what is on
     @property
