@@ -23,6 +23,8 @@ PACE_MODES = ("full", "lazy", "fast")
 DISTANCE_NORMS = ("frob", "inf-op")
 DISTANCE_MODES = ("project", "penalty")
 TASK_LOSS_PATHS = ("noisy", "clean")
+LABEL_CORRECTION_TIMINGS = ("before_loss", "after_loss")
+TEMPERATURE_SCHEDULES = ("epoch", "step")
 # Keys of earlier releases, still read (with a FutureWarning) from YAML, dicts and adapter_config.json files.
 RENAMED_KEYS = {"tsrs_block_path": "block_path"}
 
@@ -46,13 +48,22 @@ class RegularizerConfig:
         distance_radius: absolute radius D of the first stages (grows by ``distance_depth_scale`` per later stage).
         distance_ratio: relative radius, ``D_l = ratio · ‖W0_l‖`` (instead of ``distance_radius``).
         distance_head_radius: radius of the new head around zero (``None``: head unconstrained).
-        distance_mode: ``"project"`` after every optimizer step, or ``"penalty"`` (``λ‖W − W0‖²`` added to the loss).
+        distance_mode: ``"project"`` after every optimizer step, or ``"penalty"`` (``λ·dist(W − W0)`` added to the loss,
+            ``dist`` the squared Frobenius norm or the max-row L1 norm as ``distance_norm`` says).
+        distance_penalty_stage_scale: γ of the penalty mode: λ, λ, λγ, λγ² over the four stages (official default 1).
+        distance_head_penalty_weight: λ of the head's penalty around zero (``None``: the head is penalized with
+            ``distance_penalty_weight`` only when ``distance_head_radius`` is set).
     Regularized self-labeling (Li & Zhang, NeurIPS 2021):
         label_correction_threshold: confidence above which a disagreeing stored label is overwritten (paper 0.9;
             ``None`` disables).
-        label_correction_start_epoch: first epoch of label correction (paper 10).
-        reweight_start_epoch: first epoch of loss reweighting (paper 5; ``None`` disables).
+        label_correction_start_epoch: first epoch of label correction (paper 10). Epochs count from 1 as in the
+            official code: epoch ``e`` is ``e − 1 <= state.epoch < e``, so 10 starts at ``state.epoch`` 9.
+        label_correction_timing: ``"before_loss"`` (official: a corrected label is trained on in the same step) or
+            ``"after_loss"`` (earlier releases: from the example's next visit on).
+        reweight_start_epoch: first epoch of loss reweighting, counted from 1 (paper 5; ``None`` disables).
         reweight_temperature: T0 of ``softmax(−l_i / T)``, ``T = T0·max(0.5, exp(−0.1(epoch − start)))``.
+        reweight_temperature_schedule: ``"epoch"`` (official: T updated once per epoch, with the number of the epoch
+            just ended) or ``"step"`` (earlier releases: the formula at every step with the fractional epoch).
         index_column: dataset column holding a stable per-example index (needed by self-labeling and PACE-fast).
     Shared:
         block_path: dotted path of the block ``ModuleList`` (TSRS injection, distance-constraint stages) when it cannot
@@ -99,6 +110,20 @@ class RegularizerConfig:
     )
     reweight_temperature: float = field(default=1.0, metadata={"help": "Reweighting temperature T0."})
     index_column: str = field(default="index", metadata={"help": "Dataset column with a stable example index."})
+    label_correction_timing: str = field(
+        default="before_loss", metadata={"help": "Correct labels 'before_loss' (official) or 'after_loss'.",
+                                         "choices": list(LABEL_CORRECTION_TIMINGS)}
+    )
+    reweight_temperature_schedule: str = field(
+        default="epoch", metadata={"help": "Anneal T once per 'epoch' (official) or every 'step'.",
+                                   "choices": list(TEMPERATURE_SCHEDULES)}
+    )
+    distance_penalty_stage_scale: float = field(
+        default=1.0, metadata={"help": "Penalty growth γ per later stage (λ, λ, λγ, λγ²)."}
+    )
+    distance_head_penalty_weight: Optional[float] = field(
+        default=None, metadata={"help": "Penalty λ of the head around zero (None: λ, only with a head radius)."}
+    )
     block_path: Optional[str] = field(
         default=None, metadata={"help": "Dotted path of the model's block ModuleList, if not found automatically."}
     )
@@ -141,6 +166,16 @@ class RegularizerConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ValueError(f"RegularizerConfig.{name} must be >= 0 (or None), got {value}.")
+        for name, allowed in (("label_correction_timing", LABEL_CORRECTION_TIMINGS),
+                              ("reweight_temperature_schedule", TEMPERATURE_SCHEDULES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"RegularizerConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if self.distance_penalty_stage_scale <= 0:
+            raise ValueError("RegularizerConfig.distance_penalty_stage_scale must be > 0, "
+                             f"got {self.distance_penalty_stage_scale}.")
+        if self.distance_head_penalty_weight is not None and self.distance_head_penalty_weight < 0:
+            raise ValueError("RegularizerConfig.distance_head_penalty_weight must be >= 0 (or None), "
+                             f"got {self.distance_head_penalty_weight}.")
 
     # ------------------------------------------------------------------ what is on
     @property

@@ -139,9 +139,49 @@ def test_flip_labels():
     assert noisy["index"] == ds["index"]
     assert flip_labels(ds, 0.3, seed=0, num_classes=4)["label"] == noisy["label"]
     everything = flip_labels(ds, 1.0, seed=1, num_classes=4)
-    assert np.all(np.asarray(everything["label"]) != clean)  # a flipped label never keeps its class
+    assert np.all(np.asarray(everything["label"]) != clean)  # default: a flipped label never keeps its class
+    assert flip_labels(ds, 1.0, seed=1, num_classes=4, noise_type="symmetric_exclusive")["label"] == everything["label"]
+    # the default protocol draws exactly as earlier releases did, so committed benchmarks reproduce
+    assert noisy["label"] == [3, 1, 1, 2, 2, 0, 3, 3, 0, 0, 2, 2, 2, 2, 2, 2, 3, 3, 1, 2, 2, 3, 0, 0, 0, 3, 1, 3, 0, 1,
+                              2, 1, 0, 3, 0, 1, 1, 3, 1, 3]
     with pytest.raises(ValueError, match="num_classes"):
         flip_labels(ds, 0.1, seed=0, num_classes=2)
+
+
+def test_flip_labels_symmetric_may_keep_the_class():
+    """Official symmetric noise: a chosen label is redrawn uniformly from ALL classes, so some keep their class."""
+    ds = few_shot_split(_toy(), 10, 0, 0, seed=0)["train"]  # 40 examples, 4 classes
+    noisy = flip_labels(ds, 1.0, seed=1, num_classes=4, noise_type="symmetric")
+    clean, labels = np.asarray(noisy["clean_label"]), np.asarray(noisy["label"])
+    kept = int((labels == clean).sum())
+    assert 0 < kept < 40  # ~1/4 of the redrawn labels land on their own class
+    assert set(labels.tolist()) == {0, 1, 2, 3}
+    assert flip_labels(ds, 1.0, seed=1, num_classes=4, noise_type="symmetric")["label"] == noisy["label"]
+    # the same examples are chosen as for the default protocol (the draw of who is noisy comes first)
+    half = flip_labels(ds, 0.5, seed=3, num_classes=4, noise_type="symmetric")
+    default = flip_labels(ds, 0.5, seed=3, num_classes=4)
+    moved = np.asarray(half["label"]) != clean
+    assert not np.any(moved & (np.asarray(default["label"]) == clean))  # symmetric moves a subset of those rows
+
+
+def test_flip_labels_pair_moves_each_class_to_the_next():
+    ds = few_shot_split(_toy(), 10, 0, 0, seed=0)["train"]
+    noisy = flip_labels(ds, 0.3, seed=0, num_classes=4, noise_type="pair")
+    clean, labels = np.asarray(noisy["clean_label"]), np.asarray(noisy["label"])
+    changed = clean != labels
+    assert changed.sum() == 12
+    assert np.array_equal(labels[changed], (clean[changed] + 1) % 4)  # c -> c + 1 mod K, 3 -> 0
+    with pytest.raises(ValueError, match="noise_type must be one of"):
+        flip_labels(ds, 0.1, seed=0, num_classes=4, noise_type="asymmetric")
+
+
+def test_recipe_label_noise_type_defaults_to_the_earlier_protocol():
+    from peft_tsrs.app.recipes import recipe_from_dict
+
+    assert recipe_from_dict({}).task.label_noise_type == "symmetric_exclusive"
+    assert recipe_from_dict({"task": {"label_noise_type": "pair"}}).task.label_noise_type == "pair"
+    with pytest.raises(ValueError, match="task.label_noise_type must be one of"):
+        recipe_from_dict({"task": {"label_noise_type": "uniform"}})
 
 
 # --------------------------------------------------------------------------------------------- Fashion-MNIST

@@ -90,6 +90,56 @@ def test_ratio_mode_radii():
     )
 
 
+def test_only_linear_and_conv_weights_are_constrained():
+    """Official: 2-D (linear) and 4-D (conv) weights only; ViT position embeddings and the CLS token stay free."""
+    model = make_tiny_vit(layers=2)
+    for mode in ("project", "penalty"):
+        radii = DistanceConstraint(model, radius=1.0, head_radius=1.0, mode=mode).radii()
+        assert "vit.embeddings.patch_embeddings.projection.weight" in radii  # 4-D conv
+        assert "vit.layers.0.attention.q_proj.weight" in radii and "classifier.weight" in radii  # 2-D
+        assert "vit.embeddings.position_embeddings" not in radii  # (1, N, D)
+        assert "vit.embeddings.cls_token" not in radii  # (1, 1, D)
+    dc = DistanceConstraint(model, radius=1e-3)
+    cls, pos = model.vit.embeddings.cls_token, model.vit.embeddings.position_embeddings
+    with torch.no_grad():
+        cls.add_(1.0)
+        pos.add_(1.0)
+    cls_before, pos_before = cls.detach().clone(), pos.detach().clone()
+    dc.project()
+    assert torch.equal(cls, cls_before) and torch.equal(pos, pos_before)  # never pulled back
+
+
+def test_inf_op_ratio_radius_is_per_row():
+    """Official ratio mode with inf-op: row i of Δ is bounded by ratio·‖W0_i‖₁, not by ratio·max_i ‖W0_i‖₁."""
+    model = _Tiny()
+    w0 = torch.tensor([[1.0, 1.0], [4.0, -4.0]])  # row L1 norms 2 and 8
+    with torch.no_grad():
+        model.layers[0].weight.copy_(w0)
+    dc = DistanceConstraint(model, norm="inf-op", ratio=0.5)
+    torch.testing.assert_close(dc.row_radii()["layers.0.weight"], torch.tensor([1.0, 4.0]))
+    assert dc.radii()["layers.0.weight"] == pytest.approx(4.0)  # the largest row radius
+    with torch.no_grad():
+        model.layers[0].weight.add_(torch.tensor([[2.0, 1.0], [1.0, 1.0]]))  # row L1 of Δ: 3 and 2
+    assert dc.max_violation() == pytest.approx(2.0)  # row 0: 3 − 1
+    dc.project()
+    # row 0: 3 > 1 -> Δ·1/3 ; row 1: 2 <= 4 -> unchanged (a single radius 4 would leave row 0 alone too)
+    torch.testing.assert_close(model.layers[0].weight.detach() - w0, torch.tensor([[2 / 3, 1 / 3], [1.0, 1.0]]))
+    assert dc.max_violation() <= 1e-6
+    # resumed: the per-row radii come from the restored anchors
+    resumed = DistanceConstraint(model, norm="inf-op", ratio=0.5)
+    resumed.load_state_dict(dc.state_dict())
+    torch.testing.assert_close(resumed.row_radii()["layers.0.weight"], torch.tensor([1.0, 4.0]))
+
+
+def test_inf_op_ratio_radius_per_row_for_adapters():
+    model = _DuckModel()
+    with torch.no_grad():
+        model.layers[0].base_layer.weight.copy_(torch.tensor([[1.0, 1.0], [3.0, 3.0]]))  # row L1: 2 and 6
+    dc = DistanceConstraint(model, norm="inf-op", ratio=0.5)  # D_row = 1 and 3
+    dc.project()  # ΔW = [[3, 4], [0, 1]]: row L1 7 > 1 -> factor 1/7 ; 1 <= 3 -> 1
+    torch.testing.assert_close(model.layers[0].scale["a"].detach(), torch.tensor([1.0 / 7.0, 1.0]))
+
+
 # --- projection on a model -----------------------------------------------------------------------------
 def _perturb(model: nn.Module, scale: float, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
@@ -292,6 +342,57 @@ def test_penalty_by_hand():
     assert model.layers[0].bias.grad is None  # biases are not penalised
 
 
+def test_penalty_uses_the_configured_norm_stage_scale_and_head_weight():
+    """Official penalty: the configured norm (inf-op: max-row L1, not squared), λ·γ^stage (λ, λ, λγ, λγ²) over the
+    four stages and its own λ for the head, around zero."""
+    model = make_tiny_bert(layers=4)
+    dc = DistanceConstraint(model, norm="inf-op", mode="penalty", penalty_weight=0.1, penalty_stage_scale=2.0,
+                            head_penalty_weight=0.7)
+    _perturb(model, 0.1)
+    params = dict(model.named_parameters())
+    anchors = {it.name: it.anchor for it in dc.items if it.anchor is not None}
+    expected = 0.0
+    for name in dc.radii():
+        p = params[name].detach()
+        delta = p - anchors[name] if name in anchors else p
+        dist = float(delta.reshape(delta.shape[0], -1).abs().sum(1).max())
+        if name == "classifier.weight":
+            weight = 0.7  # the head's own λ, although no head radius is set
+        elif ".layer." in name:
+            weight = 0.1 * (1.0, 1.0, 2.0, 4.0)[int(name.split(".layer.")[1].split(".")[0])]
+        else:
+            weight = 0.1 * (4.0 if "pooler" in name else 1.0)  # after the blocks: last stage; before: first
+        expected += weight * dist
+    assert "classifier.weight" in dc.radii()
+    assert dc.penalty().item() == pytest.approx(expected, rel=1e-5)
+    # frob: squared Frobenius with the same stage weights
+    frob = DistanceConstraint(_Tiny(), mode="penalty", penalty_weight=0.1, head_penalty_weight=0.0)
+    assert "classifier.weight" in frob.radii() and frob.penalty().item() == 0.0  # head λ = 0 -> no head term
+
+
+def test_inf_op_penalty_is_the_max_row_l1_norm():
+    model = _Tiny()
+    dc = DistanceConstraint(model, norm="inf-op", mode="penalty", penalty_weight=0.1)
+    with torch.no_grad():
+        model.layers[0].weight.add_(torch.tensor([[1.0, -2.0], [0.0, 0.5]]))  # row L1 norms 3 and 0.5 -> 3
+        model.layers[1].weight.add_(torch.tensor([[0.0, 1.0], [1.0, 1.0]]))  # 1 and 2 -> 2
+    pen = dc.penalty()
+    assert pen.item() == pytest.approx(0.1 * (3 + 2))  # not 0.1·(5.25 + 3), the squared Frobenius norms
+    pen.backward()  # the gradient of max-row L1 is λ·sign(Δ) on the largest row
+    torch.testing.assert_close(model.layers[0].weight.grad, 0.1 * torch.tensor([[1.0, -1.0], [0.0, 0.0]]))
+
+
+def test_penalty_without_head_weight_keeps_the_single_lambda():
+    model = _Tiny()
+    assert "classifier.weight" not in DistanceConstraint(model, mode="penalty").radii()  # no head radius, no λ
+    dc = DistanceConstraint(model, head_radius=1.0, mode="penalty", penalty_weight=0.1)
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+    assert dc.penalty().item() == pytest.approx(0.1 * 6)
+    with pytest.raises(ValueError, match="penalty_stage_scale"):
+        DistanceConstraint(model, mode="penalty", penalty_stage_scale=0.0)
+
+
 def test_project_mode_loss_is_zero_and_after_step_projects():
     model = _Tiny()
     dc = DistanceConstraint(model, radius=0.1)
@@ -315,3 +416,22 @@ def test_anchor_state_round_trip():
         assert float((dict(model.named_parameters())[name].detach() - w0).norm()) <= 0.1 * TOL
     with pytest.raises(ValueError, match="does not match"):
         DistanceConstraint(make_tiny_bert(layers=3), radius=0.1).load_state_dict(state)
+
+
+def test_penalty_options_reach_the_constraint_from_the_config():
+    from peft_tsrs import RegularizerConfig
+    from peft_tsrs.regularizers import BuildContext, DistanceRegularizer
+
+    cfg = RegularizerConfig(distance_norm="inf-op", distance_mode="penalty", distance_penalty_weight=0.1,
+                            distance_penalty_stage_scale=3.0, distance_head_penalty_weight=0.5)
+    reg = DistanceRegularizer.create(BuildContext(config=cfg, model=make_tiny_bert(layers=4), index_and_labels=None,
+                                                  num_labels=None))
+    weights = {it.name: it.penalty_weight for it in reg.constraint.items}
+    assert weights["bert.encoder.layer.3.output.dense.weight"] == pytest.approx(0.1 * 9.0)
+    assert weights["bert.encoder.layer.2.output.dense.weight"] == pytest.approx(0.1 * 3.0)
+    assert weights["bert.encoder.layer.0.output.dense.weight"] == pytest.approx(0.1)
+    assert weights["classifier.weight"] == pytest.approx(0.5)
+    for bad, match in (({"distance_penalty_stage_scale": 0.0}, "distance_penalty_stage_scale must be > 0"),
+                       ({"distance_head_penalty_weight": -1.0}, "distance_head_penalty_weight must be >= 0")):
+        with pytest.raises(ValueError, match=match):
+            RegularizerConfig(**bad)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from peft_tsrs.regularizers import LabelCorrector, reweight_temperature, reweighted_loss
+from peft_tsrs.regularizers import LabelCorrector, SelfLabeling, reweight_temperature, reweighted_loss
+from peft_tsrs.regularizers.base import StepContext
 
 PROBS = torch.tensor(
     [
@@ -24,10 +25,23 @@ def _corrector(**kw) -> LabelCorrector:
 
 
 def test_nothing_changes_before_start_epoch():
-    lc = _corrector()
-    assert lc.update(torch.arange(4), PROBS, epoch=1.99) == 0  # int(1.99) = 1 < 2
+    lc = _corrector()  # start_epoch=2: the second epoch, 1 <= state.epoch < 2
+    assert lc.update(torch.arange(4), PROBS, epoch=0.99) == 0  # epoch number floor(0.99) + 1 = 1 < 2
     assert lc.num_corrected == 0
     assert lc.labels_for(torch.arange(4)).tolist() == [0, 1, 2, 1]
+    assert lc.update(torch.arange(4), PROBS, epoch=1.0) == 1  # epoch number 2: on
+
+
+def test_start_epoch_counts_from_one_like_the_official_code():
+    from peft_tsrs.regularizers import epoch_number
+
+    # state.epoch is 0-based and fractional; the official loop runs `for epoch in range(1, epochs + 1)`
+    assert [epoch_number(e) for e in (0.0, 0.5, 0.999, 1.0, 8.99, 9.0, 9.5)] == [1, 1, 1, 2, 9, 10, 10]
+    lc = LabelCorrector(torch.tensor([0, 1, 2, 1]), threshold=0.9, start_epoch=10)  # the paper's "epoch 10"
+    assert not lc.active(8.99) and lc.update(torch.arange(4), PROBS, epoch=8.99) == 0  # the 9th epoch
+    assert lc.active(9.0) and lc.update(torch.arange(4), PROBS, epoch=9.0) == 1  # the 10th epoch: 9 <= epoch < 10
+    for start in (0, 1):  # both mean: from the very first step
+        assert LabelCorrector(torch.tensor([0]), start_epoch=start).active(0.0)
 
 
 def test_threshold_and_disagreement_respected():
@@ -103,3 +117,84 @@ def test_reweighted_loss_limits_and_errors():
         reweighted_loss(losses, 0.0)
     with pytest.raises(ValueError, match="1-D"):
         reweighted_loss(losses.reshape(2, 2), 1.0)
+
+
+# --- the regularizer: temperature per epoch, correction before the loss -----------------------------------------
+def _step(epoch: float, logits=None, labels=(0, 1, 2, 1), records=None) -> StepContext:
+    records = {} if records is None else records
+    return StepContext(model=torch.nn.Identity(), inputs={}, labels=torch.tensor(labels),
+                       indices=torch.arange(len(labels)), epoch=epoch, step=0, batch_size=len(labels), gather=lambda t: t,
+                       record=lambda name, value: records.__setitem__(name, value), logits=logits)
+
+
+def test_temperature_anneals_once_per_epoch():
+    """Official: T = T0 during the first reweighted epochs, then after each 1-based epoch e > start ends
+    T = T0·max(0.5, exp(−0.1(e − start))), constant within an epoch."""
+    reg = SelfLabeling(reweight_start_epoch=5, reweight_temperature=2.0)
+    losses = torch.tensor([1.0, 2.0, 3.0])
+    expected = {
+        3.99: None,  # the 4th epoch: no reweighting yet
+        4.0: 2.0,  # the 5th epoch (official start): T0
+        4.7: 2.0,
+        5.0: 2.0,  # the 6th epoch: epoch 5 ended, 5 > 5 is false -> still T0
+        5.9: 2.0,
+        6.0: 2.0 * math.exp(-0.1),  # the 7th epoch: epoch 6 ended -> T0·e^{-0.1}
+        6.99: 2.0 * math.exp(-0.1),  # constant within the epoch
+        7.5: 2.0 * math.exp(-0.2),
+        40.0: 1.0,  # floor T0/2
+    }
+    for epoch, temperature in expected.items():
+        records: dict = {}
+        out = reg.task_loss(losses, _step(epoch, records=records, labels=(0, 1, 2)))
+        if temperature is None:
+            assert out is None and "reweight_temperature" not in records, epoch
+            continue
+        assert records["reweight_temperature"] == pytest.approx(temperature), epoch
+        assert out.item() == pytest.approx(reweighted_loss(losses, temperature).item()), epoch
+
+
+def test_step_temperature_schedule_keeps_the_earlier_behaviour():
+    from peft_tsrs.regularizers import scheduled_temperature
+
+    # "step": the formula at every step from the 0-based start (start_epoch 6 here = 5 in earlier releases)
+    for epoch in (5.0, 5.5, 6.25, 30.0):
+        assert scheduled_temperature(2.0, epoch, 6, "step") == pytest.approx(reweight_temperature(2.0, epoch, 5))
+    reg = SelfLabeling(reweight_start_epoch=6, reweight_temperature=2.0, temperature_schedule="step")
+    records: dict = {}
+    reg.task_loss(torch.tensor([1.0, 2.0, 3.0]), _step(6.5, records=records, labels=(0, 1, 2)))
+    assert records["reweight_temperature"] == pytest.approx(2.0 * math.exp(-0.15))
+    with pytest.raises(ValueError, match="schedule"):
+        scheduled_temperature(1.0, 1.0, 1, "sometimes")
+
+
+def test_relabel_corrects_before_the_loss():
+    """Official: the labels are corrected first and the same batch trains on the corrected labels."""
+    logits = PROBS.clamp_min(1e-6).log()  # softmax(log p) = p (renormalized; the rows already sum to ~1)
+    reg = SelfLabeling(_corrector())
+    step = _step(1.0, logits=logits)  # state.epoch 1.0: the 2nd epoch, correction on
+    reg.prepare(step)
+    assert step.labels.tolist() == [0, 1, 2, 1]
+    reg.relabel(step)
+    assert step.labels.tolist() == [1, 1, 2, 1]  # example 0 corrected before the task loss
+    assert reg.corrector.num_corrected == 1
+    reg.observe(step)  # nothing more after the loss
+    assert reg.corrector.num_corrected == 1
+    early = SelfLabeling(_corrector())
+    step = _step(0.5, logits=logits)  # the first epoch: correction off
+    early.prepare(step)
+    early.relabel(step)
+    assert step.labels.tolist() == [0, 1, 2, 1] and early.corrector.num_corrected == 0
+
+
+def test_after_loss_timing_keeps_the_earlier_behaviour():
+    logits = PROBS.clamp_min(1e-6).log()
+    reg = SelfLabeling(_corrector(), correction_timing="after_loss")
+    step = _step(1.0, logits=logits)
+    reg.prepare(step)
+    reg.relabel(step)
+    assert step.labels.tolist() == [0, 1, 2, 1]  # this step trains on the stored label...
+    reg.observe(step)
+    assert reg.corrector.num_corrected == 1  # ...and the correction is used from the next visit on
+    nxt = _step(1.5, logits=logits)
+    reg.prepare(nxt)
+    assert nxt.labels.tolist() == [1, 1, 2, 1]

@@ -140,6 +140,8 @@ def test_distance_projection_on_rlrr_effective_update(tmp_path):
 
 
 def test_label_correction_and_reweighting_follow_schedule(tmp_path):
+    """Start epochs count from 1 (official): correction from the 2nd epoch, reweighting from the 1st; T anneals once
+    per epoch, with the number of epochs already ended."""
     ds = make_dataset()
     cfg = RegularizerConfig(label_correction_threshold=0.34, label_correction_start_epoch=2,
                      reweight_start_epoch=1, reweight_temperature=2.0)
@@ -147,19 +149,39 @@ def test_label_correction_and_reweighting_follow_schedule(tmp_path):
     trainer = RegularizedTrainer(model=model, args=make_args(tmp_path, num_train_epochs=3), train_dataset=ds, regularizers=cfg)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in logs] == list(range(1, 10))  # 3 steps per epoch, one log line per step
     for h in logs:
-        step_epoch = h["epoch"]
-        if step_epoch <= 2.0:  # correction starts with the first step taken at epoch >= 2
+        ended = (h["step"] - 1) // 3  # epochs ended before this step = floor(state.epoch) when it was taken
+        if ended < 1:  # the 1st epoch: no correction yet
             assert h["n_labels_corrected"] == 0
-        if step_epoch <= 1.0:
-            assert "reweight_temperature" not in h
-        else:
-            epoch_at_step = step_epoch - 1 / 3  # state.epoch before the step was taken
-            expected = 2.0 * max(0.5, math.exp(-0.1 * (epoch_at_step - 1)))
-            assert h["reweight_temperature"] == pytest.approx(expected, rel=1e-3)
+        expected = 2.0 * max(0.5, math.exp(-0.1 * max(0, ended - 1)))  # T0, T0, T0·e^-0.1
+        assert h["reweight_temperature"] == pytest.approx(expected, rel=1e-6)
     assert logs[-1]["n_labels_corrected"] > 0
     corrected = trainer.regularizers["self_labeling"].corrector.labels
     assert (corrected != torch.tensor(ds["label"])).sum() == logs[-1]["n_labels_corrected"]
+
+
+@pytest.mark.parametrize("timing", ["before_loss", "after_loss"])
+def test_corrected_labels_are_trained_on_in_the_same_step(tmp_path, timing):
+    """Official: the labels are corrected from this step's predictions first, then the loss uses them."""
+    ds = make_dataset()
+    model = no_dropout_bert()
+    model.eval()
+    batch = batch_of(ds)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    wrong = (logits.argmax(-1) + 1) % 3  # every stored label disagrees with the prediction
+    rows = {i: int(label) for i, label in enumerate(wrong)}
+    ds = ds.map(lambda ex, i: {"label": rows.get(i, ex["label"])}, with_indices=True)
+    cfg = RegularizerConfig(label_correction_threshold=0.01, label_correction_start_epoch=0,
+                            label_correction_timing=timing)
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path), train_dataset=ds, regularizers=cfg)
+    model.train()
+    loss = trainer.compute_loss(model, batch_of(ds))
+    corrector = trainer.regularizers["self_labeling"].corrector
+    assert torch.equal(corrector.labels[:8], logits.argmax(-1))  # corrected either way...
+    trained_on = logits.argmax(-1) if timing == "before_loss" else wrong  # ...but used now only before the loss
+    torch.testing.assert_close(loss, F.cross_entropy(logits, trained_on))
 
 
 def test_missing_index_column_names_the_column(tmp_path):
@@ -231,6 +253,8 @@ def test_recipe_inside_adapter_config_is_saved_and_used(tmp_path):
     ({"distance_norm": "l2", "distance_radius": 1.0}, "distance_norm must be one of"),
     ({"distance_norm": "frob", "distance_radius": -1.0}, "distance_radius must be > 0"),
     ({"label_correction_threshold": 1.5}, "label_correction_threshold"),
+    ({"label_correction_timing": "later"}, "label_correction_timing must be one of"),
+    ({"reweight_temperature_schedule": "hourly"}, "reweight_temperature_schedule must be one of"),
 ])
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):

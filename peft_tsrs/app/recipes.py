@@ -26,6 +26,7 @@ from peft import LoraConfig, PeftConfig
 from ..config import RegularizerConfig, upgrade_keys
 from ..tuners.pace import PACEConfig
 from ..tuners.rlrr import RLRRConfig
+from .data.splits import LABEL_NOISE_TYPES
 
 TASKS = ("wordnet", "fashion_mnist")
 # model.name values that are not folders: the shipped MiniLM and the ViT pretrained here on Fashion-MNIST.
@@ -200,6 +201,9 @@ class TaskSpec:
     test_per_class: Optional[int] = 50
     classes: Optional[list[int]] = None
     label_noise: float = 0.0
+    # "symmetric_exclusive" (default, earlier releases: a flip always changes the class), "symmetric" (official:
+    # drawn from all classes) or "pair" (c -> c + 1 mod K); see peft_tsrs.app.data.flip_labels.
+    label_noise_type: str = "symmetric_exclusive"
     max_length: int = 64
     seed: int = 0
 
@@ -210,6 +214,8 @@ class TaskSpec:
             raise ValueError("task.shots_per_class and task.val_per_class must be >= 1.")
         if not 0.0 <= self.label_noise < 1.0:
             raise ValueError(f"task.label_noise is a fraction in [0, 1), got {self.label_noise}.")
+        if self.label_noise_type not in LABEL_NOISE_TYPES:
+            raise ValueError(f"task.label_noise_type must be one of {LABEL_NOISE_TYPES}, got {self.label_noise_type!r}.")
 
 
 @dataclass

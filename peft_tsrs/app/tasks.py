@@ -71,7 +71,8 @@ def check_labels(splits: datasets.DatasetDict, num_labels: int) -> None:
 
 def _add_label_noise(splits: datasets.DatasetDict, recipe: Recipe, num_labels: int) -> datasets.DatasetDict:
     if recipe.task.label_noise > 0:
-        splits["train"] = flip_labels(splits["train"], recipe.task.label_noise, recipe.task.seed, num_labels)
+        splits["train"] = flip_labels(splits["train"], recipe.task.label_noise, recipe.task.seed, num_labels,
+                                      noise_type=recipe.task.label_noise_type)
     return splits
 
 

@@ -18,7 +18,14 @@ from .consistency import FastConsistencyStore, PACERegularizer, consistency_mse,
 from .shared_dropout import shared_dropout
 from .distance import DistanceConstraint, DistanceRegularizer, project_frobenius_, project_inf_op_
 from .noise_stability import NoiseStability, TSRSRegularizer, relative_perturbation
-from .self_labeling import LabelCorrector, SelfLabeling, reweight_temperature, reweighted_loss
+from .self_labeling import (
+    LabelCorrector,
+    SelfLabeling,
+    epoch_number,
+    reweight_temperature,
+    reweighted_loss,
+    scheduled_temperature,
+)
 
 register_regularizer("tsrs", TSRSRegularizer)
 register_regularizer("pace", PACERegularizer)
@@ -39,6 +46,7 @@ __all__ = [
     "TSRSRegularizer",
     "build_regularizers",
     "consistency_mse",
+    "epoch_number",
     "find_blocks",
     "first_tensor",
     "lazy_should_apply",
@@ -49,6 +57,7 @@ __all__ = [
     "relative_perturbation",
     "reweight_temperature",
     "reweighted_loss",
+    "scheduled_temperature",
     "shared_dropout",
     "unwrap_model",
 ]

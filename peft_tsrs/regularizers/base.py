@@ -8,6 +8,7 @@ A training step, as the trainer runs it for the active regularizers ``regs`` (in
         logits = outputs.logits
         for r in regs: logits = r.select(logits, step)   # back to the rows the task loss is computed on
         step.logits = logits
+        for r in regs: r.relabel(step)             # change step.labels from this step's (detached) predictions
         terms = {name: t for r in regs for name, t in r.loss(step).items()}   # already weighted
     task = first r.task_loss(per_example, step) that is not None, else per_example.mean()
     loss = task·(example scale) + Σ terms·(batch scale)
@@ -87,6 +88,7 @@ class StepContext:
         gather: Concatenates a tensor over all processes (identity with one process).
         record: ``record(name, value)`` logs a per-step scalar, averaged over the logging interval.
         logits: The task path's logits after every ``select``; set by the trainer after the forward.
+            ``relabel`` may replace ``labels`` once they are set.
     """
 
     model: nn.Module
@@ -132,6 +134,10 @@ class Regularizer:
     def select(self, logits: Tensor, step: StepContext) -> Tensor:
         """Undo this regularizer's row duplication: the logits of the rows the task loss is computed on."""
         return logits
+
+    def relabel(self, step: StepContext) -> None:
+        """Change ``step.labels`` from this step's predictions (``step.logits``, to be used detached) after every
+        ``select`` and before any loss is built, so the task loss of this very step uses the new labels."""
 
     def loss(self, step: StepContext) -> dict[str, Tensor]:
         """Named, already weighted loss terms of this step (each a per-batch mean)."""

@@ -3,8 +3,9 @@ the loss; :class:`RegularizedTrainerMixin` adds them to any ``Trainer`` subclass
 
 The trainer knows no regularizer by name: it builds the ones the config switches on from the registry of
 :mod:`peft_tsrs.regularizers` and runs each step through their common protocol (``prepare`` → one forward inside
-their ``forward_context`` → ``select`` → ``loss`` → ``observe``; ``after_step`` after every optimizer step). See
-``peft_tsrs/regularizers/base.py`` for the protocol and how regularizers that need a second pass share one forward.
+their ``forward_context`` → ``select`` → ``relabel`` → ``loss`` → ``observe``; ``after_step`` after every optimizer
+step). See ``peft_tsrs/regularizers/base.py`` for the protocol and how regularizers that need a second pass share one
+forward.
 
 Every evaluation also logs ``<split>_predicted_classes`` (how many classes the model predicts there) and warns
 (:class:`~peft_tsrs.trainer.collapse.CollapseWarning`) when two evaluations in a row predict one class for every
@@ -192,6 +193,8 @@ class RegularizedTrainerMixin:
                 raise ValueError(f"RegularizedTrainer supports single-label classification (logits of shape "
                                  f"(batch, classes)); got logits of shape {tuple(logits.shape)}.")
             step.logits = logits
+            for regularizer in regularizers:
+                regularizer.relabel(step)
             terms: dict[str, torch.Tensor] = {}
             for regularizer in regularizers:
                 terms.update(regularizer.loss(step))

@@ -1,4 +1,4 @@
-"""Stratified few-shot splits, symmetric label noise and label encoding for ``datasets.Dataset`` objects."""
+"""Stratified few-shot splits, label noise (symmetric and pair) and label encoding for ``datasets.Dataset`` objects."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import datasets
 import numpy as np
 import pyarrow as pa
 from datasets.fingerprint import Hasher
+
+#: Label-noise protocols of :func:`flip_labels`: ``"symmetric_exclusive"`` (the default, earlier releases: a flipped
+#: label always moves to another class), ``"symmetric"`` (official code of Li & Zhang 2021: drawn from all classes)
+#: and ``"pair"`` (asymmetric: class c always moves to c + 1 mod K).
+LABEL_NOISE_TYPES = ("symmetric_exclusive", "symmetric", "pair")
 
 
 _STRING_DTYPES = ("string", "large_string")
@@ -163,15 +168,30 @@ def few_shot_split(
 
 
 def flip_labels(
-    ds: datasets.Dataset, fraction: float, seed: int, num_classes: int, label_column: str = "label"
+    ds: datasets.Dataset,
+    fraction: float,
+    seed: int,
+    num_classes: int,
+    label_column: str = "label",
+    noise_type: str = "symmetric_exclusive",
 ) -> datasets.Dataset:
-    """Symmetric label noise: exactly ``round(fraction * n)`` labels move to a different, uniformly drawn class.
+    """Label noise on ``round(fraction * n)`` examples drawn uniformly without replacement (deterministic given
+    ``seed``); ``noise_type`` says where their labels go:
+
+    * ``"symmetric_exclusive"`` (default, kept so earlier runs reproduce): to a different class drawn uniformly from
+      the other ``K − 1``, so exactly ``round(fraction * n)`` labels change.
+    * ``"symmetric"`` (the official code of Li & Zhang, 2021): to a class drawn uniformly from all ``K`` classes, so
+      a drawn label may land on its own class and about ``fraction·(K − 1)/K`` of the labels change.
+    * ``"pair"`` (asymmetric): class ``c`` goes to the fixed class ``(c + 1) mod K``; exactly ``round(fraction * n)``
+      labels change.
 
     The clean labels are kept in a ``clean_label`` column (an existing ``clean_label`` column is left as is, so
     noise applied twice still remembers the original labels).
     """
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"flip_labels: fraction must lie in [0, 1], got {fraction}.")
+    if noise_type not in LABEL_NOISE_TYPES:
+        raise ValueError(f"flip_labels: noise_type must be one of {LABEL_NOISE_TYPES}, got {noise_type!r}.")
     if num_classes < 2:
         raise ValueError(f"flip_labels: need num_classes >= 2 to move a label to another class, got {num_classes}.")
     ds = encode_labels(ds, label_column)
@@ -185,7 +205,12 @@ def flip_labels(
     count = int(round(fraction * len(labels)))
     chosen = rng.choice(len(labels), size=count, replace=False)
     noisy = labels.copy()
-    noisy[chosen] = (labels[chosen] + rng.integers(1, num_classes, size=count)) % num_classes
+    if noise_type == "symmetric_exclusive":
+        noisy[chosen] = (labels[chosen] + rng.integers(1, num_classes, size=count)) % num_classes
+    elif noise_type == "symmetric":
+        noisy[chosen] = rng.integers(0, num_classes, size=count)
+    else:
+        noisy[chosen] = (labels[chosen] + 1) % num_classes
     columns = {label_column: (noisy, ds.features[label_column])}
     if "clean_label" not in ds.column_names:
         columns["clean_label"] = (labels, ds.features[label_column])
