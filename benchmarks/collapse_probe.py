@@ -30,7 +30,7 @@ from peft_tsrs.app.adapters import apply_adapter
 from peft_tsrs.app.recipes import load_recipe
 from peft_tsrs.app.run import training_arguments
 from peft_tsrs.app.tasks import build_model, build_task
-from peft_tsrs.trainer import TSRSTrainer
+from peft_tsrs.trainer import RegularizedTrainer
 
 from . import RESULTS
 from .methods import GENERALIZATION_BY_KEY, recipe_files
@@ -69,8 +69,8 @@ def probe(weight: float, steps: int, overrides: Sequence[str] = ()) -> dict[str,
         model = apply_adapter(build_model(recipe, data), recipe)
         args = training_arguments(recipe, recipe.run_dir, progress=False)
         args.eval_strategy, args.save_strategy, args.load_best_model_at_end = "no", "no", False
-        trainer = TSRSTrainer(model=model, args=args, train_dataset=data.splits["train"], data_collator=data.collator,
-                              tsrs=recipe.regularizers, callbacks=[_StopAt(steps)])
+        trainer = RegularizedTrainer(model=model, args=args, train_dataset=data.splits["train"], data_collator=data.collator,
+                              regularizers=recipe.regularizers, callbacks=[_StopAt(steps)])
         trainer.train()
     task_losses = [h["loss_task"] for h in trainer.state.log_history if "loss_task" in h]
     val = data.splits["validation"]

@@ -3,10 +3,10 @@ un-regularized base, and inference after ``merge_and_unload`` relative to the pl
 
 For each model (MiniLM on a WordNet batch of 16; the Fashion-MNIST ViT on a batch of 64) every method is built
 from the recipe files in ``configs/`` exactly as ``peft_tsrs.app.run.run_recipe`` builds it (``build_task``,
-``build_model``, ``apply_adapter``, ``TSRSTrainer``), all on the same fixed batch. One
+``build_model``, ``apply_adapter``, ``RegularizedTrainer``), all on the same fixed batch. One
 timed step is what the HF training loop does per batch::
 
-    trainer.training_step(model, batch)        # TSRSTrainer.compute_loss (all regularizer terms) + backward
+    trainer.training_step(model, batch)        # RegularizedTrainer.compute_loss (all regularizer terms) + backward
     clip_grad_norm_(params, max_grad_norm)     # as Trainer does (max_grad_norm 1.0)
     optimizer.step()                           # AdamW built by trainer.create_optimizer()
     callback_handler.on_optimizer_step(...)    # the distance projection (_ProjectAfterStep) where on

@@ -1,5 +1,5 @@
 """Building every method on one model exactly as ``peft_tsrs.app.run.run_recipe`` does (recipe files, ``build_model``,
-``apply_adapter``, ``TSRSTrainer``), and one optimizer step of it as the HF training loop takes it (:class:`Entry`)."""
+``apply_adapter``, ``RegularizedTrainer``), and one optimizer step of it as the HF training loop takes it (:class:`Entry`)."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def build_entry(setup: ModelSetup, method: Method, data, workdir: str) -> Entry:
     from peft_tsrs.app.adapters import apply_adapter
     from peft_tsrs.app.run import training_arguments
     from peft_tsrs.app.tasks import build_model
-    from peft_tsrs.trainer import TSRSTrainer
+    from peft_tsrs.trainer import RegularizedTrainer
 
     recipe = method_recipe(setup, method, workdir)
     torch.manual_seed(0)
@@ -144,10 +144,10 @@ def build_entry(setup: ModelSetup, method: Method, data, workdir: str) -> Entry:
         extra.update(rank_by_role=ranks, adapter_params_lora=lora_count, adapter_params_rlrr=rlrr_count)
     model = apply_adapter(model, recipe)
     params = [p for p in model.parameters() if p.requires_grad]
-    trainer = TSRSTrainer(
+    trainer = RegularizedTrainer(
         model=model, args=training_arguments(recipe, recipe.run_dir, progress=False),
         train_dataset=data.splits["train"], eval_dataset=data.splits["validation"], data_collator=data.collator,
-        tsrs=recipe.regularizers,
+        regularizers=recipe.regularizers,
     )
     trainer.create_optimizer()
     trainer.state.epoch = 1.0  # past reweight/label-correction start (both 0 in this benchmark)
@@ -162,13 +162,13 @@ def persistent_bytes(entry: Entry) -> int:
     tensors = list(entry.model.parameters()) + list(entry.model.buffers())
     for state in entry.trainer.optimizer.state.values():
         tensors += [v for v in state.values() if torch.is_tensor(v)]
-    t = entry.trainer
-    if t.distance is not None:
-        tensors += [it.anchor for it in t.distance.items if it.anchor is not None]
-    if t.fast_store is not None:
-        tensors.append(t.fast_store.stored)
-    if t.label_corrector is not None:
-        tensors += [t.label_corrector.labels, t.label_corrector.original]
+    regs = entry.trainer.regularizers
+    if "distance" in regs:
+        tensors += [it.anchor for it in regs["distance"].constraint.items if it.anchor is not None]
+    if "pace" in regs and regs["pace"].store is not None:
+        tensors.append(regs["pace"].store.stored)
+    if "self_labeling" in regs and regs["self_labeling"].corrector is not None:
+        tensors += [regs["self_labeling"].corrector.labels, regs["self_labeling"].corrector.original]
     seen: dict[int, int] = {}
     for x in tensors:
         storage = x.untyped_storage()

@@ -130,7 +130,7 @@ def run_model(setup: ModelSetup, methods: Sequence[Method], steps: int, warmup: 
     # ---- the distance projection alone (DistanceConstraint.project, as the callback calls it after a step)
     projection = None
     if "full+distance" in entries:
-        projection = projection_timing(entries["full+distance"].trainer.distance, steps,
+        projection = projection_timing(entries["full+distance"].trainer.regularizers["distance"].constraint, steps,
                                        median(entries["full"].times) if "full" in entries else None)
         frac = projection["fraction_of_full_step"]
         log(f"  projection alone: {projection['ms']:.1f} ms"
@@ -211,8 +211,9 @@ def projection_timing(constraint, reps: int, full_step_s: Optional[float], warmu
 
 def _inject_layer(entries: dict[str, Entry]) -> Optional[dict[str, int]]:
     for e in entries.values():
-        ns = e.trainer.noise_stability
-        if ns is not None:
+        tsrs = e.trainer.regularizers.get("tsrs")
+        if tsrs is not None:
+            ns = tsrs.stability
             return {"inject_layer": ns.inject_layer, "measure_from": ns.measure_from, "blocks": len(ns.blocks)}
     return None
 
