@@ -83,12 +83,12 @@ class StepContext:
         epoch: ``state.epoch`` (fractional).
         step: ``state.global_step``.
         batch_size: The rows of the batch as the trainer received it (the scale of per-example terms).
-        rows: The distinct examples in this step's forward (``batch_size``, or fewer when a regularizer keeps part
-            of the batch); copies of them that regularizers add share their dropout masks.
         gather: Concatenates a tensor over all processes (identity with one process).
         record: ``record(name, value)`` logs a per-step scalar, averaged over the logging interval.
         logits: The task path's logits after every ``select``; set by the trainer after the forward.
             ``relabel`` may replace ``labels`` once they are set.
+        rows: The distinct examples in this step's forward (default ``batch_size``; fewer when a regularizer keeps
+            part of the batch); copies of them that regularizers add share their dropout masks.
     """
 
     model: nn.Module
@@ -98,10 +98,14 @@ class StepContext:
     epoch: float
     step: int
     batch_size: int
-    rows: int
     gather: Callable[[Tensor], Tensor]
     record: Callable[[str, float], None]
     logits: Optional[Tensor] = field(default=None)
+    rows: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            self.rows = self.batch_size
 
 
 class Regularizer:
