@@ -13,6 +13,7 @@ and gives this class, with a ``FutureWarning``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -134,6 +135,18 @@ class RegularizerConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field to change."""
+        def non_finite(value: Any) -> bool:  # a float anywhere in the value (also inside lists and dicts)
+            if isinstance(value, float):
+                return not math.isfinite(value)
+            if isinstance(value, dict):
+                value = list(value.values())
+            return isinstance(value, (list, tuple)) and any(non_finite(v) for v in value)
+
+        for f in dataclasses.fields(RegularizerConfig):  # first: NaN passes every comparison below
+            if non_finite(getattr(self, f.name)):
+                raise ValueError(f"RegularizerConfig.{f.name} must be a finite number, got {getattr(self, f.name)!r}; "
+                                 f"set a real value (NaN would silently switch its term off, infinity drives the "
+                                 f"weights to NaN).")
         for name in ("tsrs_weight", "tsrs_noise_std", "pace_weight", "distance_penalty_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RegularizerConfig.{name} must be >= 0, got {getattr(self, name)}.")
