@@ -1,4 +1,5 @@
-"""Locate the list of blocks of a (possibly PEFT-wrapped) model, and read or replace what flows through a block."""
+"""Locate the list of blocks and the classification head of a (possibly PEFT-wrapped) model, and read or replace what
+flows through a block."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["block_input", "find_blocks", "first_tensor", "replace_block_input", "unwrap_model"]
+__all__ = ["HEAD_NAMES", "block_input", "find_blocks", "find_head", "first_tensor", "replace_block_input",
+           "unwrap_model"]
+
+# Attribute names of the classification head in transformers' models (``classifier``: BERT, ViT, DeiT, ...; ``score``:
+# decoders' sequence classification; ``head`` / ``fc``: timm-style vision models), in the order they are looked up.
+HEAD_NAMES: tuple[str, ...] = ("classifier", "score", "head", "fc")
 
 
 def first_tensor(output: Any) -> Tensor:
@@ -145,4 +151,21 @@ def find_blocks(model: nn.Module, block_path: str | None = None) -> tuple[str, n
     raise ValueError(
         f"Could not locate the list of encoder blocks in {type(base).__name__}. Pass block_path='...', the "
         "dotted path of the nn.ModuleList holding the blocks (e.g. 'bert.encoder.layer')."
+    )
+
+
+def find_head(model: nn.Module, names: tuple[str, ...] = HEAD_NAMES) -> tuple[str, nn.Module]:
+    """Return ``(name, head)``: the first attribute of the unwrapped base model named in ``names`` that is a module.
+
+    The module is returned as the model holds it: a PEFT ``ModulesToSaveWrapper`` (``modules_to_save=["classifier"]``)
+    or a tuner layer wrapping the head is returned itself, so a hook on it sees what the head is called with.
+    """
+    base = unwrap_model(model)
+    for name in names:
+        head = getattr(base, name, None)
+        if isinstance(head, nn.Module):
+            return name, head
+    raise ValueError(
+        f"Could not find the classification head of {type(base).__name__}: none of the attributes "
+        f"{', '.join(repr(n) for n in names)} is a module."
     )

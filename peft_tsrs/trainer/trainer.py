@@ -248,12 +248,15 @@ class RegularizedTrainerMixin:
                 stack.enter_context(regularizer.forward_context(step))
             outputs = model(**step.inputs)
             logits = outputs.logits
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            for regularizer in regularizers:  # the positions of the task path's rows, then their logits
+                rows = regularizer.select(rows, step)
             for regularizer in regularizers:
                 logits = regularizer.select(logits, step)
             if logits.ndim != 2:
                 raise ValueError(f"RegularizedTrainer supports single-label classification (logits of shape "
                                  f"(batch, classes)); got logits of shape {tuple(logits.shape)}.")
-            step.logits = logits
+            step.task_rows, step.logits = rows, logits
             for regularizer in regularizers:
                 regularizer.relabel(step)
             terms: dict[str, torch.Tensor] = {}
@@ -290,7 +293,8 @@ class RegularizedTrainerMixin:
                                  device=self.args.device)
             if self.accelerator.num_processes > 1:
                 means = self.accelerator.reduce(means, reduction="mean")
-            logs.update({n: round(float(m), 6) for n, m in zip(names, means)})
+            # 6 significant digits, so a small term (BSS at weight 1e-3) does not round to 0
+            logs.update({n: float(f"{float(m):.6g}") for n, m in zip(names, means)})
             self._components.clear()
         if "loss" in logs:
             for regularizer in self.regularizers.values():
