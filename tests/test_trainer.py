@@ -155,7 +155,7 @@ def test_label_correction_and_reweighting_follow_schedule(tmp_path):
         if ended < 1:  # the 1st epoch: no correction yet
             assert h["n_labels_corrected"] == 0
         expected = 2.0 * max(0.5, math.exp(-0.1 * max(0, ended - 1)))  # T0, T0, T0·e^-0.1
-        assert h["reweight_temperature"] == pytest.approx(expected, rel=1e-6)
+        assert h["reweight_temperature"] == pytest.approx(expected, rel=1e-5)  # logs keep 6 significant digits
     assert logs[-1]["n_labels_corrected"] > 0
     corrected = trainer.regularizers["self_labeling"].corrector.labels
     assert (corrected != torch.tensor(ds["label"])).sum() == logs[-1]["n_labels_corrected"]
