@@ -123,6 +123,7 @@ class PACERegularizer(Regularizer):
         self.lazy_every = lazy_every
         self.store = store
         self.needs_index = mode == "fast"
+        self.per_example = mode == "fast"  # the store holds one row of logits per example
         self._paired = False
         self._second: Optional[Tensor] = None
 
@@ -163,7 +164,10 @@ class PACERegularizer(Regularizer):
     def loss(self, step: StepContext) -> dict[str, Tensor]:
         if self._paired:
             second, self._second = self._second, None
-            return {"loss_pace": self.weight * consistency_mse(step.logits.float(), second.float())}
+            first = step.logits
+            if step.positions is not None:  # token-level task: the supervised positions only
+                first, second = first[step.positions], second[step.positions]
+            return {"loss_pace": self.weight * consistency_mse(first.float(), second.float())}
         if self.store is None:  # lazy mode on a step without the pair
             return {}
         term = self.weight * self.store.loss(step.indices, step.logits.float())
