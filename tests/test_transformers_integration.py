@@ -313,3 +313,39 @@ def test_pace_head_noise_follows_set_adapter_and_is_applied_once():
     model.delete_adapter("a")  # the tuner whose hook serves the model is gone from peft_config
     model.set_adapter("b")
     assert not torch.allclose(_train_logits(model, x), base)
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+
+
+def test_regularized_trainer_on_an_add_adapter_model(tmp_path):
+    """A model with add_adapter (no PeftModel) trains with RegularizedTrainer: only the adapter moves, the
+    trainer's save_model writes an adapter folder that load_adapter restores."""
+    import datasets
+
+    from peft_tsrs import RegularizedTrainer, RegularizerConfig
+    from transformers import TrainingArguments
+
+    g = torch.Generator().manual_seed(0)
+    ds = datasets.Dataset.from_dict({
+        "input_ids": torch.randint(1, 50, (16, 6), generator=g).tolist(),
+        "attention_mask": [[1] * 6] * 16,
+        "label": torch.randint(0, 3, (16,), generator=g).tolist(),
+    })
+    model = make_tiny_bert()
+    model.add_adapter(PACEConfig(r=3, sigma=0.5))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, num_train_epochs=1,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+                             seed=0)
+    trainer = RegularizedTrainer(model=model, args=args, train_dataset=ds,
+                                 regularizers=RegularizerConfig(pace_weight=0.5, pace_mode="full"))
+    trainer.train()
+    moved = sorted(n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n]))
+    assert moved and all("pace_" in n for n in moved), moved
+    trainer.save_model(str(tmp_path / "adapter"))
+    x = inputs_for("bert")
+    expected = logits(model.eval(), x)
+    fresh = make_tiny_bert()
+    fresh.load_adapter(str(tmp_path / "adapter"))
+    assert torch.equal(logits(fresh, x), expected)
