@@ -48,6 +48,22 @@ def block_index(key: str) -> Optional[int]:
     return int(found.group(1)) if found else None
 
 
+def schedule_blocks(model: nn.Module, keys: Iterable[str]) -> int:
+    """B of PACE's depth schedule: the model config's ``num_hidden_layers``, else 1 + the largest block index among the
+    module names ``keys`` (read only when the config has no block count)."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not n:
+        n = 1 + max((d for d in map(block_index, keys) if d is not None), default=0)
+    return int(n)
+
+
+def head_modules(model: nn.Module, heads: Patterns) -> dict[str, nn.Module]:
+    """The modules at the head paths ``heads``, by name: PEFT's ``ModulesToSaveWrapper`` of a trained head, never the
+    copies inside it."""
+    return {name: m for name, m in model.named_modules() if matches_module_name(heads, name)
+            and not any(p in name.split(".") for p in ("modules_to_save", "original_module"))}
+
+
 def check_rank(r: int, method: str) -> None:
     """Reject a rank that is not a positive integer with a message that says what to change."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:

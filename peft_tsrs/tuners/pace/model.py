@@ -9,7 +9,7 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from ..tuners_utils import ComposedWeightTuner, block_index, matches_module_name
+from ..tuners_utils import ComposedWeightTuner, block_index, head_modules, schedule_blocks
 from .config import PACEConfig, depth_sigma, head_sigma
 from .layer import Linear, PACELayer, multiplicative_noise
 
@@ -42,13 +42,9 @@ class PACEModel(ComposedWeightTuner):
         """B of the depth schedule: the model config's ``num_hidden_layers``, else 1 + the largest block index among
         the modules the adapter targets (computed once per adapter)."""
         if adapter_name not in self._n_blocks:
-            n = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
-            if not n:
-                config = self.peft_config[adapter_name]
-                depths = [block_index(key) for key, _ in self.model.named_modules()
-                          if self._check_target_module_exists(config, key)]
-                n = 1 + max((d for d in depths if d is not None), default=0)
-            self._n_blocks[adapter_name] = int(n)
+            config = self.peft_config[adapter_name]
+            targets = (key for key, _ in self.model.named_modules() if self._check_target_module_exists(config, key))
+            self._n_blocks[adapter_name] = schedule_blocks(self.model, targets)
         return self._n_blocks[adapter_name]
 
     def _create_and_replace(self, config: PACEConfig, adapter_name, target, target_name, parent, current_key,
@@ -131,8 +127,7 @@ class PACEModel(ComposedWeightTuner):
         config = self.peft_config[self.active_adapters[0]]
         if not config.noise_head:
             return
-        found = {name: m for name, m in self.model.named_modules() if matches_module_name(config.heads, name)
-                 and not any(p in name.split(".") for p in ("modules_to_save", "original_module"))}
+        found = head_modules(self.model, config.heads)
         if not found:
             if config.explicit_head:
                 raise ValueError(f"PACE: head module(s) {config.heads} not found in the model; fix `head_modules` "
