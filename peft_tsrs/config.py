@@ -187,10 +187,9 @@ class RegularizerConfig:
                                  "(absolute) or distance_ratio (relative to ||W0||); the 'penalty' mode needs none.")
         if self.pace_lazy_every < 1:
             raise ValueError(f"RegularizerConfig.pace_lazy_every must be >= 1, got {self.pace_lazy_every}.")
-        sigma = self.pace_sigma
-        if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float))
-                                  or not math.isfinite(sigma) or sigma < 0):
-            raise ValueError(f"RegularizerConfig.pace_sigma must be a finite number >= 0 (or None), got {sigma!r}.")
+        if self.pace_sigma is not None and self.pace_sigma < 0:  # NaN / infinity: refused above
+            raise ValueError(f"RegularizerConfig.pace_sigma must be >= 0 (or None: the PACE adapter's own sigma), "
+                             f"got {self.pace_sigma}.")
         if self.label_correction_threshold is not None and not 0 < self.label_correction_threshold <= 1:
             raise ValueError("RegularizerConfig.label_correction_threshold must be in (0, 1] or None, "
                              f"got {self.label_correction_threshold}.")

@@ -250,8 +250,9 @@ def test_recipe_inside_adapter_config_is_saved_and_used(tmp_path):
 @pytest.mark.parametrize("kwargs,match", [
     ({"tsrs_weight": -1.0}, "tsrs_weight must be >= 0"),
     ({"pace_mode": "sometimes"}, "pace_mode must be one of"),
-    ({"pace_sigma": -0.1}, "pace_sigma must be a finite number >= 0"),
-    ({"pace_sigma": float("nan")}, "pace_sigma must be a finite number >= 0"),
+    ({"pace_sigma": -0.1}, "pace_sigma must be >= 0"),
+    ({"pace_sigma": float("nan")}, "pace_sigma must be a finite number"),
+    ({"pace_sigma": float("inf")}, "pace_sigma must be a finite number"),
     ({"distance_norm": "frob"}, "exactly one of distance_radius"),
     ({"distance_norm": "l2", "distance_radius": 1.0}, "distance_norm must be one of"),
     ({"distance_norm": "frob", "distance_radius": -1.0}, "distance_radius must be > 0"),

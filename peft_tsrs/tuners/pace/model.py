@@ -9,7 +9,7 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from ..tuners_utils import ComposedWeightTuner, block_index, head_modules, schedule_blocks
+from ..tuners_utils import ComposedWeightTuner, block_index, head_in_training, head_modules, schedule_blocks
 from .config import PACEConfig, depth_sigma, head_sigma
 from .layer import Linear, PACELayer, multiplicative_noise
 
@@ -98,19 +98,8 @@ class PACEModel(ComposedWeightTuner):
         return out
 
     # ------------------------------------------------------------------ head noise
-    @staticmethod
-    def _head_in_training(module: nn.Module) -> bool:
-        """The training flag of the module that computes the head's output. PEFT wraps a ``modules_to_save`` head in a
-        new ``ModulesToSaveWrapper``, which starts in train mode even on a model in eval mode; the copy it runs
-        (or the original module, when no adapter of it is active) carries the model's flag."""
-        copies = module._modules.get("modules_to_save")
-        if isinstance(copies, nn.ModuleDict) and "original_module" in module._modules:
-            active = [a for a in module.active_adapters if a in copies] if not module.disable_adapters else []
-            return (copies[active[0]] if active else module._modules["original_module"]).training
-        return module.training
-
     def _head_noise(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if not (self._head_in_training(module) and self._adapters_on and self._noise_on and self.active_adapters):
+        if not (head_in_training(module) and self._adapters_on and self._noise_on and self.active_adapters):
             return output
         adapter = self.active_adapters[0]
         config = self.peft_config[adapter]
