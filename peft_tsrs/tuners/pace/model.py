@@ -9,7 +9,7 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from ..tuners_utils import ComposedWeightTuner, block_index, matches_module_name
+from ..tuners_utils import ComposedWeightTuner, block_index, head_in_training, head_modules, schedule_blocks
 from .config import PACEConfig, depth_sigma, head_sigma
 from .layer import Linear, PACELayer, multiplicative_noise
 
@@ -42,13 +42,9 @@ class PACEModel(ComposedWeightTuner):
         """B of the depth schedule: the model config's ``num_hidden_layers``, else 1 + the largest block index among
         the modules the adapter targets (computed once per adapter)."""
         if adapter_name not in self._n_blocks:
-            n = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
-            if not n:
-                config = self.peft_config[adapter_name]
-                depths = [block_index(key) for key, _ in self.model.named_modules()
-                          if self._check_target_module_exists(config, key)]
-                n = 1 + max((d for d in depths if d is not None), default=0)
-            self._n_blocks[adapter_name] = int(n)
+            config = self.peft_config[adapter_name]
+            targets = (key for key, _ in self.model.named_modules() if self._check_target_module_exists(config, key))
+            self._n_blocks[adapter_name] = schedule_blocks(self.model, targets)
         return self._n_blocks[adapter_name]
 
     def _create_and_replace(self, config: PACEConfig, adapter_name, target, target_name, parent, current_key,
@@ -102,17 +98,6 @@ class PACEModel(ComposedWeightTuner):
         return out
 
     # ------------------------------------------------------------------ head noise
-    @staticmethod
-    def _head_in_training(module: nn.Module) -> bool:
-        """The training flag of the module that computes the head's output. PEFT wraps a ``modules_to_save`` head in a
-        new ``ModulesToSaveWrapper``, which starts in train mode even on a model in eval mode; the copy it runs
-        (or the original module, when no adapter of it is active) carries the model's flag."""
-        copies = module._modules.get("modules_to_save")
-        if isinstance(copies, nn.ModuleDict) and "original_module" in module._modules:
-            active = [a for a in module.active_adapters if a in copies] if not module.disable_adapters else []
-            return (copies[active[0]] if active else module._modules["original_module"]).training
-        return module.training
-
     def _layer_state(self) -> tuple[Optional[str], bool]:
         """(active adapter, adapters and noise on) as the PACE layers hold them, together with this tuner's flags.
 
@@ -128,7 +113,7 @@ class PACEModel(ComposedWeightTuner):
         return (active[0] if active else None), on
 
     def _head_noise(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if not self._head_in_training(module):
+        if not head_in_training(module):
             return output
         adapter, on = self._layer_state()
         if not (on and adapter is not None):
@@ -148,8 +133,7 @@ class PACEModel(ComposedWeightTuner):
         config = self.peft_config[adapter]
         if not config.noise_head:
             return
-        found = {name: m for name, m in self.model.named_modules() if matches_module_name(config.heads, name)
-                 and not any(p in name.split(".") for p in ("modules_to_save", "original_module"))}
+        found = head_modules(self.model, config.heads)
         if not found:
             if config.explicit_head:
                 raise ValueError(f"PACE: head module(s) {config.heads} not found in the model; fix `head_modules` "
