@@ -198,9 +198,8 @@ class RegularizedTrainerMixin:
         return int(num)
 
     def _index_and_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self._classifier:
-            raise ValueError(self._per_example_message(
-                "label correction / PACE-fast", f"no single class per example ({type(unwrap_model(self.model)).__name__})"))
+        if not self._classifier:  # asked while the regularizers are built
+            self._refuse_per_example(f"no single class per example ({type(unwrap_model(self.model)).__name__})")
         ds = self.train_dataset
         column = self.regularizer_config.index_column
         names = getattr(ds, "column_names", None)
@@ -345,15 +344,21 @@ class RegularizedTrainerMixin:
 
     def _refuse_per_example(self, what: str) -> None:
         """Regularizers that need one class prediction per example, on a task that has none: a clear error."""
-        names = [name for name, r in self.regularizers.items() if r.per_example]
+        cfg = self.regularizer_config
+        names = [name for name, on in (
+            ("PACE-fast", cfg.pace_weight > 0 and cfg.pace_mode == "fast"),
+            ("label correction", cfg.label_correction_threshold is not None),
+            ("reweighting", cfg.reweight_start_epoch is not None)) if on]
+        names += [name for name, r in getattr(self, "regularizers", {}).items()  # a custom per-example regularizer
+                  if r.per_example and name not in ("pace", "self_labeling")]
         if names:
             raise ValueError(self._per_example_message(", ".join(names), what))
 
     @staticmethod
     def _per_example_message(names: str, what: str) -> str:
-        return (f"RegularizedTrainer: {names} need(s) one class prediction per example (single-label "
-                f"classification), and this model's task has {what}: label correction and reweighting need a class "
-                f"per example, PACE-fast stores one row of logits per example. Turn them off for this task "
+        return (f"RegularizedTrainer: {names} cannot run on this model: it needs one class prediction per example "
+                f"(single-label classification), and this model's task has {what}. Label correction and reweighting "
+                f"need a class per example, PACE-fast stores one row of logits per example. Turn them off for this task "
                 f"(label_correction_threshold=None, reweight_start_epoch=None; pace_mode='full' or 'lazy').")
 
     # ------------------------------------------------------------------ logging
