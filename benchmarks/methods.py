@@ -32,6 +32,7 @@ class Method:
     hparams: Grid = ((),)  # the method's own grid (generalization), searched with the learning rate
     per_task: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False, compare=False)
     equal_params_lora: bool = False  # LoRA with per-module ranks matching RLRR's trainable parameter count (cost)
+    changed: Optional[str] = None  # what peft-tsrs FIXED_IN changed in the method: earlier runs of it are stale
 
 
 def recipe_files(task_file: str, method: Method) -> list[str]:
@@ -75,6 +76,32 @@ def distance_grid(ratios: Sequence[float]) -> Grid:
     return tuple(() if math.isclose(r, shipped) else (f"{_DISTANCE_RATIO_KEY}={float(r)}",) for r in ratios)
 
 
+# ---------------------------------------------------------------------------------------------- staleness
+# The release whose fixes (issue #22: the outside review's fidelity defects) changed what several methods compute.
+# A run recorded by an earlier release (no "peft_tsrs_version" in its record) of a method with ``changed`` set is
+# stale: the tables mark it until the benchmark reruns it.
+FIXED_IN = "0.2.0"
+_TSRS_CHANGED = ("TSRS: the clean and noisy pass now share their dropout masks (σ 0 gave a term of 0.32 on MiniLM, "
+                 "not 0) and the norms leave padding out")
+_PACE_CHANGED = ("PACE adapter: the VPT-add part now starts as the official code (P = 0, q Xavier; was P Xavier, "
+                 "q = 0)")
+_PACE_FULL_CHANGED = _PACE_CHANGED + "; PACE full's copies now share every dropout mask, attention dropout included"
+_SELF_LABEL_CHANGED = ("self-labeling: epochs count from 1, corrected labels train in the same step, T anneals per "
+                       "epoch; the distance constraint bounds only 2-D/4-D weights, inf-op radii per row")
+
+
+def is_stale(method: "Method", record: dict) -> bool:
+    """Whether a run record predates the fixes that changed ``method``."""
+    if method.changed is None:
+        return False
+    version = record.get("peft_tsrs_version")
+    return version is None or _version_tuple(version) < _version_tuple(FIXED_IN)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
+
+
 # ---------------------------------------------------------------------------------------------- generalization
 # self-labeling starts scaled with the budget (the paper's epochs 10 / 5 assume a longer schedule)
 _SELF_LABEL_START = {
@@ -100,20 +127,25 @@ GENERALIZATION_METHODS: tuple[Method, ...] = (
     Method("lora", "LoRA r8", ("lora.yaml",), per_task={"fmnist": _ADAPTER_VIT_LR, "wordnet": _LORA_TEXT_LR}),
     Method("rlrr", "RLRR r1", ("rlrr.yaml",), per_task={"fmnist": _RLRR_VIT_LR}),
     Method("pace-base", "PACE adapter (σ 0, no consistency)", ("pace.yaml",),
-           ("adapter.sigma=0.0", "regularizers.pace_weight=0"), per_task={"fmnist": _ADAPTER_VIT_LR}),
-    Method("pace", "PACE (full)", ("pace.yaml",), counterpart="pace-base", per_task={"fmnist": _ADAPTER_VIT_LR}),
+           ("adapter.sigma=0.0", "regularizers.pace_weight=0"), per_task={"fmnist": _ADAPTER_VIT_LR},
+           changed=_PACE_CHANGED),
+    Method("pace", "PACE (full)", ("pace.yaml",), counterpart="pace-base", per_task={"fmnist": _ADAPTER_VIT_LR},
+           changed=_PACE_FULL_CHANGED),
     Method("pace-fast", "PACE-fast", ("pace_fast.yaml",), counterpart="pace-base",
-           per_task={"fmnist": _ADAPTER_VIT_LR}),
+           per_task={"fmnist": _ADAPTER_VIT_LR}, changed=_PACE_CHANGED),
     Method("lora+tsrs", "LoRA + TSRS", ("tsrs_lora.yaml",), counterpart="lora", hparams=TSRS_GRID,
-           per_task={"fmnist": _ADAPTER_VIT_LR, "wordnet": _LORA_TEXT_LR}),
+           per_task={"fmnist": _ADAPTER_VIT_LR, "wordnet": _LORA_TEXT_LR}, changed=_TSRS_CHANGED),
     Method("rlrr+tsrs", "RLRR + TSRS", ("tsrs.yaml",), counterpart="rlrr", hparams=TSRS_GRID,
-           per_task={"fmnist": _RLRR_VIT_LR}),
+           per_task={"fmnist": _RLRR_VIT_LR}, changed=_TSRS_CHANGED),
     Method("full+selflabel", "full + distance + self-labeling", (SELF_LABEL_FILE,), counterpart="full",
-           per_task={"wordnet": _SELF_LABEL_START["wordnet"], "fmnist": _SELF_LABEL_START["fmnist"] + _FULL_VIT_LR}),
+           per_task={"wordnet": _SELF_LABEL_START["wordnet"], "fmnist": _SELF_LABEL_START["fmnist"] + _FULL_VIT_LR},
+           changed=_SELF_LABEL_CHANGED),
     # candidate "best combination", fixed before any result (the demo's): RLRR + TSRS + PACE-fast consistency
     Method("rlrr+tsrs+pacefast", "RLRR + TSRS + PACE-fast", ("tsrs.yaml",),
            ("regularizers.pace_weight=0.1", "regularizers.pace_mode=fast"), counterpart="rlrr", hparams=TSRS_GRID,
-           per_task={"fmnist": _RLRR_VIT_LR}),
+           per_task={"fmnist": _RLRR_VIT_LR},
+           changed=_TSRS_CHANGED + "; PACE-fast's consistency compared passes without any PACE noise (RLRR had none: "
+                   "not PACE)"),
 )
 GENERALIZATION_BY_KEY = {m.key: m for m in GENERALIZATION_METHODS}
 

@@ -14,6 +14,7 @@ register_all(TUNERS)
 from .config import RegularizerConfig  # noqa: E402
 from .trainer import (  # noqa: E402
     CollapseWarning,
+    NonFiniteLossError,
     RegularizedTrainer,
     RegularizedTrainerMixin,
     RegularizedTrainingArguments,
@@ -22,6 +23,7 @@ from .version import __version__  # noqa: E402
 
 __all__ = [
     "CollapseWarning",
+    "NonFiniteLossError",
     "PACEConfig",
     "PACEModel",
     "RLRRConfig",

@@ -13,6 +13,7 @@ and gives this class, with a ``FutureWarning``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -39,6 +40,9 @@ class RegularizerConfig:
         tsrs_inject_layer: block I receiving the noise (``None``: the middle block).
         tsrs_measure_from: first block N whose output perturbation is penalized (``None``: = I).
         tsrs_task_loss_path: ``"noisy"`` (official code) or ``"clean"``: which pass the task loss is computed on.
+        bss_weight: weight of Batch Spectral Shrinkage (Chen et al., NeurIPS 2019), ``Σ`` of the ``bss_k`` smallest
+            squared singular values of the batch of features the head reads (official TSRS code: 1e-3; 0 disables).
+        bss_k: how many of the smallest singular values BSS shrinks (official: 1).
     PACE consistency (Ni et al., NeurIPS 2024):
         pace_weight: λ of ``mean_batch Σ_classes (logits₁ − logits₂)²`` (official grid 0.02–1; 0 disables).
         pace_mode: ``"full"`` (batch duplicated in one forward), ``"lazy"`` (every ``pace_lazy_every`` steps on half
@@ -82,6 +86,11 @@ class RegularizerConfig:
         default="noisy", metadata={"help": "Task loss on the 'noisy' (official) or 'clean' pass.",
                                    "choices": list(TASK_LOSS_PATHS)}
     )
+    bss_weight: float = field(
+        default=0.0, metadata={"help": "Batch Spectral Shrinkage weight on the head's input features (official TSRS "
+                                       "code: 1e-3; 0 = off)."}
+    )
+    bss_k: int = field(default=1, metadata={"help": "BSS: number of smallest singular values shrunk (official: 1)."})
     pace_weight: float = field(default=0.0, metadata={"help": "PACE consistency weight λ (0 = off)."})
     pace_mode: str = field(
         default="full", metadata={"help": "PACE consistency variant.", "choices": list(PACE_MODES)}
@@ -134,7 +143,19 @@ class RegularizerConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise ``ValueError`` naming the field to change."""
-        for name in ("tsrs_weight", "tsrs_noise_std", "pace_weight", "distance_penalty_weight"):
+        def non_finite(value: Any) -> bool:  # a float anywhere in the value (also inside lists and dicts)
+            if isinstance(value, float):
+                return not math.isfinite(value)
+            if isinstance(value, dict):
+                value = list(value.values())
+            return isinstance(value, (list, tuple)) and any(non_finite(v) for v in value)
+
+        for f in dataclasses.fields(RegularizerConfig):  # first: NaN passes every comparison below
+            if non_finite(getattr(self, f.name)):
+                raise ValueError(f"RegularizerConfig.{f.name} must be a finite number, got {getattr(self, f.name)!r}; "
+                                 f"set a real value (NaN would silently switch its term off, infinity drives the "
+                                 f"weights to NaN).")
+        for name in ("tsrs_weight", "tsrs_noise_std", "bss_weight", "pace_weight", "distance_penalty_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RegularizerConfig.{name} must be >= 0, got {getattr(self, name)}.")
         for name in ("distance_radius", "distance_ratio", "distance_head_radius"):
@@ -170,6 +191,9 @@ class RegularizerConfig:
                               ("reweight_temperature_schedule", TEMPERATURE_SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"RegularizerConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if self.bss_k < 1:
+            raise ValueError(f"RegularizerConfig.bss_k must be >= 1 (how many smallest singular values), "
+                             f"got {self.bss_k}.")
         if self.distance_penalty_stage_scale <= 0:
             raise ValueError("RegularizerConfig.distance_penalty_stage_scale must be > 0, "
                              f"got {self.distance_penalty_stage_scale}.")
@@ -181,6 +205,10 @@ class RegularizerConfig:
     @property
     def uses_tsrs(self) -> bool:
         return self.tsrs_weight > 0
+
+    @property
+    def uses_bss(self) -> bool:
+        return self.bss_weight > 0
 
     @property
     def uses_pace(self) -> bool:
@@ -210,8 +238,8 @@ class RegularizerConfig:
 
     @property
     def is_noop(self) -> bool:
-        return not (self.uses_tsrs or self.uses_pace or self.uses_distance or self.uses_label_correction
-                    or self.uses_reweighting)
+        return not (self.uses_tsrs or self.uses_bss or self.uses_pace or self.uses_distance
+                    or self.uses_label_correction or self.uses_reweighting)
 
     # ------------------------------------------------------------------ (de)serialization
     def to_dict(self) -> dict[str, Any]:

@@ -20,9 +20,8 @@ GENERALIZATION_FOLDERS = sorted(d for d in os.listdir(RESULTS)
 # The paired t-test is scipy's since the committed tables were written: its t and p differ from the hand-written
 # incomplete beta function's in the last bits (relative 1e-14 at most), never in the digits the reports print.
 T_TEST_FIELDS = ("t", "p_t")
-# results/quick/generalization.md was written by the first version of the report (before it named the call's command
-# and listed the selection runs), and is older than the code at any commit since: its JSON still regenerates.
-STALE_MARKDOWN = {"quick"}
+# Markdown files older than the report code (none since 0.2.0 rewrote every report with its stale-row marks).
+STALE_MARKDOWN: set[str] = set()
 
 
 def _committed(*parts: str) -> bytes:

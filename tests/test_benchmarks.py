@@ -251,7 +251,7 @@ def _rec(task, method, seed, test, val=None, shots=8, noise=0.0, selected=True, 
             "method": method, "phase": phase, "seed": seed, "lr": lr, "hparams": [], "config": f"lr{lr:.3g}",
             "selected": selected, "validation_accuracy": test if val is None else val, "validation_loss": loss,
             "test_accuracy": test, "train_time_s": 10.0, "train_steps": 5, "trainable_parameters": 1,
-            "recipe_method": method, "run_dir": "x"}
+            "recipe_method": method, "run_dir": "x", "peft_tsrs_version": "0.2.0"}
 
 
 def _hand_records():
@@ -305,6 +305,23 @@ def test_markdown_report_formatting():
     assert "QUICK MODE" not in text
     assert "QUICK MODE" in gen_report.markdown_report(_hand_records(), {"quick": True})
     assert "Best method per setting" in text
+
+
+def test_runs_from_before_a_method_changed_are_marked_stale():
+    """A run recorded before 0.2.0 (no version in its record) of a method the fixes changed gets a † and the reason;
+    a method that did not change (LoRA) and runs of the current release get none."""
+    old = [dict(r, peft_tsrs_version=None) if r["method"] == "lora+tsrs" else r for r in _hand_records()]
+    for r in old:
+        if r["peft_tsrs_version"] is None:
+            del r["peft_tsrs_version"]
+    text = gen_report.markdown_report(old, {"date": "d", "seeds": [0, 1, 2, 3, 4], "lr_multipliers": [1]})
+    assert "| LoRA + TSRS † | 5 |" in text and "| LoRA r8 | 5 |" in text
+    assert "**† Stale rows.**" in text and "LoRA + TSRS — TSRS: the clean and noisy pass now share" in text
+    fresh = gen_report.markdown_report(_hand_records(), {"date": "d", "seeds": [0, 1, 2, 3, 4], "lr_multipliers": [1]})
+    assert "†" not in fresh
+    from peft_tsrs.version import __version__
+
+    assert running._version() == __version__  # new records carry the release that made them
 
 
 def test_markdown_report_lists_every_selection_run_of_a_searched_group():

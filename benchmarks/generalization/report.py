@@ -7,7 +7,7 @@ import math
 from collections import defaultdict
 from typing import Any, Optional, Sequence
 
-from ..methods import GENERALIZATION_BY_KEY, GENERALIZATION_METHODS, TSRS_WEIGHTS
+from ..methods import FIXED_IN, GENERALIZATION_BY_KEY, GENERALIZATION_METHODS, TSRS_WEIGHTS, is_stale
 from ..notes import note
 from .calls import parse_command
 from .grid import TASKS, Setting
@@ -71,10 +71,30 @@ def call_protocol(command: str) -> str:
     return f" (configuration selected on validation{tsrs}{ratios})"
 
 
+def stale_methods(records: Sequence[dict[str, Any]]) -> list[str]:
+    """The methods (table order) with a run recorded before the fixes that changed them (``methods.is_stale``)."""
+    stale = {r["method"] for r in records
+             if r["method"] in GENERALIZATION_BY_KEY and is_stale(GENERALIZATION_BY_KEY[r["method"]], r)}
+    return [m.key for m in GENERALIZATION_METHODS if m.key in stale]
+
+
+def stale_lines(stale: Sequence[str]) -> list[str]:
+    """The note under the protocol that says which rows are stale and why ([] when none is)."""
+    if not stale:
+        return []
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for key in stale:
+        by_reason[GENERALIZATION_BY_KEY[key].changed].append(GENERALIZATION_BY_KEY[key].label)
+    reasons = " ".join(_note("Stale / method", labels=", ".join(labels), changed=changed)
+                       for changed, labels in by_reason.items())
+    return [_note("Stale", fixed_in=FIXED_IN, reasons=reasons), ""]
+
+
 def markdown_report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     rows = aggregate(records)
     pairs = {(p["task"], p["shots"], p["label_noise"], p["method"]): p for p in paired_comparisons(records)}
-    labels = {m.key: m.label for m in GENERALIZATION_METHODS}
+    stale = stale_methods(records)
+    labels = {m.key: m.label + (" †" if m.key in stale else "") for m in GENERALIZATION_METHODS}
     lines = ["# Generalization (`python -m benchmarks.generalization`)", ""]
     if meta.get("quick"):
         lines += [_note("Quick mode"), ""]
@@ -82,6 +102,7 @@ def markdown_report(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                                   how=call_protocol(c["command"])) for c in meta.get("earlier_calls", []))
     lines += [_note("Protocol", date=meta.get("date", ""), command=meta.get("command", ""), seeds=meta.get("seeds"),
                     selection=selection_text(meta), earlier_calls=earlier), ""]
+    lines += stale_lines(stale)
     current = None
     for r in rows:
         head = (r["task"], r["shots"], r["label_noise"])
@@ -139,6 +160,7 @@ def plot(records: list[dict[str, Any]], path: str) -> Optional[str]:
     rows = aggregate(records)
     if not rows:
         return None
+    stale = set(stale_methods(records))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,14 +179,16 @@ def plot(records: list[dict[str, Any]], path: str) -> Optional[str]:
         colors = ["#dd8452" if GENERALIZATION_BY_KEY.get(r["method"]) and GENERALIZATION_BY_KEY[r["method"]].counterpart
                   else "#4c72b0" for r in group]
         ax.bar(range(len(group)), means, yerr=errs, capsize=3, color=colors)
-        ax.set_xticks(range(len(group)), [r["method"] for r in group], rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(len(group)), [r["method"] + (" †" if r["method"] in stale else "") for r in group],
+                      rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{task}: {Setting(shots, noise).label}", fontsize=9)
         ax.set_ylabel("test accuracy (%)")
         low = min(m - e for m, e in zip(means, errs))
         ax.set_ylim(max(0.0, low - 5), min(100.0, max(m + e for m, e in zip(means, errs)) + 3))
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle("test accuracy, mean ± std over seeds (orange: regularized, blue: un-regularized)", fontsize=10)
+    fig.suptitle("test accuracy, mean ± std over seeds (orange: regularized, blue: un-regularized)"
+                 + ("; † stale: measured before the method changed" if stale else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

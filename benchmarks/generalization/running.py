@@ -84,6 +84,12 @@ def _run_locked(spec: RunSpec, runner: Callable[[RunSpec], dict[str, Any]],
     return metrics
 
 
+def _version() -> str:
+    from peft_tsrs.version import __version__
+
+    return __version__
+
+
 def record(spec: RunSpec, metrics: dict[str, Any], selected: bool = False) -> dict[str, Any]:
     """One row of generalization.json."""
     return {
@@ -96,6 +102,7 @@ def record(spec: RunSpec, metrics: dict[str, Any], selected: bool = False) -> di
         "train_time_s": metrics.get("train_time_s"), "train_steps": metrics.get("train_steps"),
         "trainable_parameters": metrics.get("trainable_parameters"),
         "recipe_method": metrics.get("method"), "run_dir": os.path.relpath(spec.run_dir, ROOT),
+        "peft_tsrs_version": _version(),
     }
 
 

@@ -24,6 +24,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from ..trainer.nonfinite import NonFiniteLossError
 from .hub import PushError
 from .recipes import load_recipe
 
@@ -132,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Errors that carry a message written for the user (exit status 2); anything else is unexpected (exit status 1).
-USER_ERRORS = (ValueError, FileNotFoundError, ImportError, PushError)
+USER_ERRORS = (ValueError, FileNotFoundError, ImportError, PushError, NonFiniteLossError)
 
 
 def one_line(err: BaseException, limit: int = 1000) -> str:

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-LOSS_KEYS = ("loss", "loss_task", "loss_tsrs", "loss_pace", "loss_distance")
+LOSS_KEYS = ("loss", "loss_task", "loss_tsrs", "loss_bss", "loss_pace", "loss_distance")
 
 
 def plot_training_curves(history: list[dict[str, Any]], path: str, title: str = "") -> str:

@@ -1,5 +1,6 @@
 """Pure-torch, Trainer-free regularizers — TSRS noise stability, PACE consistency, distance constraints, regularized
-self-labeling — each behind the one :class:`~peft_tsrs.regularizers.base.Regularizer` protocol.
+self-labeling, Batch Spectral Shrinkage — each behind the one :class:`~peft_tsrs.regularizers.base.Regularizer`
+protocol.
 
 The registry order below is the order of the loss terms, of ``select`` (see ``base.py``: the regularizer that adds rows
 deepest in the forward comes first) and of the log entries. A new regularizer is one file and one line here.
@@ -13,7 +14,8 @@ from .base import (
     register_regularizer,
     registered_regularizers,
 )
-from .blocks import find_blocks, first_tensor, unwrap_model
+from .blocks import find_blocks, find_head, first_tensor, unwrap_model
+from .bss import BSSRegularizer, batch_spectral_shrinkage
 from .consistency import FastConsistencyStore, PACERegularizer, consistency_mse, lazy_should_apply
 from .shared_dropout import shared_dropout
 from .distance import DistanceConstraint, DistanceRegularizer, project_frobenius_, project_inf_op_
@@ -31,8 +33,10 @@ register_regularizer("tsrs", TSRSRegularizer)
 register_regularizer("pace", PACERegularizer)
 register_regularizer("distance", DistanceRegularizer)
 register_regularizer("self_labeling", SelfLabeling)
+register_regularizer("bss", BSSRegularizer)
 
 __all__ = [
+    "BSSRegularizer",
     "BuildContext",
     "DistanceConstraint",
     "DistanceRegularizer",
@@ -44,10 +48,12 @@ __all__ = [
     "SelfLabeling",
     "StepContext",
     "TSRSRegularizer",
+    "batch_spectral_shrinkage",
     "build_regularizers",
     "consistency_mse",
     "epoch_number",
     "find_blocks",
+    "find_head",
     "first_tensor",
     "lazy_should_apply",
     "project_frobenius_",

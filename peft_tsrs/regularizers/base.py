@@ -5,9 +5,11 @@ A training step, as the trainer runs it for the active regularizers ``regs`` (in
     for r in regs: r.prepare(step)                 # change the batch: labels, halving, duplication
     with r.forward_context(step) for r in regs:    # hooks for the one forward (noise, shared dropout)
         outputs = model(**step.inputs)
+        rows = arange(len(outputs.logits))
+        for r in regs: rows = r.select(rows, step)       # the forward's rows the task loss is computed on ...
         logits = outputs.logits
-        for r in regs: logits = r.select(logits, step)   # back to the rows the task loss is computed on
-        step.logits = logits
+        for r in regs: logits = r.select(logits, step)   # ... and their logits
+        step.task_rows, step.logits = rows, logits
         for r in regs: r.relabel(step)             # change step.labels from this step's (detached) predictions
         terms = {name: t for r in regs for name, t in r.loss(step).items()}   # already weighted
     task = first r.task_loss(per_example, step) that is not None, else per_example.mean()
@@ -20,7 +22,10 @@ Composition: a single forward serves every regularizer. A regularizer that needs
 adds rows to the batch instead — at the input in ``prepare`` (PACE's second copy) or at a block inside
 ``forward_context`` (TSRS's noisy copy) — and removes them again in ``select``. ``select`` runs in registry order, so
 the regularizer that adds rows deepest in the forward (TSRS, at block I) is listed before the one that adds them at
-the input (PACE): each undoes its own duplication in the reverse order of the forward.
+the input (PACE): each undoes its own duplication in the reverse order of the forward. ``select`` cuts rows by their
+position only, so the trainer runs the chain twice: on the forward's row numbers (``step.task_rows``, for a regularizer
+that reads another per-row tensor of the forward, such as the features the head reads) and then on the logits; what a
+regularizer keeps from ``select`` for its loss (PACE's second copy) is what the last call, on the logits, gave it.
 
 Adding a regularizer: one file in this folder with a :class:`Regularizer` subclass (``enabled_by`` names the config
 property that switches it on, ``create`` builds it), and one :func:`register_regularizer` line in
@@ -83,12 +88,14 @@ class StepContext:
         epoch: ``state.epoch`` (fractional).
         step: ``state.global_step``.
         batch_size: The rows of the batch as the trainer received it (the scale of per-example terms).
-        rows: The distinct examples in this step's forward (``batch_size``, or fewer when a regularizer keeps part
-            of the batch); copies of them that regularizers add share their dropout masks.
         gather: Concatenates a tensor over all processes (identity with one process).
         record: ``record(name, value)`` logs a per-step scalar, averaged over the logging interval.
         logits: The task path's logits after every ``select``; set by the trainer after the forward.
             ``relabel`` may replace ``labels`` once they are set.
+        rows: The distinct examples in this step's forward (default ``batch_size``; fewer when a regularizer keeps
+            part of the batch); copies of them that regularizers add share their dropout masks.
+        task_rows: The positions of the task path's rows in the forward (``logits`` is ``outputs.logits[task_rows]``),
+            to pick the same rows from another per-row tensor of the forward; set with ``logits``.
     """
 
     model: nn.Module
@@ -98,10 +105,15 @@ class StepContext:
     epoch: float
     step: int
     batch_size: int
-    rows: int
     gather: Callable[[Tensor], Tensor]
     record: Callable[[str, float], None]
     logits: Optional[Tensor] = field(default=None)
+    task_rows: Optional[Tensor] = field(default=None)
+    rows: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.rows is None:
+            self.rows = self.batch_size
 
 
 class Regularizer:
@@ -132,7 +144,10 @@ class Regularizer:
         return contextlib.nullcontext()
 
     def select(self, logits: Tensor, step: StepContext) -> Tensor:
-        """Undo this regularizer's row duplication: the logits of the rows the task loss is computed on."""
+        """Undo this regularizer's row duplication: the logits of the rows the task loss is computed on.
+
+        The rows kept must depend on their positions only: the trainer also runs the chain on the forward's row numbers
+        (before the logits) to set ``step.task_rows``."""
         return logits
 
     def relabel(self, step: StepContext) -> None:

@@ -1,4 +1,5 @@
-"""Locate the list of blocks of a (possibly PEFT-wrapped) model, and read or replace what flows through a block."""
+"""Locate the list of blocks and the classification head of a (possibly PEFT-wrapped) model, and read or replace what
+flows through a block."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["block_input", "find_blocks", "first_tensor", "replace_block_input", "unwrap_model"]
+__all__ = ["HEAD_NAMES", "block_input", "blocks_path", "find_blocks", "find_head", "first_tensor", "paired_stack",
+           "replace_block_input", "unwrap_model"]
+
+# Attribute names of the classification head in transformers' models (``classifier``: BERT, ViT, DeiT, ...; ``score``:
+# decoders' sequence classification; ``head`` / ``fc``: timm-style vision models), in the order they are looked up.
+HEAD_NAMES: tuple[str, ...] = ("classifier", "score", "head", "fc")
 
 
 def first_tensor(output: Any) -> Tensor:
@@ -40,15 +46,19 @@ def replace_block_input(args: tuple, kwargs: dict, hidden: Tensor) -> tuple[tupl
 
 # Exact paths of the models this package is tested on (transformers 5.x names).
 _KNOWN_PATHS = ("vit.layers", "bert.encoder.layer")
-# Generic paths, tried as-is and below any single attribute (``roberta.``, ``deit.``, ...).
+# Generic paths, tried as-is and below any single attribute (``roberta.``, ``deit.``, ...). An encoder path of an
+# encoder-decoder model is replaced by its decoder twin (see ``paired_stack``).
 _GENERIC_PATHS = (
     "encoder.layer",
     "encoder.layers",
+    "encoder.block",
     "layers",
     "blocks",
     "h",
     "transformer.h",
     "model.layers",
+    "decoder.layers",
+    "decoder.block",
 )
 
 
@@ -108,11 +118,37 @@ def _homogeneous(mods: nn.ModuleList) -> bool:
     return len(mods) >= 2 and len({type(m) for m in mods}) == 1
 
 
+def paired_stack(model: nn.Module, path: str) -> str | None:
+    """For the blocks at ``path`` (relative to the unwrapped model) of an encoder-decoder model, the path of the other
+    stack: ``'model.encoder.layers'`` ↔ ``'model.decoder.layers'``; ``None`` when there is no such twin."""
+    parts = path.split(".")
+    for side, other in (("encoder", "decoder"), ("decoder", "encoder")):
+        if side in parts:
+            i = len(parts) - 1 - parts[::-1].index(side)
+            twin = ".".join([*parts[:i], other, *parts[i + 1:]])
+            found = _resolve(unwrap_model(model), twin)
+            if isinstance(found, nn.ModuleList) and len(found) > 0:
+                return twin
+    return None
+
+
+def blocks_path(model: nn.Module, blocks: nn.ModuleList) -> str:
+    """The dotted path of ``blocks`` inside the unwrapped ``model`` (``''`` if they are not part of it)."""
+    return next((name for name, mod in unwrap_model(model).named_modules() if mod is blocks), "")
+
+
+def _prefer_decoder(base: nn.Module, path: str) -> str:
+    """The decoder twin of an encoder path (the decoder's output is what the head reads), else ``path``."""
+    twin = paired_stack(base, path)
+    return twin if twin is not None and "decoder" in twin.split(".") else path
+
+
 def find_blocks(model: nn.Module, block_path: str | None = None) -> tuple[str, nn.ModuleList]:
-    """Return ``(path, blocks)``: the encoder's ``nn.ModuleList`` of blocks.
+    """Return ``(path, blocks)``: the ``nn.ModuleList`` of the blocks whose output the head reads — the encoder's
+    blocks of an encoder (BERT, ViT), the decoder's blocks of a decoder-only or an encoder-decoder model (BART, T5).
 
     ``path`` is relative to the unwrapped base model (PEFT wrappers are seen through). A given
-    ``block_path`` may be relative to the base model or to ``model`` itself.
+    ``block_path`` may be relative to the base model or to ``model`` itself and is returned as given.
     """
     base = unwrap_model(model)
     if block_path is not None:
@@ -134,15 +170,34 @@ def find_blocks(model: nn.Module, block_path: str | None = None) -> tuple[str, n
     for path in candidates:
         found = _resolve(base, path)
         if isinstance(found, nn.ModuleList) and len(found) > 0:
-            return path, found
+            path = _prefer_decoder(base, path)
+            return path, _resolve(base, path)
 
     best: tuple[str, nn.ModuleList] | None = None
     for name, mods in _module_lists(base):
         if _homogeneous(mods) and (best is None or len(mods) > len(best[1])):
             best = (name, mods)
     if best is not None:
-        return best
+        path = _prefer_decoder(base, best[0])
+        return path, _resolve(base, path)
     raise ValueError(
-        f"Could not locate the list of encoder blocks in {type(base).__name__}. Pass block_path='...', the "
+        f"Could not locate the list of blocks in {type(base).__name__}. Pass block_path='...', the "
         "dotted path of the nn.ModuleList holding the blocks (e.g. 'bert.encoder.layer')."
+    )
+
+
+def find_head(model: nn.Module, names: tuple[str, ...] = HEAD_NAMES) -> tuple[str, nn.Module]:
+    """Return ``(name, head)``: the first attribute of the unwrapped base model named in ``names`` that is a module.
+
+    The module is returned as the model holds it: a PEFT ``ModulesToSaveWrapper`` (``modules_to_save=["classifier"]``)
+    or a tuner layer wrapping the head is returned itself, so a hook on it sees what the head is called with.
+    """
+    base = unwrap_model(model)
+    for name in names:
+        head = getattr(base, name, None)
+        if isinstance(head, nn.Module):
+            return name, head
+    raise ValueError(
+        f"Could not find the classification head of {type(base).__name__}: none of the attributes "
+        f"{', '.join(repr(n) for n in names)} is a module."
     )

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import BuildContext, Regularizer, StepContext
-from .blocks import find_blocks
+from .blocks import HEAD_NAMES, find_blocks
 
 __all__ = ["DistanceConstraint", "DistanceRegularizer", "project_frobenius_", "project_inf_op_"]
 
@@ -189,7 +189,7 @@ class DistanceConstraint:
         ratio: float | None = None,
         depth_scale: float = 1.0,
         head_radius: float | None = None,
-        head_names: tuple[str, ...] = ("classifier", "score", "head", "fc"),
+        head_names: tuple[str, ...] = HEAD_NAMES,
         mode: Literal["project", "penalty"] = "project",
         penalty_weight: float = 1.0,
         block_path: str | None = None,

@@ -55,7 +55,10 @@ def _attention_with_shared_dropout(query: Tensor, key: Tensor, value: Tensor, at
         scores = scores.masked_fill(~causal, float("-inf"))
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    probs = _tiled_mask_dropout(scores.softmax(-1), dropout_p, rows, copies)
+    probs = scores.softmax(-1)
+    # a query row with every key masked (left padding under a causal mask) attends to nothing: 0, as in torch's SDPA
+    probs = probs.masked_fill(torch.isneginf(scores).all(-1, keepdim=True), 0.0)
+    probs = _tiled_mask_dropout(probs, dropout_p, rows, copies)
     return probs @ value
 
 

@@ -11,6 +11,11 @@ Every evaluation also logs ``<split>_predicted_classes`` (how many classes the m
 (:class:`~peft_tsrs.trainer.collapse.CollapseWarning`) when two evaluations in a row predict one class for every
 example, a collapse that too large a learning rate or TSRS weight can cause.
 
+A NaN or infinity in the task loss, a regularizer term or the gradients stops training with a
+:class:`~peft_tsrs.trainer.NonFiniteLossError` naming it, before it reaches the weights (or skips the step, with
+``on_nonfinite="skip"``; see :mod:`peft_tsrs.trainer.nonfinite`); non-finite weights are never saved. An empty
+training set and labels outside ``[0, num_labels)`` are refused with a ``ValueError`` saying what to change.
+
 Loss scaling follows the Trainer's ``num_items_in_batch`` convention, so gradient accumulation and several processes
 give the same update as one large batch. Regularizer state (corrected labels, PACE-fast store) is saved in every
 checkpoint and restored by ``train(resume_from_checkpoint=...)``; updates are gathered across processes so every
@@ -36,11 +41,13 @@ from ..regularizers import BuildContext, Regularizer, StepContext, build_regular
 from ..regularizers.base import batch_rows
 from .checkpoint_loading import load_renamed_checkpoint, needs_renamed_load
 from .collapse import CollapseMonitor
+from .nonfinite import TASK_TERM, NonFiniteGuard, check_weights, zero_loss
 from .training_args import RegularizedTrainingArguments
 
 STATE_FILE = "tsrs_state.pt"
 LABEL_COLUMNS = ("label", "labels")
 _NOT_SINGLE_LABEL = ("regression", "multi_label_classification")  # no single predicted class to count
+IGNORE_INDEX = -100  # a label cross-entropy skips
 # Fields of a PEFT adapter config that hold a stored recipe: the current name first, then the deprecated one.
 RECIPE_FIELDS = ("regularizers", "tsrs")
 
@@ -105,12 +112,61 @@ class RegularizedTrainerMixin:
         ))
         self.needs_index = any(r.needs_index for r in self.regularizers.values())
         self.add_callback(_AfterOptimizerStep(list(self.regularizers.values())))
+        self.nonfinite_guard = NonFiniteGuard(
+            getattr(self.args, "on_nonfinite", "stop"), processes=self.accelerator.num_processes,
+            any_process=self._any_process, loss_scaling=lambda: self.accelerator.scaler is not None,
+            learning_rate=self.args.learning_rate,
+        )
+        self.add_callback(self.nonfinite_guard)
         self.collapse_monitor: Optional[CollapseMonitor] = self._build_collapse_monitor()
 
     @property
     def tsrs(self) -> RegularizerConfig:
         """Deprecated name of :attr:`regularizer_config`."""
         return self.regularizer_config
+
+    # ------------------------------------------------------------------ input checks
+    def train(self, *args: Any, **kwargs: Any):
+        self._check_train_dataset()
+        return super().train(*args, **kwargs)
+
+    def _check_train_dataset(self) -> None:
+        """An empty training set, or (when the dataset has a label column, read without its transforms) a label
+        outside ``[0, num_labels)``, fails here with what to change instead of in torch's sampler or loss."""
+        ds = self.train_dataset
+        if ds is None or not hasattr(ds, "__len__"):
+            return
+        if len(ds) == 0:
+            raise ValueError("RegularizedTrainer: the training set is empty (train_dataset has 0 examples); check the "
+                             "filtering and the split that built it.")
+        names = getattr(ds, "column_names", None)
+        column = next((c for c in LABEL_COLUMNS if c in (names or ())), None)
+        classes = self._single_label_classes()
+        if column is None or classes is None or not hasattr(ds, "with_format"):
+            return
+        labels = torch.as_tensor(ds.with_format("numpy")[column])
+        if labels.ndim == 1 and not labels.is_floating_point():
+            self._check_labels(labels, classes, f"train_dataset column {column!r}")
+
+    def _single_label_classes(self) -> Optional[int]:
+        """``model.config.num_labels`` of a single-label classifier, else ``None``."""
+        config = getattr(self.model, "config", None)
+        num = getattr(config, "num_labels", None)
+        if not isinstance(num, int) or getattr(config, "problem_type", None) in _NOT_SINGLE_LABEL:
+            return None
+        return num
+
+    @staticmethod
+    def _check_labels(labels: torch.Tensor, classes: int, where: str = "the batch") -> None:
+        """``ValueError`` naming the first label outside ``[0, classes)`` (``IGNORE_INDEX`` is allowed)."""
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= classes))
+        if bool(bad.any()):
+            values = labels[bad]
+            raise ValueError(
+                f"RegularizedTrainer: label {int(values[0])} in {where} is out of range for a model with {classes} "
+                f"classes ({values.numel()} label(s) outside [0, {classes}); {IGNORE_INDEX} marks an ignored example). "
+                f"Set num_labels in the model config to the number of classes (e.g. from_pretrained(..., "
+                f"num_labels={max(int(labels.max()) + 1, classes)})) or map the labels to 0..{classes - 1}.")
 
     # ------------------------------------------------------------------ what the regularizers may ask for
     def _num_labels(self) -> int:
@@ -157,6 +213,9 @@ class RegularizedTrainerMixin:
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(tensor) if self.accelerator.num_processes > 1 else tensor
 
+    def _any_process(self, flag: bool) -> bool:
+        return bool(self._gather(torch.tensor([flag], device=self.args.device)).any())
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         indices = inputs.pop(self.regularizer_config.index_column, None)
@@ -165,6 +224,8 @@ class RegularizedTrainerMixin:
             raise ValueError("RegularizedTrainer: the batch has no `labels`; the dataset needs a 'label' column.")
         if not model.training:
             outputs = model(**inputs)
+            if not labels.is_floating_point():
+                self._check_labels(labels, outputs.logits.shape[-1])
             loss = F.cross_entropy(outputs.logits.float(), labels)
             return (loss, outputs) if return_outputs else loss
         return self._training_loss(model, inputs, labels, indices, return_outputs, num_items_in_batch)
@@ -187,19 +248,24 @@ class RegularizedTrainerMixin:
                 stack.enter_context(regularizer.forward_context(step))
             outputs = model(**step.inputs)
             logits = outputs.logits
+            rows = torch.arange(logits.shape[0], device=logits.device)
+            for regularizer in regularizers:  # the positions of the task path's rows, then their logits
+                rows = regularizer.select(rows, step)
             for regularizer in regularizers:
                 logits = regularizer.select(logits, step)
             if logits.ndim != 2:
                 raise ValueError(f"RegularizedTrainer supports single-label classification (logits of shape "
                                  f"(batch, classes)); got logits of shape {tuple(logits.shape)}.")
-            step.logits = logits
+            step.task_rows, step.logits = rows, logits
             for regularizer in regularizers:
                 regularizer.relabel(step)
             terms: dict[str, torch.Tensor] = {}
             for regularizer in regularizers:
                 terms.update(regularizer.loss(step))
 
-        per_example = F.cross_entropy(logits.float(), step.labels, reduction="none", ignore_index=-100)
+        if not step.labels.is_floating_point():
+            self._check_labels(step.labels, logits.shape[-1])
+        per_example = F.cross_entropy(logits.float(), step.labels, reduction="none", ignore_index=IGNORE_INDEX)
         task = next((t for t in (r.task_loss(per_example, step) for r in regularizers) if t is not None), None)
         if task is None:
             task = per_example.mean()
@@ -208,16 +274,17 @@ class RegularizedTrainerMixin:
         example_scale, batch_scale = self._scales(step.batch_size, num_items_in_batch)
         loss = task * example_scale + sum(t * batch_scale for t in terms.values())
 
-        self._record(task, terms)
+        values = {name: float(t.detach()) for name, t in {TASK_TERM: task, **terms}.items()}
+        if self.nonfinite_guard.skip_loss(values, self.state.global_step):  # raises under on_nonfinite="stop"
+            loss = zero_loss(model)  # nothing of this batch reaches the update, nor the regularizers' state
+            return (loss, outputs) if return_outputs else loss
+        for name, value in values.items():
+            self._components[name].append(value)
         for regularizer in regularizers:
             regularizer.observe(step)
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ logging
-    def _record(self, task: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
-        self._components["loss_task"].append(float(task.detach()))
-        for name, value in terms.items():
-            self._components[name].append(float(value.detach()))
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         if "loss" in logs and self._components:
@@ -226,11 +293,13 @@ class RegularizedTrainerMixin:
                                  device=self.args.device)
             if self.accelerator.num_processes > 1:
                 means = self.accelerator.reduce(means, reduction="mean")
-            logs.update({n: round(float(m), 6) for n, m in zip(names, means)})
+            # 6 significant digits, so a small term (BSS at weight 1e-3) does not round to 0
+            logs.update({n: float(f"{float(m):.6g}") for n, m in zip(names, means)})
             self._components.clear()
         if "loss" in logs:
             for regularizer in self.regularizers.values():
                 logs.update(regularizer.logs())
+            logs.update(self.nonfinite_guard.logs())
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ collapse check
@@ -289,6 +358,11 @@ class RegularizedTrainerMixin:
     def load_regularizer_state(self, state: dict[str, Any]) -> None:
         for regularizer in self.regularizers.values():
             regularizer.load_state_dict(state)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):  # sharded parameters: not checked here
+            check_weights(self.model, self.state.global_step)  # before anything is written
+        super().save_model(output_dir, _internal_call)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
