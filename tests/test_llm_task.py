@@ -266,7 +266,9 @@ def test_wordnet_chat_recipe_runs_end_to_end_and_reports(tiny_llama_folder, tmp_
         assert {"exact_match", "valid_answer", "loss"} <= set(metrics[split])
         assert {"exact_match", "valid_answer", "loss"} <= set(metrics["before_training"][split])
     assert metrics["best_checkpoint"]["metric"] == "eval_exact_match"
-    assert any("eval_exact_match" in h for h in metrics["history"])
+    first = metrics["history"][0]  # the evaluation before training heads the history, at step 0
+    assert first["step"] == 0 and first["eval_exact_match"] == metrics["before_training"]["validation"]["exact_match"]
+    assert sum("eval_exact_match" in h for h in metrics["history"]) >= 2
     assert {"stable_rank_mean", "noise_sensitivity", "sharpness_1d"} <= set(metrics["diagnostics"])
     assert metrics["trainable_parameters"] < metrics["total_parameters"] / 2  # LoRA only: no new head
     config = json.loads((run / "adapter" / "adapter_config.json").read_text())

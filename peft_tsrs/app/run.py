@@ -319,6 +319,9 @@ def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -
     }
     if before is not None:
         metrics["before_training"] = before
+        # the validation score at step 0 heads the history (and the validation curve), as the later evaluations
+        step0 = {f"eval_{k}": v for k, v in before["validation"].items() if k != "epoch"}
+        metrics["history"] = [{**step0, "epoch": 0.0, "step": 0}, *metrics["history"]]
     if recipe.diagnostics:
         metrics["diagnostics"] = _diagnose(model, trainer, data, reference)
     _save_outputs(recipe, model, data, metrics, run_dir)
