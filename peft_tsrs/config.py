@@ -47,6 +47,10 @@ class RegularizerConfig:
         pace_weight: λ of ``mean_batch Σ_classes (logits₁ − logits₂)²`` (official grid 0.02–1; 0 disables).
         pace_mode: ``"full"`` (batch duplicated in one forward), ``"lazy"`` (every ``pace_lazy_every`` steps on half
             a batch) or ``"fast"`` (against the logits stored at the example's previous visit).
+        pace_sigma: σ of PACE's training noise ``z ~ N(1, σ_d²)`` on the adapter branch of LoRA and RLRR layers, with
+            the paper's depth schedule (official grid 0.1–2). ``None``: the PACE adapter's own σ (a PACE adapter draws
+            the noise itself; on any other model ``pace_weight > 0`` is then refused). ``0``: the consistency term
+            without noise, on purpose (an ablation; in ``full`` mode the term is then exactly 0).
     Layer-wise distance constraint (Li & Zhang, NeurIPS 2021):
         distance_norm: ``"frob"`` or ``"inf-op"`` (``None`` disables).
         distance_radius: absolute radius D of the first stages (grows by ``distance_depth_scale`` per later stage).
@@ -96,6 +100,9 @@ class RegularizerConfig:
         default="full", metadata={"help": "PACE consistency variant.", "choices": list(PACE_MODES)}
     )
     pace_lazy_every: int = field(default=2, metadata={"help": "PACE-lazy: apply every k steps."})
+    pace_sigma: Optional[float] = field(
+        default=None, metadata={"help": "PACE noise σ on LoRA/RLRR adapter branches (None: the PACE adapter's own σ)."}
+    )
     distance_norm: Optional[str] = field(
         default=None, metadata={"help": "Distance constraint norm: 'frob' or 'inf-op' (None = off)."}
     )
@@ -180,6 +187,9 @@ class RegularizerConfig:
                                  "(absolute) or distance_ratio (relative to ||W0||); the 'penalty' mode needs none.")
         if self.pace_lazy_every < 1:
             raise ValueError(f"RegularizerConfig.pace_lazy_every must be >= 1, got {self.pace_lazy_every}.")
+        if self.pace_sigma is not None and self.pace_sigma < 0:  # NaN / infinity: refused above
+            raise ValueError(f"RegularizerConfig.pace_sigma must be >= 0 (or None: the PACE adapter's own sigma), "
+                             f"got {self.pace_sigma}.")
         if self.label_correction_threshold is not None and not 0 < self.label_correction_threshold <= 1:
             raise ValueError("RegularizerConfig.label_correction_threshold must be in (0, 1] or None, "
                              f"got {self.label_correction_threshold}.")

@@ -8,11 +8,16 @@ tables. It is idempotent: importing twice, reloading a module or unpickling a co
 The enum *value* of each new type is what ``save_pretrained`` writes into ``adapter_config.json``. It carries
 an install hint, so a user who loads such a folder with plain PEFT gets ``KeyError: 'RLRR (pip install
 peft-tsrs; import peft_tsrs)'`` instead of an unexplained ``KeyError: 'RLRR'``.
+
+It also holds the version-specific glue between the pinned ``transformers`` and ``peft``
+(:func:`install_transformers_compat`).
 """
 
 from __future__ import annotations
 
 import enum
+import importlib.metadata
+import importlib.util
 from dataclasses import dataclass
 from typing import Optional
 
@@ -127,3 +132,69 @@ def ensure_peft_type(name: str) -> PeftType:
     class creation."""
     check_peft_version()
     return _extend_enum(PeftType, name.upper(), peft_type_value(name))
+
+
+# --- transformers integration (``model.add_adapter`` & co.) ---------------------------------------------------------
+#
+# transformers 5.25's PeftAdapterMixin (``transformers/integrations/peft.py``) gates ``add_adapter``, ``set_adapter``,
+# ``enable_adapters``/``disable_adapters``, ``active_adapters``, ``get_adapter_state_dict`` and ``delete_adapter`` on
+# ``check_peft_version(min_version=MIN_PEFT_VERSION)`` with ``MIN_PEFT_VERSION = "0.22.0"``, an unreleased peft. That
+# gate is the only thing in the way with peft 0.21.x: every peft function and attribute the mixin calls exists in
+# 0.21.x (``load_adapter``, which is not gated, already uses them all). It blocks LoRA exactly like RLRR and PACE, and
+# ``save_pretrained`` of a model with an adapter calls ``active_adapters()``, so such a model could not be saved.
+#
+# REMOVE when the supported peft range starts at 0.22 (``SUPPORTED_PEFT``): the shim is then a no-op, because
+# the installed peft satisfies the gate.
+
+# The peft API that transformers' PeftAdapterMixin imports or calls: the shim lowers the gate only when all of it is
+# present in the installed peft (a peft lacking any of it keeps transformers' own error).
+TRANSFORMERS_PEFT_API = (
+    ("peft", "PeftConfig"),
+    ("peft", "PeftType"),
+    ("peft", "inject_adapter_in_model"),
+    ("peft", "get_peft_model_state_dict"),
+    ("peft.functional", "delete_adapter"),
+    ("peft.tuners.tuners_utils", "BaseTunerLayer"),
+    ("peft.utils", "ModulesToSaveWrapper"),
+    ("peft.utils.other", "AuxiliaryTrainingWrapper"),
+    ("peft.utils.other", "AuxiliaryTrainingWrapper.adapter_state_dict_load_map"),
+    ("peft.utils.transformers_weight_conversion", "build_peft_weight_mapping"),
+)
+
+
+def _has_api(module_name: str, attr_path: str) -> bool:
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr_path.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+def install_transformers_compat() -> bool:
+    """Let transformers' ``model.add_adapter(...)`` API run on the supported peft (see the comment above).
+
+    Lowers ``transformers.integrations.peft.MIN_PEFT_VERSION`` (read at each call of the mixin's methods) to the
+    installed peft version, and only when all of this holds: transformers asks for a newer peft than installed, but
+    for no more than the first release after :data:`SUPPORTED_PEFT` (the gap this package was tested across), the
+    installed peft is supported, and it has every piece of :data:`TRANSFORMERS_PEFT_API`. Nothing else of
+    transformers or peft is touched. Idempotent; returns whether the gate was lowered by this call.
+    """
+    if importlib.util.find_spec("transformers") is None:
+        return False
+    try:
+        import transformers.integrations.peft as hf_peft
+    except ImportError:
+        return False
+    required = getattr(hf_peft, "MIN_PEFT_VERSION", None)
+    if required is None:
+        return False
+    installed = importlib.metadata.version("peft")  # what transformers' check_peft_version compares
+    low, high = SUPPORTED_PEFT
+    if Version(installed) >= Version(required) or Version(required) > high or not (low <= Version(installed) < high):
+        return False
+    if not all(_has_api(module, attr) for module, attr in TRANSFORMERS_PEFT_API):
+        return False
+    hf_peft.MIN_PEFT_VERSION = installed
+    return True

@@ -89,7 +89,7 @@ def test_registry_builds_only_what_the_config_switches_on(tmp_path):
     ds = make_dataset()
     off = RegularizedTrainer(model=make_tiny_bert(), args=make_args(tmp_path), train_dataset=ds)
     assert off.regularizers == {}
-    cfg = RegularizerConfig(tsrs_weight=0.1, pace_weight=0.1, pace_mode="fast", distance_norm="frob",
+    cfg = RegularizerConfig(tsrs_weight=0.1, pace_weight=0.1, pace_mode="fast", pace_sigma=0.0, distance_norm="frob",
                             distance_radius=1.0, label_correction_threshold=0.9)
     on = RegularizedTrainer(model=make_tiny_bert(), args=make_args(tmp_path), train_dataset=ds, regularizers=cfg)
     assert list(on.regularizers) == ["tsrs", "pace", "distance", "self_labeling"]

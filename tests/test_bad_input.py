@@ -167,7 +167,7 @@ def test_adapter_from_a_newer_version_is_refused(tmp_path):
 
 
 def test_pace_fast_resume_with_a_resized_dataset(tmp_path):
-    cfg = RegularizerConfig(pace_weight=0.5, pace_mode="fast")
+    cfg = RegularizerConfig(pace_weight=0.5, pace_mode="fast", pace_sigma=0.0)
     args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
     RegularizedTrainer(model=make_tiny_bert(), args=args, train_dataset=make_dataset(24), regularizers=cfg).train()
     checkpoint = tmp_path / "out" / "checkpoint-2"

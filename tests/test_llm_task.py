@@ -174,18 +174,8 @@ def test_trainer_evaluation_adds_exact_match_and_the_model_learns(tokenizer, tmp
 
 
 # --------------------------------------------------------------------------- recipes
-def _has_pace_sigma() -> bool:
-    import dataclasses
-
-    from peft_tsrs.config import RegularizerConfig
-
-    return "pace_sigma" in {f.name for f in dataclasses.fields(RegularizerConfig)}
-
-
 @pytest.mark.parametrize("method", ["lora", "lora_pace", "tsrs_lora"])
 def test_smollm2_recipe_loads_and_validates(method):
-    if method == "lora_pace" and not _has_pace_sigma():
-        pytest.skip("regularizers.pace_sigma is not in RegularizerConfig yet")
     recipe = load_recipe([str(CONFIGS / "tasks" / "wordnet_smollm2.yaml"), str(CONFIGS / "methods" / f"{method}.yaml")])
     assert recipe.task.name == "wordnet_chat" and recipe.task.generative and recipe.model.name == "smollm2"
     assert recipe.training.select_on == "exact_match" and recipe.task.metrics[0] == "exact_match"

@@ -12,7 +12,7 @@ from tuner_checks import logits
 from peft_tsrs import RLRRConfig, RegularizerConfig, RegularizedTrainer
 from peft_tsrs.regularizers import relative_perturbation
 
-ALL_TERMS = RegularizerConfig(tsrs_weight=1.0, tsrs_inject_layer=1, pace_weight=0.5, pace_mode="full",
+ALL_TERMS = RegularizerConfig(tsrs_weight=1.0, tsrs_inject_layer=1, pace_weight=0.5, pace_mode="full", pace_sigma=1.0,
                        distance_norm="frob", distance_radius=1.0, label_correction_threshold=0.9,
                        label_correction_start_epoch=0, reweight_start_epoch=0)
 

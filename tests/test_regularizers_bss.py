@@ -209,7 +209,7 @@ def test_with_tsrs_and_pace_bss_reads_the_first_noisy_copy(tmp_path):
     batch = _bert_batch()
     model = no_dropout_bert()
     cfg = RegularizerConfig(bss_weight=0.5, tsrs_weight=0.3, tsrs_noise_std=1.0, tsrs_inject_layer=0,
-                            pace_weight=0.7)
+                            pace_weight=0.7, pace_sigma=0.0)  # a plain model: PACE's pairing without its noise
     trainer = RegularizedTrainer(model=model, args=make_args(tmp_path), regularizers=cfg)
     model.train()
     torch.manual_seed(0)

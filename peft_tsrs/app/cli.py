@@ -30,12 +30,14 @@ from .recipes import load_recipe
 
 # The regularized arm of the demo: TSRS noise stability + PACE-fast consistency on the same adapter and budget.
 # λ_TSRS = 0.1, not the paper's 1.0: at the default learning rate λ = 1 collapses the RLRR features on this task
-# (noise stability bought by shrinking the representation; validation accuracy at chance).
+# (noise stability bought by shrinking the representation; validation accuracy at chance). PACE's noise on the RLRR
+# branches: σ 1.0, the PACE recipes' value (paper grid 0.1-2).
 DEMO_REGULARIZERS = [
     "regularizers.tsrs_weight=0.1",
     "regularizers.tsrs_noise_std=0.2",
     "regularizers.pace_weight=0.1",
     "regularizers.pace_mode=fast",
+    "regularizers.pace_sigma=1.0",
 ]
 
 

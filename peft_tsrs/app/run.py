@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 import yaml
 from peft import PeftModel
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 from .. import diagnostics
 from .adapters import apply_adapter
@@ -76,19 +76,9 @@ class GenerativeTrainer(GenerationEvalMixin, RegularizedTrainer):
     """The trainer of instruction tasks: RegularizedTrainer whose evaluations add generation exact match."""
 
 
-class _PlainGenerativeTrainer(GenerationEvalMixin, Trainer):
-    """Instruction tasks without regularizers: ``transformers.Trainer`` (the causal LM's own loss) with generation
-    exact match (until RegularizedTrainer takes a causal LM's loss as its task loss)."""
-
-
-def trainer_class(recipe: Recipe, data: TaskData) -> type:
-    """The Trainer class a run uses: RegularizedTrainer for classification, with generation evaluation for an
-    instruction task."""
-    if not data.generative:
-        return RegularizedTrainer
-    if recipe.regularizers.is_noop:
-        return _PlainGenerativeTrainer
-    return GenerativeTrainer
+def trainer_class(data: TaskData) -> type:
+    """The Trainer class a run uses: RegularizedTrainer, with generation evaluation for an instruction task."""
+    return GenerativeTrainer if data.generative else RegularizedTrainer
 
 
 def _diagnose(model, trainer: RegularizedTrainer, data: TaskData, reference: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -273,15 +263,14 @@ def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -
     model = apply_adapter(model, recipe)
     trainable, total = _count_parameters(model)
 
-    cls = trainer_class(recipe, data)
+    cls = trainer_class(data)
     kwargs: dict[str, Any] = {"compute_metrics": compute_metrics}
     if data.generative:  # scored by generation (GenerationEvalMixin), not from the logits
         kwargs = {"compute_metrics": None, "generation": data.generation}
-    if issubclass(cls, RegularizedTrainer):
-        kwargs["regularizers"] = recipe.regularizers
     trainer = cls(
         model=model, args=training_arguments(recipe, run_dir, progress), train_dataset=data.splits["train"],
-        eval_dataset=data.splits["validation"], data_collator=data.collator, **kwargs,
+        eval_dataset=data.splits["validation"], data_collator=data.collator, regularizers=recipe.regularizers,
+        **kwargs,
     )
     before = None
     if data.generative:  # the base model's zero-shot score (test too: reported, never used to select)

@@ -6,6 +6,7 @@ The registry order below is the order of the loss terms, of ``select`` (see ``ba
 deepest in the forward comes first) and of the log entries. A new regularizer is one file and one line here.
 """
 
+from .adapter_noise import NoiseSite, adapter_noise, pace_noise_sites
 from .base import (
     BuildContext,
     Regularizer,
@@ -42,12 +43,14 @@ __all__ = [
     "DistanceRegularizer",
     "FastConsistencyStore",
     "LabelCorrector",
+    "NoiseSite",
     "NoiseStability",
     "PACERegularizer",
     "Regularizer",
     "SelfLabeling",
     "StepContext",
     "TSRSRegularizer",
+    "adapter_noise",
     "batch_spectral_shrinkage",
     "build_regularizers",
     "consistency_mse",
@@ -56,6 +59,7 @@ __all__ = [
     "find_head",
     "first_tensor",
     "lazy_should_apply",
+    "pace_noise_sites",
     "project_frobenius_",
     "project_inf_op_",
     "register_regularizer",

@@ -83,7 +83,8 @@ class StepContext:
     Attributes:
         model: The model (in training mode).
         inputs: The model inputs, without labels and example index.
-        labels: The class labels of ``inputs``' rows.
+        labels: The labels of ``inputs``' rows: one class id per row (classification) or one per token (``(B, L)``,
+            ``-100`` where nothing is predicted: causal LM, token classification, seq2seq).
         indices: The example indices (``None`` when the batch carries none).
         epoch: ``state.epoch`` (fractional).
         step: ``state.global_step``.
@@ -96,6 +97,9 @@ class StepContext:
             part of the batch); copies of them that regularizers add share their dropout masks.
         task_rows: The positions of the task path's rows in the forward (``logits`` is ``outputs.logits[task_rows]``),
             to pick the same rows from another per-row tensor of the forward; set with ``logits``.
+        positions: For token-level tasks, the ``(rows, L)`` bool mask of the logit positions the task loss reads
+            (``logits[positions]`` are the supervised predictions; shifted by one for a causal LM); ``None`` when the
+            logits are one row per example. Set with ``logits``.
     """
 
     model: nn.Module
@@ -110,6 +114,7 @@ class StepContext:
     logits: Optional[Tensor] = field(default=None)
     task_rows: Optional[Tensor] = field(default=None)
     rows: Optional[int] = None
+    positions: Optional[Tensor] = field(default=None)
 
     def __post_init__(self) -> None:
         if self.rows is None:
@@ -121,6 +126,9 @@ class Regularizer:
 
     #: Whether the batch must carry the config's ``index_column`` (per-example state).
     needs_index: bool = False
+    #: Whether it needs one class prediction per example (single-label classification): the trainer refuses it on
+    #: other tasks (causal LM, token classification, seq2seq, regression) with this regularizer's name.
+    per_example: bool = False
     #: The config property that switches this regularizer on (``None``: always on).
     enabled_by: ClassVar[Optional[str]] = None
 

@@ -1,13 +1,16 @@
-"""PACE consistency regularization (Ni et al., NeurIPS 2024): the loss, shared dropout, the fast-variant store."""
+"""PACE consistency regularization (Ni et al., NeurIPS 2024): the loss, shared dropout, the fast-variant store, and
+PACE's noise on LoRA / RLRR adapters (``adapter_noise``)."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any, ContextManager, Optional
 
 import torch
 from torch import Tensor
 
+from .adapter_noise import NoiseSite, adapter_noise, pace_noise_sites
 from .base import BuildContext, Regularizer, StepContext, batch_rows, map_batch
 from .shared_dropout import shared_dropout
 
@@ -112,17 +115,23 @@ class PACERegularizer(Regularizer):
     * ``lazy``: every ``lazy_every`` steps, ``full`` on the first half of the batch (the cost of one normal step);
       the half batch's mean keeps the whole batch's weight.
     * ``fast``: one pass; the term compares with the logits stored at the example's previous visit.
+
+    The noise the copies differ by: a PACE adapter draws it in its own layers; on LoRA / RLRR adapters this regularizer
+    puts it on the adapter branches (``noise_sites``, from ``RegularizerConfig.pace_sigma``) in every training forward
+    of every mode, paired or not, as the PACE adapter does.
     """
 
     def __init__(self, weight: float, mode: str = "full", lazy_every: int = 2,
-                 store: Optional[FastConsistencyStore] = None) -> None:
+                 store: Optional[FastConsistencyStore] = None, noise_sites: Sequence[NoiseSite] = ()) -> None:
         if mode == "fast" and store is None:
             raise ValueError("PACERegularizer: the 'fast' mode needs a FastConsistencyStore.")
         self.weight = weight
         self.mode = mode
         self.lazy_every = lazy_every
         self.store = store
+        self.noise_sites = list(noise_sites)
         self.needs_index = mode == "fast"
+        self.per_example = mode == "fast"  # the store holds one row of logits per example
         self._paired = False
         self._second: Optional[Tensor] = None
 
@@ -131,12 +140,13 @@ class PACERegularizer(Regularizer):
     @classmethod
     def create(cls, build: BuildContext) -> "PACERegularizer":
         cfg = build.config
+        noise_sites = pace_noise_sites(build.model, cfg.pace_sigma)  # refuses a model without a noise source
         store = None
         if cfg.pace_mode == "fast":
             indices, _ = build.index_and_labels()
             num_examples = int(indices.max()) + 1 if len(indices) else 0
             store = FastConsistencyStore(num_examples, build.num_labels(), index_column=cfg.index_column)
-        return cls(cfg.pace_weight, cfg.pace_mode, cfg.pace_lazy_every, store)
+        return cls(cfg.pace_weight, cfg.pace_mode, cfg.pace_lazy_every, store, noise_sites)
 
     def prepare(self, step: StepContext) -> None:
         self._paired = self.mode == "full" or (self.mode == "lazy" and lazy_should_apply(step.step, self.lazy_every))
@@ -152,7 +162,17 @@ class PACERegularizer(Regularizer):
         step.inputs = map_batch(step.inputs, rows, lambda t: torch.cat([t, t], 0))
 
     def forward_context(self, step: StepContext) -> ContextManager[Any]:
-        return shared_dropout(step.rows) if self._paired else contextlib.nullcontext()
+        return self._forward(step)
+
+    @contextlib.contextmanager
+    def _forward(self, step: StepContext) -> Iterator[None]:
+        """Shared dropout for the paired copies; the adapter noise in training (each input row draws its own)."""
+        with contextlib.ExitStack() as stack:
+            if self._paired:
+                stack.enter_context(shared_dropout(step.rows))
+            if self.noise_sites and step.model.training:
+                stack.enter_context(adapter_noise(self.noise_sites, batch_rows(step.inputs)))
+            yield
 
     def select(self, logits: Tensor, step: StepContext) -> Tensor:
         if not self._paired:
@@ -163,7 +183,10 @@ class PACERegularizer(Regularizer):
     def loss(self, step: StepContext) -> dict[str, Tensor]:
         if self._paired:
             second, self._second = self._second, None
-            return {"loss_pace": self.weight * consistency_mse(step.logits.float(), second.float())}
+            first = step.logits
+            if step.positions is not None:  # token-level task: the supervised positions only
+                first, second = first[step.positions], second[step.positions]
+            return {"loss_pace": self.weight * consistency_mse(first.float(), second.float())}
         if self.store is None:  # lazy mode on a step without the pair
             return {}
         term = self.weight * self.store.loss(step.indices, step.logits.float())

@@ -175,6 +175,7 @@ class SelfLabeling(Regularizer):
         self.temperature_schedule = temperature_schedule
         self.correction_timing = correction_timing
         self.needs_index = corrector is not None
+        self.per_example = True  # a class prediction (and a loss) per example
 
     enabled_by = "uses_self_labeling"
 

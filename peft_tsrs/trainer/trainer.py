@@ -34,20 +34,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.modeling_outputs import CausalLMOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import RegularizerConfig
 from ..regularizers import BuildContext, Regularizer, StepContext, build_regularizers
 from ..regularizers.base import batch_rows
+from ..regularizers.blocks import unwrap_model
 from .checkpoint_loading import load_renamed_checkpoint, needs_renamed_load
 from .collapse import CollapseMonitor
 from .nonfinite import TASK_TERM, NonFiniteGuard, check_weights, zero_loss
+from .task_loss import (
+    IGNORE_INDEX,
+    count_items,
+    decoder_inputs,
+    is_single_label_classifier,
+    model_loss,
+    supervised_positions,
+)
 from .training_args import RegularizedTrainingArguments
 
 STATE_FILE = "tsrs_state.pt"
 LABEL_COLUMNS = ("label", "labels")
 _NOT_SINGLE_LABEL = ("regression", "multi_label_classification")  # no single predicted class to count
-IGNORE_INDEX = -100  # a label cross-entropy skips
 # Fields of a PEFT adapter config that hold a stored recipe: the current name first, then the deprecated one.
 RECIPE_FIELDS = ("regularizers", "tsrs")
 
@@ -106,11 +115,21 @@ class RegularizedTrainerMixin:
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._components: dict[str, list[float]] = defaultdict(list)
+        # what the task loss looks like: one class per example, or labels shifted by one (causal LM; Trainer's rule)
+        self._classifier = is_single_label_classifier(self.model)
+        self._shifts = bool(getattr(self, "_loss_shifts_labels", False))
         self.regularizers: dict[str, Regularizer] = build_regularizers(BuildContext(
             config=self.regularizer_config, model=self.model, index_and_labels=self._index_and_labels,
             num_labels=self._num_labels,
         ))
         self.needs_index = any(r.needs_index for r in self.regularizers.values())
+        if not self._classifier:
+            self._refuse_per_example(f"no single class per example ({type(unwrap_model(self.model)).__name__})")
+        reweights = any(type(r).task_loss is not Regularizer.task_loss for r in self.regularizers.values())
+        if reweights and (self.compute_loss_func is not None or self.label_smoother is not None):
+            raise ValueError("RegularizedTrainer: loss reweighting (reweight_start_epoch) weights the per-example "
+                             "cross-entropy and cannot be combined with compute_loss_func or label_smoothing_factor; "
+                             "use one or the other.")
         self.add_callback(_AfterOptimizerStep(list(self.regularizers.values())))
         self.nonfinite_guard = NonFiniteGuard(
             getattr(self.args, "on_nonfinite", "stop"), processes=self.accelerator.num_processes,
@@ -150,6 +169,8 @@ class RegularizedTrainerMixin:
 
     def _single_label_classes(self) -> Optional[int]:
         """``model.config.num_labels`` of a single-label classifier, else ``None``."""
+        if not self._classifier:
+            return None
         config = getattr(self.model, "config", None)
         num = getattr(config, "num_labels", None)
         if not isinstance(num, int) or getattr(config, "problem_type", None) in _NOT_SINGLE_LABEL:
@@ -177,6 +198,9 @@ class RegularizedTrainerMixin:
         return int(num)
 
     def _index_and_labels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._classifier:
+            raise ValueError(self._per_example_message(
+                "label correction / PACE-fast", f"no single class per example ({type(unwrap_model(self.model)).__name__})"))
         ds = self.train_dataset
         column = self.regularizer_config.index_column
         names = getattr(ds, "column_names", None)
@@ -219,15 +243,17 @@ class RegularizedTrainerMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         indices = inputs.pop(self.regularizer_config.index_column, None)
+        if not model.training:  # evaluation: the model's (or compute_loss_func's / label smoother's) own loss
+            labels = inputs.get("labels")
+            classes = self._single_label_classes()
+            if classes is not None and labels is not None and labels.ndim == 1 and not labels.is_floating_point():
+                self._check_labels(labels, classes)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels", None)
         if labels is None:
-            raise ValueError("RegularizedTrainer: the batch has no `labels`; the dataset needs a 'label' column.")
-        if not model.training:
-            outputs = model(**inputs)
-            if not labels.is_floating_point():
-                self._check_labels(labels, outputs.logits.shape[-1])
-            loss = F.cross_entropy(outputs.logits.float(), labels)
-            return (loss, outputs) if return_outputs else loss
+            raise ValueError("RegularizedTrainer: the batch has no `labels`; the dataset needs a 'label' column "
+                             "(classification) or a 'labels' column (token-level tasks: -100 where nothing is "
+                             "predicted).")
         return self._training_loss(model, inputs, labels, indices, return_outputs, num_items_in_batch)
 
     def _training_loss(self, model, inputs, labels, indices, return_outputs, num_items_in_batch):
@@ -235,6 +261,10 @@ class RegularizedTrainerMixin:
             column = self.regularizer_config.index_column
             raise ValueError(f"RegularizedTrainer: the batch has no {column!r} column (needed by label correction / "
                              f"PACE-fast). Keep it in the dataset and do not drop it in the collator.")
+        per_class = labels.ndim == 1 and not labels.is_floating_point() and self._classifier
+        if not per_class:
+            self._refuse_per_example(f"labels of shape {tuple(labels.shape)}")
+        inputs = decoder_inputs(model, inputs, labels)
         regularizers = list(self.regularizers.values())
         step = StepContext(
             model=model, inputs=inputs, labels=labels, indices=indices, epoch=float(self.state.epoch or 0.0),
@@ -253,26 +283,19 @@ class RegularizedTrainerMixin:
                 rows = regularizer.select(rows, step)
             for regularizer in regularizers:
                 logits = regularizer.select(logits, step)
-            if logits.ndim != 2:
-                raise ValueError(f"RegularizedTrainer supports single-label classification (logits of shape "
-                                 f"(batch, classes)); got logits of shape {tuple(logits.shape)}.")
+            token_level = step.labels.ndim >= 2 and not step.labels.is_floating_point()
             step.task_rows, step.logits = rows, logits
+            step.positions = supervised_positions(step.labels, self._shifts) if token_level else None
             for regularizer in regularizers:
                 regularizer.relabel(step)
             terms: dict[str, torch.Tensor] = {}
             for regularizer in regularizers:
                 terms.update(regularizer.loss(step))
 
-        if not step.labels.is_floating_point():
-            self._check_labels(step.labels, logits.shape[-1])
-        per_example = F.cross_entropy(logits.float(), step.labels, reduction="none", ignore_index=IGNORE_INDEX)
-        task = next((t for t in (r.task_loss(per_example, step) for r in regularizers) if t is not None), None)
-        if task is None:
-            task = per_example.mean()
-
-        # a PACE-lazy half batch stands for the whole batch: its mean gets the whole batch's weight
-        example_scale, batch_scale = self._scales(step.batch_size, num_items_in_batch)
-        loss = task * example_scale + sum(t * batch_scale for t in terms.values())
+        task, task_scaled = self._task_loss(model, step, logits, per_class, token_level, regularizers,
+                                            num_items_in_batch)
+        _, batch_scale = self._scales(step.batch_size, num_items_in_batch)
+        loss = task_scaled + sum(t * batch_scale for t in terms.values())
 
         values = {name: float(t.detach()) for name, t in {TASK_TERM: task, **terms}.items()}
         if self.nonfinite_guard.skip_loss(values, self.state.global_step):  # raises under on_nonfinite="stop"
@@ -283,6 +306,55 @@ class RegularizedTrainerMixin:
         for regularizer in regularizers:
             regularizer.observe(step)
         return (loss, outputs) if return_outputs else loss
+
+    def _task_loss(self, model, step: StepContext, logits: torch.Tensor, per_class: bool, token_level: bool,
+                   regularizers: list[Regularizer], num_items_in_batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(task loss as logged, its share of the step's loss)``: ``compute_loss_func`` or the label smoother when
+        the trainer has one, else the model's own loss (per example for single-label classification, where
+        regularizers may reweight it). The share is scaled like ``Trainer``'s: gradient accumulation and several
+        processes give the update of one large batch."""
+        labels = step.labels
+        world = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        ga = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        custom = self.compute_loss_func is not None or self.label_smoother is not None
+        if custom:  # normalized by num_items_in_batch (the whole accumulated batch) when the Trainer gives it
+            output = CausalLMOutput(logits=logits)  # what the model would return: `.logits` / `['logits']`
+            if self.compute_loss_func is not None:
+                task = self.compute_loss_func(output, labels, num_items_in_batch=num_items_in_batch)
+            else:
+                task = self.label_smoother(output, labels, shift_labels=token_level and self._shifts,
+                                           num_items_in_batch=num_items_in_batch)
+            return task, (task * world if num_items_in_batch is not None else task / ga)
+        if per_class:
+            if not labels.is_floating_point():
+                self._check_labels(labels, logits.shape[-1])
+            per_example = F.cross_entropy(logits.float(), labels, reduction="none", ignore_index=IGNORE_INDEX)
+            task = next((t for t in (r.task_loss(per_example, step) for r in regularizers) if t is not None), None)
+            if task is None:
+                task = per_example.mean()
+            # a PACE-lazy half batch stands for the whole batch: its mean gets the whole batch's weight
+            items = step.batch_size
+        else:
+            task = model_loss(model, logits, labels)
+            items = count_items(labels, self._shifts) if token_level else step.batch_size
+            if step.rows != step.batch_size and token_level:  # PACE-lazy's half batch stands for the whole batch
+                items = items * step.batch_size / max(step.rows, 1)
+        if num_items_in_batch is None:
+            return task, task / ga
+        return task, task * (items * world / num_items_in_batch)
+
+    def _refuse_per_example(self, what: str) -> None:
+        """Regularizers that need one class prediction per example, on a task that has none: a clear error."""
+        names = [name for name, r in self.regularizers.items() if r.per_example]
+        if names:
+            raise ValueError(self._per_example_message(", ".join(names), what))
+
+    @staticmethod
+    def _per_example_message(names: str, what: str) -> str:
+        return (f"RegularizedTrainer: {names} need(s) one class prediction per example (single-label "
+                f"classification), and this model's task has {what}: label correction and reweighting need a class "
+                f"per example, PACE-fast stores one row of logits per example. Turn them off for this task "
+                f"(label_correction_threshold=None, reweight_start_epoch=None; pace_mode='full' or 'lazy').")
 
     # ------------------------------------------------------------------ logging
 
@@ -306,7 +378,9 @@ class RegularizedTrainerMixin:
     def _build_collapse_monitor(self) -> Optional[CollapseMonitor]:
         """Counts each evaluation's predicted classes (logged as ``<split>_predicted_classes``) and warns once when
         the model predicts a single class several evaluations in a row; ``None`` for models without
-        ``config.num_labels`` >= 2 and for regression / multi-label models."""
+        ``config.num_labels`` >= 2, for regression / multi-label models and for other tasks (causal LM, ...)."""
+        if not self._classifier:
+            return None
         config = getattr(self.model, "config", None)
         num = getattr(config, "num_labels", None)
         if not isinstance(num, int) or num < 2 or getattr(config, "problem_type", None) in _NOT_SINGLE_LABEL:

@@ -79,9 +79,16 @@ class TunerConfigBase(PeftConfig):
                 raise ValueError(f"{method}: `{f.name}` must be a finite number, got {value!r}.")
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """As PEFT's, recording the content hash of the weights file next to it (``PeftModel.save_pretrained`` writes the
-        weights first, then the config), so a load can tell damaged tensor data from the saved one."""
-        self.weights_sha256 = weights_digest(save_directory) if os.path.isdir(save_directory) else None
+        """As PEFT's, recording the content hash of the weights file next to it, so a load can tell damaged tensor data
+        from the saved one.
+
+        Only ``PeftModel.save_pretrained`` writes the weights first and then the config (it is the caller that passes
+        ``auto_mapping_dict``). transformers' ``model.save_pretrained`` (a model with ``add_adapter``) and a direct
+        call write the config first or alone, so a weights file already in the folder may be the previous save's:
+        its hash would make the folder look corrupted once the new weights are written. No hash is recorded then
+        (loading such a folder checks that the weights exist, parse and are finite, as for folders without one)."""
+        written_first = "auto_mapping_dict" in kwargs and os.path.isdir(save_directory)
+        self.weights_sha256 = weights_digest(save_directory) if written_first else None
         super().save_pretrained(save_directory, **kwargs)
 
     def _check_saved_tensors(self, names: set[str], path: str) -> None:

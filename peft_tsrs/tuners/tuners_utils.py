@@ -48,6 +48,33 @@ def block_index(key: str) -> Optional[int]:
     return int(found.group(1)) if found else None
 
 
+def schedule_blocks(model: nn.Module, keys: Iterable[str]) -> int:
+    """B of PACE's depth schedule: the model config's ``num_hidden_layers``, else 1 + the largest block index among the
+    module names ``keys`` (read only when the config has no block count)."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not n:
+        n = 1 + max((d for d in map(block_index, keys) if d is not None), default=0)
+    return int(n)
+
+
+def head_modules(model: nn.Module, heads: Patterns) -> dict[str, nn.Module]:
+    """The modules at the head paths ``heads``, by name: PEFT's ``ModulesToSaveWrapper`` of a trained head, never the
+    copies inside it."""
+    return {name: m for name, m in model.named_modules() if matches_module_name(heads, name)
+            and not any(p in name.split(".") for p in ("modules_to_save", "original_module"))}
+
+
+def head_in_training(module: nn.Module) -> bool:
+    """The training flag of the module that computes a head's output. PEFT wraps a ``modules_to_save`` head in a
+    ``ModulesToSaveWrapper``, which starts in train mode even on a model in eval mode; the copy it runs (or the original
+    module, when no adapter of it is active) carries the model's flag."""
+    copies = module._modules.get("modules_to_save")
+    if isinstance(copies, nn.ModuleDict) and "original_module" in module._modules:
+        active = [a for a in module.active_adapters if a in copies] if not module.disable_adapters else []
+        return (copies[active[0]] if active else module._modules["original_module"]).training
+    return module.training
+
+
 def check_rank(r: int, method: str) -> None:
     """Reject a rank that is not a positive integer with a message that says what to change."""
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:

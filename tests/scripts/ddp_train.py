@@ -1,8 +1,8 @@
 """Train a tiny model with RegularizedTrainer and dump the regularizer state of this process (used by test_distributed).
 
 Run as ``accelerate launch --multi_gpu --num_processes 2 ddp_train.py OUT MODE PER_DEVICE_BATCH`` or as a plain
-single process. MODE is ``deterministic`` (PACE-fast, distance projection, label correction on RLRR, no dropout) or
-``stochastic`` (PACE-full and TSRS on a PACE adapter).
+single process. MODE is ``deterministic`` (PACE-fast without noise, distance projection, label correction on RLRR, no
+dropout) or ``stochastic`` (PACE-full and TSRS on a PACE adapter).
 """
 
 import os
@@ -29,8 +29,8 @@ def main(out: str, mode: str, per_device_batch: int) -> None:
     if mode == "deterministic":
         model = get_peft_model(base, RLRRConfig(init_weights="kaiming", modules_to_save=["classifier"]))
         # threshold 0.2 < 1/3: every disagreeing 3-class prediction from epoch 1 on overwrites its label
-        cfg = RegularizerConfig(pace_weight=0.5, pace_mode="fast", distance_norm="frob", distance_radius=0.05,
-                         label_correction_threshold=0.2, label_correction_start_epoch=1)
+        cfg = RegularizerConfig(pace_weight=0.5, pace_mode="fast", pace_sigma=0.0, distance_norm="frob",
+                                distance_radius=0.05, label_correction_threshold=0.2, label_correction_start_epoch=1)
     else:
         model = get_peft_model(base, PACEConfig(r=2, sigma=0.5, modules_to_save=["classifier"]))
         cfg = RegularizerConfig(pace_weight=0.5, pace_mode="full", tsrs_weight=0.5, tsrs_inject_layer=1,

@@ -30,7 +30,7 @@ class Slow(TrainerCallback):
 def main(out: str, slow: bool, resume: bool) -> None:
     torch.manual_seed(0)
     model = get_peft_model(make_tiny_bert(), RLRRConfig(init_weights="kaiming", modules_to_save=["classifier"]))
-    cfg = RegularizerConfig(tsrs_weight=0.5, tsrs_inject_layer=1, pace_weight=0.5, pace_mode="fast",
+    cfg = RegularizerConfig(tsrs_weight=0.5, tsrs_inject_layer=1, pace_weight=0.5, pace_mode="fast", pace_sigma=1.0,
                      label_correction_threshold=0.34, label_correction_start_epoch=1, distance_norm="frob",
                      distance_radius=0.05)
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=8, num_train_epochs=4, learning_rate=1e-2,

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Optional
 
 from torch import nn
 
-from ..tuners_utils import ComposedWeightTuner, block_index, matches_module_name
+from ..tuners_utils import ComposedWeightTuner, block_index, head_in_training, head_modules, schedule_blocks
 from .config import PACEConfig, depth_sigma, head_sigma
 from .layer import Linear, PACELayer, multiplicative_noise
 
@@ -42,13 +42,9 @@ class PACEModel(ComposedWeightTuner):
         """B of the depth schedule: the model config's ``num_hidden_layers``, else 1 + the largest block index among
         the modules the adapter targets (computed once per adapter)."""
         if adapter_name not in self._n_blocks:
-            n = getattr(getattr(self.model, "config", None), "num_hidden_layers", None)
-            if not n:
-                config = self.peft_config[adapter_name]
-                depths = [block_index(key) for key, _ in self.model.named_modules()
-                          if self._check_target_module_exists(config, key)]
-                n = 1 + max((d for d in depths if d is not None), default=0)
-            self._n_blocks[adapter_name] = int(n)
+            config = self.peft_config[adapter_name]
+            targets = (key for key, _ in self.model.named_modules() if self._check_target_module_exists(config, key))
+            self._n_blocks[adapter_name] = schedule_blocks(self.model, targets)
         return self._n_blocks[adapter_name]
 
     def _create_and_replace(self, config: PACEConfig, adapter_name, target, target_name, parent, current_key,
@@ -102,21 +98,26 @@ class PACEModel(ComposedWeightTuner):
         return out
 
     # ------------------------------------------------------------------ head noise
-    @staticmethod
-    def _head_in_training(module: nn.Module) -> bool:
-        """The training flag of the module that computes the head's output. PEFT wraps a ``modules_to_save`` head in a
-        new ``ModulesToSaveWrapper``, which starts in train mode even on a model in eval mode; the copy it runs
-        (or the original module, when no adapter of it is active) carries the model's flag."""
-        copies = module._modules.get("modules_to_save")
-        if isinstance(copies, nn.ModuleDict) and "original_module" in module._modules:
-            active = [a for a in module.active_adapters if a in copies] if not module.disable_adapters else []
-            return (copies[active[0]] if active else module._modules["original_module"]).training
-        return module.training
+    def _layer_state(self) -> tuple[Optional[str], bool]:
+        """(active adapter, adapters and noise on) as the PACE layers hold them, together with this tuner's flags.
+
+        Read from the layers: transformers' adapter API (``model.add_adapter`` / ``set_adapter`` /
+        ``disable_adapters``, no ``PeftModel``) switches the layers only and keeps no tuner (the tuner of each
+        ``add_adapter`` call lives on through its hook), so the tuner's own ``active_adapters`` can be stale there.
+        Through ``PeftModel`` both always agree."""
+        layer = next((m for _, m in self._pace_layers()), None)
+        if layer is None:
+            return None, False
+        active = [a for a in layer.active_adapters if a in self.peft_config]
+        on = self._adapters_on and self._noise_on and not layer.disable_adapters and layer.noise_enabled
+        return (active[0] if active else None), on
 
     def _head_noise(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if not (self._head_in_training(module) and self._adapters_on and self._noise_on and self.active_adapters):
+        if not head_in_training(module):
             return output
-        adapter = self.active_adapters[0]
+        adapter, on = self._layer_state()
+        if not (on and adapter is not None):
+            return output
         config = self.peft_config[adapter]
         sigma = head_sigma(config.sigma, self._num_blocks(adapter), config.noise_schedule)
         if not config.noise_head or sigma <= 0 or not hasattr(output, "dtype"):
@@ -126,13 +127,13 @@ class PACEModel(ComposedWeightTuner):
     def _ensure_head_hooks(self) -> None:
         """Hook the module currently at each head path (PEFT wraps the head in ModulesToSaveWrapper after
         injection, so this runs at forward time and re-hooks when the module at a path changed)."""
-        if not self.active_adapters:
+        adapter, _ = self._layer_state()
+        if adapter is None:
             return
-        config = self.peft_config[self.active_adapters[0]]
+        config = self.peft_config[adapter]
         if not config.noise_head:
             return
-        found = {name: m for name, m in self.model.named_modules() if matches_module_name(config.heads, name)
-                 and not any(p in name.split(".") for p in ("modules_to_save", "original_module"))}
+        found = head_modules(self.model, config.heads)
         if not found:
             if config.explicit_head:
                 raise ValueError(f"PACE: head module(s) {config.heads} not found in the model; fix `head_modules` "
@@ -158,7 +159,12 @@ class PACEModel(ComposedWeightTuner):
         # PeftModel calls the wrapped model directly (not this module), so the head hooks are (re)installed from a
         # pre-hook on the wrapped model, once per forward. A bound method (not a closure) so that deepcopy and
         # pickling of the model keep working and a copy's hook refers to the copy.
-        if getattr(self, "_head_pre_hook", None) is None:
+        # One such hook per model: transformers' ``model.add_adapter`` creates a new tuner for every adapter, and the
+        # hook of the first one serves all of them (it reads the active adapter from the layers), so the head's
+        # logits are noised once.
+        if getattr(self, "_head_pre_hook", None) is None and not any(
+            isinstance(getattr(hook, "__self__", None), PACEModel) for hook in model._forward_pre_hooks.values()
+        ):
             self._head_pre_hook = model.register_forward_pre_hook(self._before_forward)
 
     def _remove_head_hooks(self) -> None:
