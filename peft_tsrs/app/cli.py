@@ -50,7 +50,7 @@ def _check_overrides(overrides: list[str]) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .run import run_recipe
+    from .run import run_recipe, score
 
     overrides = list(args.override or [])
     _check_overrides(overrides)
@@ -61,8 +61,12 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"name={json.dumps(args.name)}")
     recipe = load_recipe(args.recipes, overrides)
     metrics = run_recipe(recipe, progress=not args.no_progress, keep_checkpoints=args.keep_checkpoints)
-    print(f"{recipe.name}: validation accuracy {metrics['validation']['accuracy']:.4f}, "
-          f"test accuracy {metrics['test']['accuracy']:.4f} -> {recipe.run_dir}")
+    metric = metrics["metric"].replace("_", " ")
+    before = ""
+    if "before_training" in metrics:
+        before = f" (before training: {metrics['before_training']['test'][metrics['metric']]:.4f})"
+    print(f"{recipe.name}: validation {metric} {score(metrics, 'validation'):.4f}, "
+          f"test {metric} {score(metrics):.4f}{before} -> {recipe.run_dir}")
     return 0
 
 

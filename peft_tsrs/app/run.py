@@ -5,8 +5,10 @@ Output folder ``<output_dir>/<name>/``:
 
 * ``adapter/`` — ``save_pretrained`` output (adapter weights + ``adapter_config.json``, or the full model for
   ``adapter.type: full``), tokenizer if any, and a model card ``README.md`` naming method, recipe and results;
-* ``metrics.json`` — validation/test metrics of the selected epoch, timings, per-epoch history, diagnostics;
-* ``recipe.yaml`` — the resolved recipe; ``training_curves.png`` — losses and validation accuracy.
+* ``metrics.json`` — validation/test metrics of the selected epoch, timings, per-epoch history, diagnostics; an
+  instruction task (``wordnet_chat``) also records its metrics before training (``before_training``: the zero-shot
+  exact match of the base model, on validation and test);
+* ``recipe.yaml`` — the resolved recipe; ``training_curves.png`` — losses and the validation score.
 
 The folder is written under a temporary name next to it (``<output_dir>/.<name>.partial-*``) and renamed when the run
 has finished: a run that fails (bad value, missing model, error or Ctrl-C during training) leaves no folder behind,
@@ -29,6 +31,7 @@ from transformers import TrainingArguments, set_seed
 
 from .. import diagnostics
 from .adapters import apply_adapter
+from .generation import GenerationEvalMixin
 from ..metrics import compute_metrics
 from .model_card import write_model_card
 from .plots import plot_training_curves
@@ -69,21 +72,34 @@ def training_arguments(recipe: Recipe, run_dir: str, progress: bool = True) -> T
     )
 
 
+class GenerativeTrainer(GenerationEvalMixin, RegularizedTrainer):
+    """The trainer of instruction tasks: RegularizedTrainer whose evaluations add generation exact match."""
+
+
+def trainer_class(data: TaskData) -> type:
+    """The Trainer class a run uses: RegularizedTrainer, with generation evaluation for an instruction task."""
+    return GenerativeTrainer if data.generative else RegularizedTrainer
+
+
 def _diagnose(model, trainer: RegularizedTrainer, data: TaskData, reference: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The papers' explanatory quantities on the trained model (merged effective weights)."""
+    """The papers' explanatory quantities on the trained model (merged effective weights). On an instruction task the
+    loss is the model's own (answer tokens) and the batches are smaller (8 rows: a causal LM's logits are large)."""
     report = diagnostics.summarize(model, reference=reference)
     collate = data.collator
+    rows = 8 if data.generative else 32
     val = data.splits["validation"]
-    batch = collate([val[i] for i in range(min(32, len(val)))])
+    batch = collate([val[i] for i in range(min(rows, len(val)))])
     batch = {k: v.to(trainer.args.device) for k, v in batch.items() if k in ("input_ids", "attention_mask",
                                                                               "token_type_ids", "pixel_values")}
     report["noise_sensitivity"] = diagnostics.noise_sensitivity(model, batch, noise_std=0.2, layer=0)
     train = data.splits["train"]
-    train_batch = collate([train[i] for i in range(min(32, len(train)))])
+    train_batch = collate([train[i] for i in range(min(rows, len(train)))])
     labels = train_batch.pop("labels").to(trainer.args.device)
     train_batch = {k: v.to(trainer.args.device) for k, v in train_batch.items() if k != "index"}
 
     def loss_fn(m):
+        if data.generative:  # answer tokens only (-100 elsewhere), shifted by the model
+            return m(**train_batch, labels=labels).loss.float()
         return torch.nn.functional.cross_entropy(m(**train_batch).logits.float(), labels)
 
     sharp = diagnostics.sharpness_1d(model, loss_fn, radius=0.05, n_points=7)
@@ -247,11 +263,19 @@ def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -
     model = apply_adapter(model, recipe)
     trainable, total = _count_parameters(model)
 
-    trainer = RegularizedTrainer(
+    cls = trainer_class(data)
+    kwargs: dict[str, Any] = {"compute_metrics": compute_metrics}
+    if data.generative:  # scored by generation (GenerationEvalMixin), not from the logits
+        kwargs = {"compute_metrics": None, "generation": data.generation}
+    trainer = cls(
         model=model, args=training_arguments(recipe, run_dir, progress), train_dataset=data.splits["train"],
-        eval_dataset=data.splits["validation"], data_collator=data.collator, compute_metrics=compute_metrics,
-        regularizers=recipe.regularizers,
+        eval_dataset=data.splits["validation"], data_collator=data.collator, regularizers=recipe.regularizers,
+        **kwargs,
     )
+    before = None
+    if data.generative:  # the base model's zero-shot score (test too: reported, never used to select)
+        before = {split: _strip_prefix(trainer.evaluate(data.splits[split], metric_key_prefix=split), split)
+                  for split in ("validation", "test")}
     start = time.perf_counter()
     train_output = trainer.train()
     train_time = time.perf_counter() - start
@@ -259,6 +283,7 @@ def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -
     test = trainer.evaluate(data.splits["test"], metric_key_prefix="test")
     model.eval()
 
+    monitor = getattr(trainer, "collapse_monitor", None)  # RegularizedTrainer's (classification) collapse check
     metrics: dict[str, Any] = {
         "name": recipe.name,
         "method": recipe.method,
@@ -267,8 +292,9 @@ def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -
         "shots_per_class": recipe.task.shots_per_class,
         "label_noise": recipe.task.label_noise,
         "seed": recipe.training.seed,
-        "validation": {k.removeprefix("validation_"): v for k, v in validation.items()},
-        "test": {k.removeprefix("test_"): v for k, v in test.items()},
+        "metric": recipe.task.metrics[0],  # the task's score: accuracy, or exact_match of an instruction task
+        "validation": _strip_prefix(validation, "validation"),
+        "test": _strip_prefix(test, "test"),
         "best_checkpoint": best_checkpoint(trainer, keep_checkpoints),
         "train_time_s": round(train_time, 2),
         "train_steps": train_output.global_step,
@@ -278,14 +304,29 @@ def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -
         "n_train": len(data.splits["train"]),
         "history": trainer.state.log_history,
         # step of the CollapseWarning (every validation example predicted as one class, evaluations in a row)
-        "collapsed_at_step": None if trainer.collapse_monitor is None else trainer.collapse_monitor.reported_at,
+        "collapsed_at_step": None if monitor is None else monitor.reported_at,
     }
+    if before is not None:
+        metrics["before_training"] = before
+        # the validation score at step 0 heads the history (and the validation curve), as the later evaluations
+        step0 = {f"eval_{k}": v for k, v in before["validation"].items() if k != "epoch"}
+        metrics["history"] = [{**step0, "epoch": 0.0, "step": 0}, *metrics["history"]]
     if recipe.diagnostics:
         metrics["diagnostics"] = _diagnose(model, trainer, data, reference)
     _save_outputs(recipe, model, data, metrics, run_dir)
     if not keep_checkpoints:
         shutil.rmtree(os.path.join(run_dir, CHECKPOINTS), ignore_errors=True)
     return metrics, data.model_path
+
+
+def _strip_prefix(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k.removeprefix(f"{prefix}_"): v for k, v in metrics.items()}
+
+
+def score(metrics: dict[str, Any], split: str = "test") -> float:
+    """The task's score of a finished run on ``split``: ``metrics[split][metrics['metric']]`` (runs written before
+    ``metric`` was recorded: accuracy)."""
+    return metrics[split][metrics.get("metric", "accuracy")]
 
 
 def _count_parameters(model) -> tuple[int, int]:
@@ -310,7 +351,8 @@ def _save_outputs(recipe: Recipe, model, data: TaskData, metrics: dict[str, Any]
         data.processor.save_pretrained(adapter_dir)
     with open(os.path.join(run_dir, "metrics.json"), "w") as fh:
         json.dump(metrics, fh, indent=2, default=float)
-    plot_training_curves(metrics["history"], os.path.join(run_dir, "training_curves.png"), title=recipe.name)
+    plot_training_curves(metrics["history"], os.path.join(run_dir, "training_curves.png"), title=recipe.name,
+                         metric=metrics["metric"])
 
 
 def record_base_model(model: PeftModel, name: str) -> None:

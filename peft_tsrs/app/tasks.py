@@ -1,4 +1,8 @@
-"""Turn a recipe's ``task`` and ``model`` sections into model-ready datasets and a pretrained HF model."""
+"""Turn a recipe's ``task`` and ``model`` sections into model-ready datasets and a pretrained HF model.
+
+Classification tasks (``wordnet``, ``fashion_mnist``) get a new classification head; the instruction task
+``wordnet_chat`` keeps the causal LM as it is (its answers are generated text, scored by exact match, see
+:mod:`peft_tsrs.app.generation`)."""
 
 from __future__ import annotations
 
@@ -9,8 +13,10 @@ from typing import Any, Callable, Optional
 
 import datasets
 import numpy as np
+import torch
 from torch import nn
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -21,14 +27,21 @@ from transformers import (
 from .data import (
     FASHION_MNIST_CLASSES,
     NOUN_CATEGORIES,
+    SMOLLM2_GGUF,
+    ChatCollator,
+    ChatFormat,
+    category_name,
     few_shot_split,
     flip_labels,
     load_fashion_mnist,
     load_wordnet_nouns,
     minilm_path,
     pretrained_fmnist_vit,
+    smollm2_path,
+    tokenize_chat,
     tokenize_dataset,
 )
+from .generation import GenerationEval
 from .recipes import HUB_IDS, Recipe
 
 
@@ -42,6 +55,12 @@ class TaskData:
     model_path: str
     processor: Any = None  # tokenizer (text) saved next to the adapter
     model_id: Optional[str] = None  # what the run records as its base model (see base_model_id); None: model_path
+    generation: Optional[GenerationEval] = None  # instruction tasks: how answers are generated and scored
+
+    @property
+    def generative(self) -> bool:
+        """An instruction task: a causal LM trained on answers and scored by generation (no classification head)."""
+        return self.generation is not None
 
     @property
     def num_labels(self) -> int:
@@ -82,19 +101,54 @@ WORDNET_EXCLUDED = ("noun.Tops", "noun.motive")
 
 def build_wordnet(recipe: Recipe) -> TaskData:
     task = recipe.task
-    classes = task.classes
-    if classes is None:
-        classes = [i for i, name in enumerate(NOUN_CATEGORIES) if name not in WORDNET_EXCLUDED]
     splits = few_shot_split(load_wordnet_nouns(), task.shots_per_class, task.val_per_class, task.test_per_class,
-                            seed=task.seed, classes=classes)
+                            seed=task.seed, classes=wordnet_classes(recipe))
     names = _label_names(splits["train"])
     splits = _add_label_noise(splits, recipe, len(names))
     path = resolve_model_path(recipe)
     with _loading(recipe, "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **load_kwargs(recipe))
     splits = tokenize_dataset(splits, tokenizer, max_length=task.max_length, padding=False)
     return TaskData(splits, names, DataCollatorWithPadding(tokenizer), path, tokenizer,
                     model_id=base_model_id(recipe, path))
+
+
+def wordnet_classes(recipe: Recipe) -> list[int]:
+    """``task.classes``, or every WordNet noun category but :data:`WORDNET_EXCLUDED`."""
+    if recipe.task.classes is not None:
+        return list(recipe.task.classes)
+    return [i for i, name in enumerate(NOUN_CATEGORIES) if name not in WORDNET_EXCLUDED]
+
+
+def wordnet_system_prompt(answers: list[str]) -> str:
+    """The instruction of ``wordnet_chat``. The category names are not listed (that would double the prompt: 24
+    names are ~60 tokens, the glosses ~20); the model learns them from the training answers. (With the list the
+    quantized SmolLM2 still answered none of 48 validation glosses with a category name zero-shot.)"""
+    return "Name the WordNet category of the noun defined by the user, in one word."
+
+
+def build_wordnet_chat(recipe: Recipe) -> TaskData:
+    """WordNet glosses as instruction examples for a causal LM with a chat template: the user turn is the gloss
+    (``lemma: definition``), the answer the category's name (``noun.animal`` -> ``animal``), the loss on the answer
+    tokens only; evaluated by greedy generation and exact match of the name (validation selects, test reports)."""
+    task = recipe.task
+    splits = few_shot_split(load_wordnet_nouns(), task.shots_per_class, task.val_per_class, task.test_per_class,
+                            seed=task.seed, classes=wordnet_classes(recipe))
+    names = _label_names(splits["train"])
+    splits = _add_label_noise(splits, recipe, len(names))
+    check_labels(splits, len(names))  # before the label column becomes answer tokens
+    path = resolve_model_path(recipe)
+    with _loading(recipe, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(path, **load_kwargs(recipe))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    answers = [category_name(n) for n in names]
+    system = wordnet_system_prompt(answers)
+    splits = tokenize_chat(splits, tokenizer, system, answers, max_length=task.max_length)
+    generation = GenerationEval(tokenizer, answers, end=ChatFormat.from_tokenizer(tokenizer, system).end,
+                                max_new_tokens=task.max_new_tokens, batch_size=recipe.training.eval_batch_size)
+    return TaskData(splits, names, ChatCollator(tokenizer.pad_token_id), path, tokenizer,
+                    model_id=base_model_id(recipe, path), generation=generation)
 
 
 def build_fashion_mnist(recipe: Recipe) -> TaskData:
@@ -121,9 +175,21 @@ def resolve_model_path(recipe: Recipe) -> str:
     name = recipe.model.name
     if name == "minilm":
         return minilm_path()
+    if name == "smollm2":
+        return smollm2_path()
     if name == "fmnist_vit":
         return pretrained_fmnist_vit(classes=recipe.model.pretrain_classes, epochs=recipe.model.pretrain_epochs)
     return name
+
+
+# What a SmolLM2 run records as its base model: not the Hub's HuggingFaceTB/SmolLM2-135M-Instruct, whose weights
+# differ (the GGUF file holds them 4-bit quantized, Q4_1), but the file the adapter was trained on.
+SMOLLM2_ID = "SmolLM2-135M-Instruct-Q4_1"
+
+
+def load_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """Extra ``from_pretrained`` arguments of the backbone (``gguf_file`` for SmolLM2's single GGUF file)."""
+    return {"gguf_file": SMOLLM2_GGUF} if recipe.model.name == "smollm2" else {}
 
 
 def base_model_id(recipe: Recipe, path: str) -> str:
@@ -133,6 +199,8 @@ def base_model_id(recipe: Recipe, path: str) -> str:
     name = recipe.model.name
     if name in HUB_IDS:
         return HUB_IDS[name]
+    if name == "smollm2":
+        return SMOLLM2_ID
     if name == "fmnist_vit":
         return os.path.basename(os.path.normpath(path))
     return name
@@ -146,21 +214,49 @@ def _loading(recipe: Recipe, what: str):
     except OSError as err:
         reason = " ".join(str(err).split())[:300]
         raise ValueError(f"cannot load the {what} of model.name {recipe.model.name!r} ({reason}); use minilm, "
-                         f"fmnist_vit or a local model folder (a Hub id needs the network or a cached copy).") from None
+                         f"fmnist_vit, smollm2 or a local model folder (a Hub id needs the network or a cached "
+                         f"copy).") from None
 
 
 def build_task(recipe: Recipe) -> TaskData:
     """Datasets for ``recipe.task`` (dispatch on its name) with labels checked."""
-    data = {"wordnet": build_wordnet, "fashion_mnist": build_fashion_mnist}[recipe.task.name](recipe)
-    check_labels(data.splits, data.num_labels)
+    builders = {"wordnet": build_wordnet, "fashion_mnist": build_fashion_mnist, "wordnet_chat": build_wordnet_chat}
+    data = builders[recipe.task.name](recipe)
+    if not data.generative:  # instruction examples were checked before their labels became answer tokens
+        check_labels(data.splits, data.num_labels)
     return data
 
 
+def _plain_weights(model: nn.Module) -> None:
+    """A model read from a GGUF file holds plain float32 weights (transformers dequantizes them while loading) but
+    stays marked as quantized with the GGUF method, which the Trainer refuses to train and ``save_pretrained``
+    refuses to save. Drop the mark: nothing of the model is quantized any more (the weights keep the rounding of the
+    4-bit file)."""
+    if any(p.dtype not in (torch.float32, torch.float16, torch.bfloat16) for p in model.parameters()):
+        return  # really quantized: leave it
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)  # hf_quantizer, config.quantization_config, is_quantized
+    for module in model.modules():
+        if getattr(getattr(module, "config", None), "_is_quantized", False):
+            module.config._is_quantized = False
+
+
 def build_model(recipe: Recipe, data: TaskData, path: Optional[str] = None) -> nn.Module:
-    """The pretrained backbone with a new classification head of ``data.num_labels`` classes."""
+    """The pretrained backbone with a new classification head of ``data.num_labels`` classes; for an instruction
+    task the causal LM as it is (float32)."""
+    if data.generative:
+        with _loading(recipe, "model"):
+            model = AutoModelForCausalLM.from_pretrained(path or data.model_path, dtype=torch.float32,
+                                                         **load_kwargs(recipe))
+        if recipe.model.name == "smollm2":
+            _plain_weights(model)
+        if model.generation_config is not None and model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = data.processor.pad_token_id
+        return model
     id2label = dict(enumerate(data.label_names))
     kwargs = dict(num_labels=data.num_labels, id2label=id2label, label2id={v: k for k, v in id2label.items()},
                   ignore_mismatched_sizes=True)
     auto = AutoModelForSequenceClassification if recipe.task.name == "wordnet" else AutoModelForImageClassification
     with _loading(recipe, "model"):
-        return auto.from_pretrained(path or data.model_path, **kwargs)
+        return auto.from_pretrained(path or data.model_path, **kwargs, **load_kwargs(recipe))

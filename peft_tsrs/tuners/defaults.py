@@ -10,6 +10,8 @@ DEFAULT_HEAD_MODULES: tuple[str, ...] = ("classifier",)
 
 _BERT_LIKE = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 _VIT_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", *_BERT_LIKE]
+# Decoder-only LMs with Llama's block layout: attention projections and the gated MLP.
+_LLAMA_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 LINEAR_TARGETS: dict[str, list[str]] = {
     "vit": _VIT_LIKE,
@@ -22,6 +24,10 @@ LINEAR_TARGETS: dict[str, list[str]] = {
     "electra": _BERT_LIKE,
     "camembert": _BERT_LIKE,
     "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"],
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
 }
 
 # LayerNorms (and the ViT patch embedding) that get SSF scale/shift.

