@@ -70,3 +70,17 @@ def test_two_processes_with_stochastic_regularizers(tmp_path):
         assert b["loss_task"] == pytest.approx(a["loss_task"], rel=0.05)
         assert all(torch.isfinite(torch.tensor(b[k])) for k in ("loss", "loss_pace", "loss_tsrs"))
     assert any("reweight_temperature" in h for h in ranks[0]["logs"])
+
+
+def test_two_processes_match_single_process_on_a_causal_lm(tmp_path):
+    """Token-level loss: each process's rows carry different numbers of supervised tokens; the update is the one of the
+    whole batch's token mean (num_items_in_batch counted over both processes), as one process with batch 8 makes."""
+    ranks = _launch_two(str(tmp_path / "ddp"), "causal_lm", 4)
+    single = _single(str(tmp_path / "single"), "causal_lm", 8)
+    assert [r["world"] for r in ranks] == [2, 2] and single["world"] == 1
+    assert len(single["logs"]) == len(ranks[0]["logs"]) == 4
+    for name, p in single["params"].items():
+        torch.testing.assert_close(ranks[0]["params"][name], p, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ranks[1]["params"][name], p, atol=1e-5, rtol=1e-4)
+    for a, b in zip(single["logs"], ranks[0]["logs"]):
+        assert b["loss_distance"] == pytest.approx(a["loss_distance"], rel=1e-4, abs=1e-7)

@@ -153,8 +153,6 @@ def test_a_nan_regularizer_weight_cannot_switch_the_term_off_unnoticed(tmp_path)
     (tmp_path / "nan.yaml").write_text("regularizers:\n  tsrs_weight: .nan\n")
     with pytest.raises(ValueError, match=r"regularizers.tsrs_weight must be a finite number, got nan"):
         load_recipe([str(tmp_path / "nan.yaml")])
-    from peft_tsrs.config import RegularizerConfig
-
     # built in Python (RegularizerConfig may refuse NaN itself; either way no recipe with a NaN weight validates)
     with pytest.raises(ValueError, match=r"tsrs_weight"):
         Recipe(regularizers=RegularizerConfig(tsrs_weight=float("nan"))).validate()

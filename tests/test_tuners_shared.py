@@ -224,11 +224,11 @@ def test_rlrr_ssf_defaults_still_resolved_after_the_shared_targets():
 
 # ---------------------------------------------------------------------- default head
 def test_pace_default_head_is_the_shared_constant():
-    assert DEFAULT_HEAD_MODULES == ("classifier",)
+    assert DEFAULT_HEAD_MODULES == ("classifier", "score")
     heads = PACEConfig().heads
     assert heads == list(DEFAULT_HEAD_MODULES)
-    heads.append("score")  # a fresh list each time: the default cannot be changed through it
-    assert PACEConfig().heads == ["classifier"]
+    heads.append("head")  # a fresh list each time: the default cannot be changed through it
+    assert PACEConfig().heads == ["classifier", "score"]
     assert PACEConfig(head_modules=["score"]).heads == ["score"]
 
 

@@ -126,11 +126,15 @@ class Regularizer:
 
     #: Whether the batch must carry the config's ``index_column`` (per-example state).
     needs_index: bool = False
-    #: Whether it needs one class prediction per example (single-label classification): the trainer refuses it on
-    #: other tasks (causal LM, token classification, seq2seq, regression) with this regularizer's name.
-    per_example: bool = False
     #: The config property that switches this regularizer on (``None``: always on).
     enabled_by: ClassVar[Optional[str]] = None
+
+    @classmethod
+    def per_example_use(cls, config: Any) -> list[str]:
+        """What this regularizer, as ``config`` sets it, does that needs one class prediction per example
+        (single-label classification), by name; the trainer refuses those on other tasks (causal LM, token
+        classification, seq2seq, regression) before anything is built. Empty by default."""
+        return []
 
     @classmethod
     def from_config(cls, build: BuildContext) -> Optional["Regularizer"]:

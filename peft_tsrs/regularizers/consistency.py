@@ -131,11 +131,15 @@ class PACERegularizer(Regularizer):
         self.store = store
         self.noise_sites = list(noise_sites)
         self.needs_index = mode == "fast"
-        self.per_example = mode == "fast"  # the store holds one row of logits per example
         self._paired = False
         self._second: Optional[Tensor] = None
 
     enabled_by = "uses_pace"
+
+    @classmethod
+    def per_example_use(cls, config: Any) -> list[str]:
+        # the fast store holds one row of class logits per example
+        return ["PACE-fast"] if config.uses_pace and config.pace_mode == "fast" else []
 
     @classmethod
     def create(cls, build: BuildContext) -> "PACERegularizer":

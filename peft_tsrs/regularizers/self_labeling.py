@@ -175,9 +175,14 @@ class SelfLabeling(Regularizer):
         self.temperature_schedule = temperature_schedule
         self.correction_timing = correction_timing
         self.needs_index = corrector is not None
-        self.per_example = True  # a class prediction (and a loss) per example
 
     enabled_by = "uses_self_labeling"
+
+    @classmethod
+    def per_example_use(cls, config: Any) -> list[str]:
+        # a stored class per example, and a loss per example to reweight
+        return [name for name, on in (("label correction", config.label_correction_threshold is not None),
+                                      ("reweighting", config.reweight_start_epoch is not None)) if on]
 
     @classmethod
     def create(cls, build: BuildContext) -> "SelfLabeling":

@@ -38,7 +38,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import RegularizerConfig
-from ..regularizers import BuildContext, Regularizer, StepContext, build_regularizers
+from ..regularizers import BuildContext, Regularizer, StepContext, build_regularizers, registered_regularizers
 from ..regularizers.base import batch_rows
 from ..regularizers.blocks import unwrap_model
 from .checkpoint_loading import load_renamed_checkpoint, needs_renamed_load
@@ -74,6 +74,11 @@ def recipe_from_model(model: nn.Module) -> Optional[RegularizerConfig]:
             if recipe:
                 return recipe if isinstance(recipe, RegularizerConfig) else RegularizerConfig.from_dict(recipe)
     return None
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (under PEFT / accelerate wrappers) runs with gradient checkpointing on."""
+    return bool(getattr(unwrap_model(model), "is_gradient_checkpointing", False))
 
 
 class _AfterOptimizerStep(TrainerCallback):
@@ -115,6 +120,7 @@ class RegularizedTrainerMixin:
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._components: dict[str, list[float]] = defaultdict(list)
+        self._open_contexts: list[contextlib.ExitStack] = []  # kept until backward under gradient checkpointing
         # what the task loss looks like: one class per example, or labels shifted by one (causal LM; Trainer's rule)
         self._classifier = is_single_label_classifier(self.model)
         self._shifts = bool(getattr(self, "_loss_shifts_labels", False))
@@ -239,6 +245,13 @@ class RegularizedTrainerMixin:
     def _any_process(self, flag: bool) -> bool:
         return bool(self._gather(torch.tensor([flag], device=self.args.device)).any())
 
+    def training_step(self, *args, **kwargs):
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:  # the forward contexts a checkpointed step kept open for its backward
+            while self._open_contexts:
+                self._open_contexts.pop().close()
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         indices = inputs.pop(self.regularizer_config.index_column, None)
@@ -272,7 +285,8 @@ class RegularizedTrainerMixin:
         )
         for regularizer in regularizers:
             regularizer.prepare(step)
-        with contextlib.ExitStack() as stack:
+        stack = contextlib.ExitStack()
+        with stack:
             for regularizer in regularizers:
                 stack.enter_context(regularizer.forward_context(step))
             outputs = model(**step.inputs)
@@ -290,6 +304,10 @@ class RegularizedTrainerMixin:
             terms: dict[str, torch.Tensor] = {}
             for regularizer in regularizers:
                 terms.update(regularizer.loss(step))
+            if _checkpointing(model) and torch.is_grad_enabled():
+                # gradient checkpointing re-runs the blocks' forwards during backward: their noise and shared
+                # dropout must still be there (the same draws: the checkpoint restores the RNG state)
+                self._open_contexts.append(stack.pop_all())
 
         task, task_scaled = self._task_loss(model, step, logits, per_class, token_level, regularizers,
                                             num_items_in_batch)
@@ -344,13 +362,8 @@ class RegularizedTrainerMixin:
 
     def _refuse_per_example(self, what: str) -> None:
         """Regularizers that need one class prediction per example, on a task that has none: a clear error."""
-        cfg = self.regularizer_config
-        names = [name for name, on in (
-            ("PACE-fast", cfg.pace_weight > 0 and cfg.pace_mode == "fast"),
-            ("label correction", cfg.label_correction_threshold is not None),
-            ("reweighting", cfg.reweight_start_epoch is not None)) if on]
-        names += [name for name, r in getattr(self, "regularizers", {}).items()  # a custom per-example regularizer
-                  if r.per_example and name not in ("pace", "self_labeling")]
+        names = [name for cls in registered_regularizers().values()
+                 for name in cls.per_example_use(self.regularizer_config)]
         if names:
             raise ValueError(self._per_example_message(", ".join(names), what))
 

@@ -3,10 +3,11 @@ defaults keep working across versions; names absent from a model are simply not 
 
 from __future__ import annotations
 
-# Name of the classification head in transformers' *ForImageClassification / *ForSequenceClassification models: the
-# default head that PACE noises (PACEConfig.head_modules). A tuple, so no caller can change it in place; pass
-# ``list(DEFAULT_HEAD_MODULES)`` where a list is wanted (e.g. ``modules_to_save``).
-DEFAULT_HEAD_MODULES: tuple[str, ...] = ("classifier",)
+# Names of the classification head in transformers' *ForImageClassification / *ForSequenceClassification models
+# (``classifier``: encoders and ViTs; ``score``: decoder-only LMs' last-token classifiers): the default heads that PACE
+# noises (PACEConfig.head_modules). A causal LM's ``lm_head`` is not one: its logits are not noised. A tuple, so no
+# caller can change it in place; pass ``list(DEFAULT_HEAD_MODULES)`` where a list is wanted (``modules_to_save``).
+DEFAULT_HEAD_MODULES: tuple[str, ...] = ("classifier", "score")
 
 _BERT_LIKE = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 _VIT_LIKE = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2", *_BERT_LIKE]

@@ -2,7 +2,8 @@
 
 Run as ``accelerate launch --multi_gpu --num_processes 2 ddp_train.py OUT MODE PER_DEVICE_BATCH`` or as a plain
 single process. MODE is ``deterministic`` (PACE-fast without noise, distance projection, label correction on RLRR, no
-dropout) or ``stochastic`` (PACE-full and TSRS on a PACE adapter).
+dropout), ``stochastic`` (PACE-full and TSRS on a PACE adapter) or ``causal_lm`` (a LoRA Llama with the distance
+penalty: token-level loss, rows with different numbers of supervised tokens).
 """
 
 import os
@@ -20,7 +21,30 @@ from transformers import TrainingArguments  # noqa: E402
 from peft_tsrs import PACEConfig, RLRRConfig, RegularizerConfig, RegularizedTrainer  # noqa: E402
 
 
+def causal_lm(out: str, per_device_batch: int) -> None:
+    from datasets import Dataset
+    from test_causal_lm import collate, lm_rows, lora, tiny_llama
+
+    model = lora(tiny_llama())
+    cfg = RegularizerConfig(distance_norm="frob", distance_mode="penalty", distance_penalty_weight=0.1)
+    args = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=per_device_batch, num_train_epochs=2, learning_rate=1e-2,
+        report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1, seed=0,
+        train_sampling_strategy="sequential", optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
+        remove_unused_columns=False,
+    )
+    trainer = RegularizedTrainer(model=model, args=args, train_dataset=Dataset.from_list(lm_rows(16)),
+                                 data_collator=collate, regularizers=cfg)
+    trainer.train()
+    torch.save({"logs": [h for h in trainer.state.log_history if "loss" in h],
+                "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+                "world": trainer.accelerator.num_processes},
+               os.path.join(out, f"rank{trainer.accelerator.process_index}.pt"))
+
+
 def main(out: str, mode: str, per_device_batch: int) -> None:
+    if mode == "causal_lm":
+        return causal_lm(out, per_device_batch)
     torch.manual_seed(0)
     base = make_tiny_bert()
     for m in base.modules():

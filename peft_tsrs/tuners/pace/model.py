@@ -93,8 +93,10 @@ class PACEModel(ComposedWeightTuner):
         out = {name: m.sigma[adapter] for name, m in self._pace_layers() if adapter in m.sigma}
         config = self.peft_config[adapter]
         if config.noise_head:
+            found = head_modules(self.model, config.heads)  # the default names list heads a model may not have
             for head in config.heads:
-                out[head] = head_sigma(config.sigma, self._num_blocks(adapter), config.noise_schedule)
+                if head in found or any(name.endswith("." + head) for name in found):
+                    out[head] = head_sigma(config.sigma, self._num_blocks(adapter), config.noise_schedule)
         return out
 
     # ------------------------------------------------------------------ head noise
