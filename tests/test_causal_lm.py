@@ -186,6 +186,7 @@ REGULARIZED = {
     "pace_lazy": (RegularizerConfig(pace_weight=0.5, pace_sigma=1.0, pace_mode="lazy", pace_lazy_every=1),
                   {"loss_pace"}),
     "tsrs_pace": (RegularizerConfig(tsrs_weight=1.0, pace_weight=0.5, pace_sigma=1.0), {"loss_tsrs", "loss_pace"}),
+    "tsrs_bss": (RegularizerConfig(tsrs_weight=1.0, bss_weight=1e-3), {"loss_tsrs", "loss_bss"}),
     "distance_penalty": (RegularizerConfig(distance_norm="frob", distance_mode="penalty",
                                            distance_penalty_weight=0.1), {"loss_distance"}),
     "distance_project": (RegularizerConfig(distance_norm="frob", distance_mode="project", distance_radius=0.05),
@@ -228,7 +229,7 @@ def test_distance_projection_bounds_the_lora_update(tmp_path):
     assert max(norms) > radius * 0.5  # the projection bounds the update, it does not zero it
 
 
-@pytest.mark.parametrize("name", ["tsrs", "pace_full", "tsrs_pace"])
+@pytest.mark.parametrize("name", ["tsrs", "pace_full", "tsrs_pace", "tsrs_bss"])
 def test_padded_positions_do_not_move_any_term(name, tmp_path):
     """Changing only the token ids under attention_mask 0 (labels -100) leaves every term where it was."""
     config, expected = REGULARIZED[name]
@@ -306,3 +307,24 @@ def test_save_load_merge_equality_on_a_llama(tuner, tmp_path):
 def _base_logits(model, batch):
     with model.disable_adapter():
         return model(**batch).logits
+
+
+def test_bss_on_a_causal_lm_reads_the_features_of_the_supervised_tokens(tmp_path):
+    """No classification head: BSS takes what lm_head reads at the positions the loss predicts, one row per token."""
+    from peft_tsrs.regularizers.bss import batch_spectral_shrinkage
+
+    model = lora(tiny_llama())
+    trainer = trainer_for(model, tmp_path, RegularizerConfig(bss_weight=1.0))
+    assert trainer.regularizers["bss"].head_name == "lm_head"
+    batch = collate(lm_rows()[:4])
+    captured = {}
+    hook = model.base_model.model.lm_head.register_forward_pre_hook(
+        lambda m, args: captured.__setitem__("features", args[0].detach()))
+    try:
+        logged = terms(trainer, batch)["loss_bss"]
+    finally:
+        hook.remove()
+    supervised = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    supervised[:, :-1] = batch["labels"][:, 1:] != -100
+    expected = batch_spectral_shrinkage(captured["features"][supervised])
+    assert logged == pytest.approx(expected.item(), rel=1e-4)

@@ -29,6 +29,7 @@ from .data import (
     NOUN_CATEGORIES,
     SMOLLM2_GGUF,
     ChatCollator,
+    trainable_gguf,
     ChatFormat,
     category_name,
     few_shot_split,
@@ -227,21 +228,6 @@ def build_task(recipe: Recipe) -> TaskData:
     return data
 
 
-def _plain_weights(model: nn.Module) -> None:
-    """A model read from a GGUF file holds plain float32 weights (transformers dequantizes them while loading) but
-    stays marked as quantized with the GGUF method, which the Trainer refuses to train and ``save_pretrained``
-    refuses to save. Drop the mark: nothing of the model is quantized any more (the weights keep the rounding of the
-    4-bit file)."""
-    if any(p.dtype not in (torch.float32, torch.float16, torch.bfloat16) for p in model.parameters()):
-        return  # really quantized: leave it
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        quantizer.remove_quantization_config(model)  # hf_quantizer, config.quantization_config, is_quantized
-    for module in model.modules():
-        if getattr(getattr(module, "config", None), "_is_quantized", False):
-            module.config._is_quantized = False
-
-
 def build_model(recipe: Recipe, data: TaskData, path: Optional[str] = None) -> nn.Module:
     """The pretrained backbone with a new classification head of ``data.num_labels`` classes; for an instruction
     task the causal LM as it is (float32)."""
@@ -250,7 +236,7 @@ def build_model(recipe: Recipe, data: TaskData, path: Optional[str] = None) -> n
             model = AutoModelForCausalLM.from_pretrained(path or data.model_path, dtype=torch.float32,
                                                          **load_kwargs(recipe))
         if recipe.model.name == "smollm2":
-            _plain_weights(model)
+            trainable_gguf(model)
         if model.generation_config is not None and model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = data.processor.pad_token_id
         return model

