@@ -54,8 +54,14 @@ def test_train_prints_the_result(tmp_path, capsys):
                  "--no-progress", "-o", *QUICK])
     assert code == 0
     out = capsys.readouterr().out
-    assert "lora: validation accuracy" in out and "test accuracy" in out and str(tmp_path / "lora") in out
+    assert "lora: train accuracy" in out and "validation accuracy" in out and "test accuracy" in out
+    assert str(tmp_path / "lora") in out
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").is_file()
+    # the regime the run ended in: its fit of the training labels, the gap to test, the memory it took
+    metrics = json.loads((tmp_path / "lora" / "metrics.json").read_text())
+    assert {"accuracy", "loss"} <= set(metrics["train"]) and 0 <= metrics["train"]["accuracy"] <= 1
+    assert metrics["generalization_gap"] == pytest.approx(metrics["train"]["accuracy"] - metrics["test"]["accuracy"])
+    assert metrics["peak_memory_mb"] > 0 and metrics["seconds_per_step"] > 0
 
 
 @pytest.mark.slow

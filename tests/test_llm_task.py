@@ -248,11 +248,11 @@ def test_wordnet_chat_recipe_runs_end_to_end_and_reports(tiny_llama_folder, tmp_
                  "--output-dir", str(tmp_path), "--no-progress", "-o", *overrides])
     assert code == 0
     out = capsys.readouterr().out
-    assert "lora: validation exact match" in out and "test exact match" in out and "before training:" in out
+    assert "lora: train exact match" in out and "test exact match" in out and "before training:" in out
     run = tmp_path / "lora"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["task"] == "wordnet_chat" and metrics["metric"] == "exact_match" and metrics["train_steps"] == 2
-    for split in ("validation", "test"):
+    for split in ("train", "validation", "test"):
         assert {"exact_match", "valid_answer", "loss"} <= set(metrics[split])
         assert {"exact_match", "valid_answer", "loss"} <= set(metrics["before_training"][split])
     assert metrics["best_checkpoint"]["metric"] == "eval_exact_match"

@@ -405,3 +405,17 @@ def test_apply_adapter_wraps_as_the_recipe_says():
     recipe = load_recipe([], ["adapter.type=rlrr", "regularizers.tsrs_weight=0.3"])
     regularized = apply_adapter(make_tiny_bert(), recipe)
     assert regularized.peft_config["default"].regularizers["tsrs_weight"] == 0.3
+
+
+@pytest.mark.parametrize("name, hf_name", [("linear", "linear"), ("cosine", "cosine"),
+                                           ("constant", "constant_with_warmup")])
+def test_lr_scheduler_reaches_the_training_arguments(name, hf_name, tmp_path):
+    from peft_tsrs.app.run import training_arguments
+
+    recipe = load_recipe([], [f"training.lr_scheduler={name}"])
+    assert training_arguments(recipe, str(tmp_path)).lr_scheduler_type == hf_name
+
+
+def test_an_unknown_lr_scheduler_is_refused():
+    with pytest.raises(ValueError, match="training.lr_scheduler 'step' is not one of linear, cosine, constant"):
+        load_recipe([], ["training.lr_scheduler=step"])

@@ -65,8 +65,8 @@ def _train(args: argparse.Namespace) -> int:
     before = ""
     if "before_training" in metrics:
         before = f" (before training: {metrics['before_training']['test'][metrics['metric']]:.4f})"
-    print(f"{recipe.name}: validation {metric} {score(metrics, 'validation'):.4f}, "
-          f"test {metric} {score(metrics):.4f}{before} -> {recipe.run_dir}")
+    print(f"{recipe.name}: train {metric} {score(metrics, 'train'):.4f}, validation {metric} "
+          f"{score(metrics, 'validation'):.4f}, test {metric} {score(metrics):.4f}{before} -> {recipe.run_dir}")
     return 0
 
 

@@ -286,6 +286,9 @@ class AdapterSpec:
             raise ValueError(f"recipe section 'adapter': {' '.join(str(err).split())}") from None
 
 
+LR_SCHEDULERS = ("linear", "cosine", "constant")  # transformers' names; warm-up first for every one
+
+
 @dataclass
 class TrainSpec:
     """The optimisation budget (the same for every method of a comparison)."""
@@ -296,6 +299,7 @@ class TrainSpec:
     learning_rate: float = 1e-2  # chosen on WordNet validation among 1e-3, 5e-3, 1e-2, 2e-2 (RLRR, 8 shots)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1
+    lr_scheduler: str = "linear"  # or "cosine" (the papers' converged-regime schedule), "constant"
     max_steps: int = -1
     logging_steps: int = 5
     seed: int = 0
@@ -306,6 +310,8 @@ class TrainSpec:
             raise ValueError("training.epochs (or training.max_steps) must be > 0.")
         if self.batch_size < 1 or self.learning_rate <= 0:
             raise ValueError("training.batch_size must be >= 1 and training.learning_rate > 0.")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"training.lr_scheduler {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}.")
 
 
 @dataclass

@@ -54,7 +54,7 @@ def training_arguments(recipe: Recipe, run_dir: str, progress: bool = True) -> T
         learning_rate=t.learning_rate,
         weight_decay=t.weight_decay,
         warmup_steps=t.warmup_ratio,  # a float < 1 is a fraction of the total steps
-        lr_scheduler_type="linear",
+        lr_scheduler_type="constant_with_warmup" if t.lr_scheduler == "constant" else t.lr_scheduler,
         eval_strategy="epoch" if t.max_steps <= 0 else "steps",
         eval_steps=None if t.max_steps <= 0 else max(1, t.max_steps // 2),
         save_strategy="epoch" if t.max_steps <= 0 else "steps",
@@ -281,6 +281,8 @@ def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -
     train_time = time.perf_counter() - start
     validation = trainer.evaluate(data.splits["validation"], metric_key_prefix="validation")
     test = trainer.evaluate(data.splits["test"], metric_key_prefix="test")
+    # the regime the run ended in: how well the selected model fits its training labels (noisy ones included)
+    fit = _strip_prefix(trainer.evaluate(data.splits["train"], metric_key_prefix="train"), "train")
     model.eval()
 
     monitor = getattr(trainer, "collapse_monitor", None)  # RegularizedTrainer's (classification) collapse check
@@ -295,6 +297,10 @@ def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -
         "metric": recipe.task.metrics[0],  # the task's score: accuracy, or exact_match of an instruction task
         "validation": _strip_prefix(validation, "validation"),
         "test": _strip_prefix(test, "test"),
+        "train": fit,
+        # the task's score on the training set minus on the test set
+        "generalization_gap": round(fit[recipe.task.metrics[0]] - test[f"test_{recipe.task.metrics[0]}"], 6),
+        "peak_memory_mb": peak_memory_mb(),
         "best_checkpoint": best_checkpoint(trainer, keep_checkpoints),
         "train_time_s": round(train_time, 2),
         "train_steps": train_output.global_step,
@@ -317,6 +323,16 @@ def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -
     if not keep_checkpoints:
         shutil.rmtree(os.path.join(run_dir, CHECKPOINTS), ignore_errors=True)
     return metrics, data.model_path
+
+
+def peak_memory_mb() -> float:
+    """The peak memory of this process so far, in MiB: the accelerator's allocated peak on CUDA, else the resident
+    set's high-water mark (``ru_maxrss``: the whole process, model and data included)."""
+    if torch.cuda.is_available():
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def _strip_prefix(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
