@@ -1,0 +1,149 @@
+"""Evidence v2, step 1 (issue #24): the epoch budget of the converged regime.
+
+For each task setting and each un-regularized base (full fine-tuning, LoRA, RLRR, the PACE adapter), train seed 0
+with a cosine schedule after warm-up (as the papers) on a ladder of epoch budgets, shortest first, and stop at the
+first budget where the base fits its training labels (training accuracy >= ``--target``, 0.98; noisy labels count as
+given: fitting them is the overfitting the methods are meant to fight). The setting's budget is the largest of its
+bases' (every method of a comparison gets the same budget). Each run records its training, validation and test
+accuracy, the generalization gap, seconds per step and peak memory.
+
+Resumable: a finished run is read from its folder; ``--shard i/n`` splits the (task, setting, base) ladders over
+processes (two processes at one torch thread each on two cores). Writes ``benchmarks/results/v2/budget.json`` and
+``budget.md`` from whatever has finished (``--report``: write them without training)::
+
+    OMP_NUM_THREADS=1 python -m benchmarks.budget --shard 0/2 &
+    OMP_NUM_THREADS=1 python -m benchmarks.budget --shard 1/2 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Optional, Sequence
+
+from . import RESULTS, ROOT
+from .generalization.grid import TASKS, BENCH_OVERRIDES, RunSpec, Setting, default_lr, spec_for
+from .generalization.running import execute, load_metrics
+from .methods import GENERALIZATION_BY_KEY
+
+OUT = os.path.join(RESULTS, "v2")
+RUNS = os.path.join(ROOT, "runs", "bench-v2", "budget")
+BASES = ("full", "lora", "rlrr", "pace-base")
+# the settings of evidence v2 (issue #24): few-shot clean and with 40% symmetric label noise (the official protocol)
+SETTINGS: dict[str, tuple[Setting, ...]] = {
+    "wordnet": (Setting(8), Setting(8, 0.4)),
+    "fmnist": (Setting(8), Setting(32), Setting(32, 0.4)),
+}
+LADDER = (10, 20, 40, 80)
+TARGET = 0.98
+NOISE_TYPE = "task.label_noise_type=symmetric"
+SCHEDULE = ("training.lr_scheduler=cosine", "training.warmup_ratio=0.1")
+
+
+def ladder_spec(task: str, setting: Setting, base: str, epochs: int) -> RunSpec:
+    """Seed 0 of ``base`` on ``task`` / ``setting`` at ``epochs`` epochs, cosine after 10% warm-up, at the method's
+    default learning rate (the centre of the generalization grid)."""
+    method = GENERALIZATION_BY_KEY[base]
+    lr = default_lr(TASKS[task], method)
+    extra = (*BENCH_OVERRIDES, *SCHEDULE, f"training.epochs={epochs}", NOISE_TYPE)
+    spec = spec_for(RUNS, TASKS[task], setting, method, lr, (), 0, "budget", extra)
+    run_dir = os.path.join(os.path.dirname(spec.run_dir), f"ep{epochs}")
+    overrides = tuple(o for o in spec.overrides if not o.startswith(("output_dir=", "name=")))
+    overrides += (f"output_dir={os.path.dirname(run_dir)}", f"name=ep{epochs}")
+    return RunSpec(spec.task, setting, base, lr, (), 0, "budget", run_dir, overrides, spec.files)
+
+
+def row(spec: RunSpec, epochs: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """One line of budget.json."""
+    train = metrics.get("train", {})
+    return {
+        "task": spec.task, "setting": spec.setting.key, "shots": spec.setting.shots,
+        "label_noise": spec.setting.noise, "method": spec.method, "epochs": epochs, "lr": spec.lr,
+        "train_accuracy": train.get("accuracy"), "train_loss": train.get("loss"),
+        "validation_accuracy": metrics["validation"]["accuracy"], "test_accuracy": metrics["test"]["accuracy"],
+        "generalization_gap": metrics.get("generalization_gap"), "seconds_per_step": metrics["seconds_per_step"],
+        "train_steps": metrics["train_steps"], "peak_memory_mb": metrics.get("peak_memory_mb"),
+    }
+
+
+def ladders(tasks: Sequence[str]) -> list[tuple[str, Setting, str]]:
+    return [(task, setting, base) for task in tasks for setting in SETTINGS[task] for base in BASES]
+
+
+def climb(task: str, setting: Setting, base: str, target: float, train: bool) -> list[dict[str, Any]]:
+    """The ladder's finished rows, shortest budget first, up to the first that fits (training it when ``train``)."""
+    rows = []
+    for epochs in LADDER:
+        spec = ladder_spec(task, setting, base, epochs)
+        metrics = execute(spec) if train else load_metrics(spec.run_dir)
+        if metrics is None:
+            break
+        rows.append(row(spec, epochs, metrics))
+        if (rows[-1]["train_accuracy"] or 0.0) >= target:
+            break
+    return rows
+
+
+def budgets(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Optional[int]]:
+    """Per ``task/setting``: the largest of its bases' first fitting budgets; ``None`` while a base has not fitted
+    (its ladder is unfinished, or no budget of the ladder fits)."""
+    out: dict[str, Optional[int]] = {}
+    keys = sorted({(r["task"], r["setting"]) for r in rows})
+    for task, setting in keys:
+        first = []
+        for base in BASES:
+            fitting = [r["epochs"] for r in rows if (r["task"], r["setting"], r["method"]) == (task, setting, base)
+                       and (r["train_accuracy"] or 0.0) >= target]
+            first.append(min(fitting) if fitting else None)
+        out[f"{task}/{setting}"] = None if None in first else max(first)
+    return out
+
+
+def markdown(rows: Sequence[dict[str, Any]], chosen: dict[str, Optional[int]], target: float) -> str:
+    lines = ["# Evidence v2, step 1: the epoch budget of the converged regime", "",
+             f"Seed 0, cosine schedule after 10% warm-up, each base's default learning rate; a ladder of budgets "
+             f"({', '.join(map(str, LADDER))} epochs) climbed until training accuracy >= {target:.0%} (noisy labels "
+             f"as given). Written by `python -m benchmarks.budget` from `budget.json`.", "",
+             "| task | setting | method | epochs | lr | train acc | train loss | val acc | test acc | gap | s/step "
+             "| peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['setting']} | {r['method']} | {r['epochs']} | {r['lr']:g} | "
+                     f"{r['train_accuracy']:.3f} | {r['train_loss']:.3f} | {r['validation_accuracy']:.3f} | "
+                     f"{r['test_accuracy']:.3f} | {r['generalization_gap']:+.3f} | {r['seconds_per_step']:.3f} | "
+                     f"{r['peak_memory_mb']:.0f} |")
+    lines += ["", "Budget per setting (the largest of its bases' first fitting budget; `-`: not reached yet):", ""]
+    lines += [f"- {key}: {'-' if epochs is None else f'{epochs} epochs'}" for key, epochs in chosen.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write(rows: Sequence[dict[str, Any]], target: float, out: str = OUT) -> None:
+    os.makedirs(out, exist_ok=True)
+    chosen = budgets(rows, target)
+    with open(os.path.join(out, "budget.json"), "w") as fh:
+        json.dump({"target_train_accuracy": target, "ladder": list(LADDER), "budgets": chosen, "runs": list(rows)},
+                  fh, indent=1)
+    with open(os.path.join(out, "budget.md"), "w") as fh:
+        fh.write(markdown(rows, chosen, target))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.budget", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--shard", default="0/1", help="i/n: this process climbs every n-th ladder from the i-th")
+    parser.add_argument("--target", type=float, default=TARGET)
+    parser.add_argument("--report", action="store_true", help="write the results of finished runs, train nothing")
+    args = parser.parse_args(argv)
+    index, count = (int(x) for x in args.shard.split("/"))
+    all_ladders = ladders(args.tasks)
+    for task, setting, base in all_ladders[index::count]:
+        if not args.report:
+            print(f"== {task} / {setting.key} / {base}", flush=True)
+            climb(task, setting, base, args.target, train=True)
+    rows = [r for task, setting, base in all_ladders for r in climb(task, setting, base, args.target, train=False)]
+    write(rows, args.target)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""benchmarks.budget (evidence v2, step 1): the ladder's runs and the choice of the converged-regime budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `benchmarks` without `python -m`
+
+from benchmarks import budget  # noqa: E402
+from benchmarks.generalization.grid import Setting  # noqa: E402
+
+
+def test_a_ladder_run_is_the_base_recipe_with_a_cosine_schedule_and_the_official_noise():
+    from peft_tsrs.app.recipes import load_recipe
+
+    spec = budget.ladder_spec("wordnet", Setting(8, 0.4), "lora", 20)
+    recipe = load_recipe(list(spec.files), list(spec.overrides))
+    assert recipe.training.lr_scheduler == "cosine" and recipe.training.epochs == 20
+    assert recipe.task.label_noise == 0.4 and recipe.task.label_noise_type == "symmetric"
+    assert recipe.training.learning_rate == spec.lr == 5e-3  # LoRA's centre on WordNet
+    assert recipe.run_dir == spec.run_dir and spec.run_dir.endswith(os.path.join("8shot-noise40", "lora", "ep20"))
+
+
+def _row(method, epochs, acc, setting="8shot-noise0"):
+    return {"task": "wordnet", "setting": setting, "method": method, "epochs": epochs, "train_accuracy": acc}
+
+
+def test_the_budget_is_the_largest_first_fitting_budget_of_the_bases():
+    rows = [_row("full", 10, 0.99), _row("lora", 10, 0.7), _row("lora", 20, 0.985), _row("rlrr", 10, 0.9),
+            _row("rlrr", 20, 0.95), _row("rlrr", 40, 1.0), _row("pace-base", 10, 0.98)]
+    assert budget.budgets(rows, 0.98) == {"wordnet/8shot-noise0": 40}
+    # a base that has not fitted yet leaves the budget open
+    assert budget.budgets(rows[:-1], 0.98) == {"wordnet/8shot-noise0": None}
+
+
+def test_write_reports_rows_and_budgets(tmp_path):
+    full = {**_row("full", 10, 0.99), "shots": 8, "label_noise": 0.0, "lr": 5e-5, "train_loss": 0.05,
+            "validation_accuracy": 0.5, "test_accuracy": 0.45, "generalization_gap": 0.54, "seconds_per_step": 0.3,
+            "train_steps": 120, "peak_memory_mb": 900.0}
+    budget.write([full], 0.98, out=str(tmp_path))
+    data = json.loads((tmp_path / "budget.json").read_text())
+    assert data["budgets"] == {"wordnet/8shot-noise0": None} and data["runs"] == [full]
+    md = (tmp_path / "budget.md").read_text()
+    assert "| wordnet | 8shot-noise0 | full | 10 | 5e-05 | 0.990 | 0.050 | 0.500 | 0.450 | +0.540 |" in md
+    assert "- wordnet/8shot-noise0: -" in md
