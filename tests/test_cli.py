@@ -96,6 +96,31 @@ def test_report_over_two_runs(demo, tmp_path, capsys):
     assert (demo_dir / "report.md").is_file()
 
 
+@pytest.mark.slow
+def test_report_keeps_configurations_apart_and_pools_seeds(demo, tmp_path):
+    """Two seeds of one configuration are one row (seeds 2); the same method at another learning rate is its own
+    row, labelled with what differs (it was averaged in as if it were a seed)."""
+    import shutil
+
+    import yaml
+
+    demo_dir, _ = demo
+    runs = {}
+    for name, changes in (("a-s0", {}), ("a-s1", {("training", "seed"): 1, ("task", "seed"): 1}),
+                          ("b-s0", {("training", "learning_rate"): 0.003})):
+        runs[name] = tmp_path / name
+        shutil.copytree(demo_dir / "demo-baseline", runs[name])
+        recipe = yaml.safe_load((runs[name] / "recipe.yaml").read_text())
+        for (section, key), value in changes.items():
+            recipe[section][key] = value
+        recipe["name"] = name
+        (runs[name] / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["report", *map(str, runs.values()), "--output", str(tmp_path / "rep")]) == 0
+    rows = [line for line in (tmp_path / "rep" / "report.md").read_text().splitlines() if line.startswith("| wordnet")]
+    labels = sorted((r.split("|")[4].strip(), r.split("|")[5].strip()) for r in rows)
+    assert labels == [("rlrr (learning_rate=0.003)", "1"), ("rlrr (learning_rate=0.01)", "2")]
+
+
 # --------------------------------------------------------------------------- errors: exit code 2, one readable line
 @pytest.mark.parametrize(
     "argv, message",

@@ -6,10 +6,13 @@ column and adds the score before training (the base model's zero-shot score, rec
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from collections import defaultdict
 from typing import Any, Sequence
+
+import yaml
 
 from .plots import plot_comparison
 from .run import load_metrics, score
@@ -22,28 +25,56 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+# recipe keys that differ between the seeds of one configuration (and the run folder's place)
+_PER_SEED = {"name", "output_dir", "task.seed", "training.seed"}
+
+
+def _settings(run_dir: str) -> dict[str, Any]:
+    """The run's resolved recipe (``recipe.yaml``) flattened to ``section.key: value``, without the per-seed keys."""
+    path = os.path.join(run_dir, "recipe.yaml")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    flat = {}
+    for key, value in data.items():
+        for sub, item in (value.items() if isinstance(value, dict) else [(None, value)]):
+            name = key if sub is None else f"{key}.{sub}"
+            if name not in _PER_SEED:
+                flat[name] = json.dumps(item, sort_keys=True)
+    return flat
+
+
 def collect(run_dirs: list[str]) -> list[dict[str, Any]]:
-    """One row per (task, shots, label noise, method), aggregated over the seeds found."""
+    """One row per (task, shots, label noise, method, configuration), aggregated over the seeds found. Runs of one
+    method whose recipes differ in more than their seeds (e.g. two values of ``pace_weight``) are separate rows,
+    labelled with the settings that tell them apart."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    settings: dict[tuple, dict[str, Any]] = {}
     missing = []
     for run_dir in run_dirs:
         metrics = load_metrics(run_dir)
         if metrics is None:
             missing.append(run_dir)
             continue
-        key = (metrics["task"], metrics["shots_per_class"], metrics["label_noise"], metrics["method"])
+        flat = _settings(run_dir)
+        key = (metrics["task"], metrics["shots_per_class"], metrics["label_noise"], metrics["method"],
+               tuple(sorted(flat.items())))
         groups[key].append(metrics)
+        settings[key] = flat
     if not groups:
         raise ValueError(f"no finished run (metrics.json) among: {', '.join(run_dirs) or '(none given)'}")
     rows = []
-    for (task, shots, noise, method), runs in groups.items():
+    for key, runs in groups.items():
+        task, shots, noise, method, _ = key
+        label = method + _distinction(key, settings)
         test_mean, test_std = mean_std([score(r) for r in runs])
         val_mean, val_std = mean_std([score(r, "validation") for r in runs])
         metric = runs[0].get("metric", "accuracy")
         before = [r["before_training"]["test"][metric] for r in runs if "before_training" in r]
         diag = [r.get("diagnostics", {}) for r in runs]
         rows.append({
-            "label": method, "task": task, "shots": shots, "label_noise": noise, "seeds": len(runs), "metric": metric,
+            "label": label, "task": task, "shots": shots, "label_noise": noise, "seeds": len(runs), "metric": metric,
             "test_score": test_mean, "test_score_std": test_std,
             "validation_score": val_mean, "validation_score_std": val_std,
             "test_before_training": mean_std(before)[0],
@@ -54,6 +85,19 @@ def collect(run_dirs: list[str]) -> list[dict[str, Any]]:
         })
     rows.sort(key=lambda r: (r["task"], r["shots"], r["label_noise"], r["label"]))
     return rows
+
+
+def _distinction(key: tuple, settings: dict[tuple, dict[str, Any]]) -> str:
+    """`` (pace_weight=0.001, pace_sigma=0.1)``: the settings in which this configuration differs from the other
+    configurations of its (task, shots, label noise, method); empty when it is the only one."""
+    others = [settings[k] for k in settings if k[:4] == key[:4] and k != key]
+    if not others:
+        return ""
+    mine = settings[key]
+    differing = sorted({name for other in others for name in set(mine) | set(other)
+                        if mine.get(name) != other.get(name)})
+    shown = [f"{name.split('.')[-1]}={json.loads(mine[name]) if name in mine else '-'}" for name in differing]
+    return f" ({', '.join(shown)})"
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
