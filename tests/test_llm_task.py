@@ -174,7 +174,7 @@ def test_trainer_evaluation_adds_exact_match_and_the_model_learns(tokenizer, tmp
 
 
 # --------------------------------------------------------------------------- recipes
-@pytest.mark.parametrize("method", ["lora", "lora_pace", "tsrs_lora"])
+@pytest.mark.parametrize("method", ["lora", "lora_pace", "lora_pace_llm", "tsrs_lora"])
 def test_smollm2_recipe_loads_and_validates(method):
     recipe = load_recipe([str(CONFIGS / "tasks" / "wordnet_smollm2.yaml"), str(CONFIGS / "methods" / f"{method}.yaml")])
     assert recipe.task.name == "wordnet_chat" and recipe.task.generative and recipe.model.name == "smollm2"
@@ -252,9 +252,10 @@ def test_wordnet_chat_recipe_runs_end_to_end_and_reports(tiny_llama_folder, tmp_
     run = tmp_path / "lora"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["task"] == "wordnet_chat" and metrics["metric"] == "exact_match" and metrics["train_steps"] == 2
-    for split in ("train", "validation", "test"):
+    for split in ("validation", "test"):
         assert {"exact_match", "valid_answer", "loss"} <= set(metrics[split])
         assert {"exact_match", "valid_answer", "loss"} <= set(metrics["before_training"][split])
+    assert {"exact_match", "valid_answer", "loss"} <= set(metrics["train"])  # the fit of the training set
     assert metrics["best_checkpoint"]["metric"] == "eval_exact_match"
     first = metrics["history"][0]  # the evaluation before training heads the history, at step 0
     assert first["step"] == 0 and first["eval_exact_match"] == metrics["before_training"]["validation"]["exact_match"]
