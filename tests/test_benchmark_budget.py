@@ -45,3 +45,10 @@ def test_write_reports_rows_and_budgets(tmp_path):
     md = (tmp_path / "budget.md").read_text()
     assert "| wordnet | 8shot-noise0 | full | 10 | 5e-05 | 0.990 | 0.050 | 0.500 | 0.450 | +0.540 |" in md
     assert "- wordnet/8shot-noise0: -" in md
+
+
+def test_full_fine_tuning_climbs_at_v1s_validation_selected_rate():
+    from peft_tsrs.app.recipes import load_recipe
+
+    spec = budget.ladder_spec("wordnet", Setting(8), "full", 10)
+    assert spec.lr == 5e-4 and load_recipe(list(spec.files), list(spec.overrides)).training.learning_rate == 5e-4
