@@ -109,7 +109,8 @@ def markdown(rows: Sequence[dict[str, Any]], chosen: dict[str, Optional[int]], t
              f"Seed 0, cosine schedule after 10% warm-up, each base's learning rate (v1's validation choice, else its grid "
              f"centre); a ladder of budgets "
              f"({', '.join(map(str, LADDER))} epochs) climbed until training accuracy >= {target:.0%} (noisy labels "
-             f"as given). Written by `python -m benchmarks.budget` from `budget.json`.", "",
+             f"as given; the accuracy of the checkpoint selected on validation, evaluated on the training set "
+             f"without dropout). Written by `python -m benchmarks.budget` from `budget.json`.", "",
              "| task | setting | method | epochs | lr | train acc | train loss | val acc | test acc | gap | s/step "
              "| peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
