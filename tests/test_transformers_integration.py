@@ -184,14 +184,21 @@ def test_from_pretrained_of_an_adapter_folder(case, tmp_path):
     assert torch.equal(logits(loaded, x), expected)
 
 
-def test_set_adapter_switches_between_two_adapters(case):
-    make, x, make_config, layer_cls, _ = case
+def _two_adapters(case):
+    """A model with adapters "a" (seed 10) then "b" (seed 20; add_adapter activates it) and "a"'s output."""
+    make, x, make_config, _, _ = case
     model = make()
     torch.manual_seed(10)
     model.add_adapter(make_config(init_weights=False), adapter_name="a")
     out_a = logits(model, x)
     torch.manual_seed(20)
-    model.add_adapter(make_config(init_weights=False), adapter_name="b")  # add_adapter activates the new one
+    model.add_adapter(make_config(init_weights=False), adapter_name="b")
+    return model, out_a
+
+
+def test_set_adapter_switches_between_two_adapters(case):
+    _, x, _, layer_cls, _ = case
+    model, out_a = _two_adapters(case)
     assert model.active_adapters() == ["b"]
     out_b = logits(model, x)
     assert not torch.allclose(out_a, out_b, atol=1e-4)
@@ -204,12 +211,8 @@ def test_set_adapter_switches_between_two_adapters(case):
 
 
 def test_delete_adapter(case):
-    make, x, make_config, _, prefix = case
-    model = make()
-    torch.manual_seed(10)
-    model.add_adapter(make_config(init_weights=False), adapter_name="a")
-    out_a = logits(model, x)
-    model.add_adapter(make_config(init_weights=False), adapter_name="b")
+    _, x, _, _, prefix = case
+    model, out_a = _two_adapters(case)
     model.delete_adapter("b")
     assert list(model.peft_config) == ["a"]
     assert not [n for n in adapter_params(model, prefix) if n.endswith(".b")]
