@@ -60,6 +60,8 @@ def test_train_prints_the_result(tmp_path, capsys):
     # the regime the run ended in: its fit of the training labels, the gap to test, the memory it took
     metrics = json.loads((tmp_path / "lora" / "metrics.json").read_text())
     assert {"accuracy", "loss"} <= set(metrics["train"]) and 0 <= metrics["train"]["accuracy"] <= 1
+    assert {"accuracy", "loss"} <= set(metrics["train_end"])  # the last step's model, before the selected one
+    assert any("train_end_accuracy" in h for h in metrics["history"])
     assert metrics["generalization_gap"] == pytest.approx(metrics["train"]["accuracy"] - metrics["test"]["accuracy"])
     assert metrics["peak_memory_mb"] > 0 and metrics["seconds_per_step"] > 0
 

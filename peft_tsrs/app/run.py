@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 import yaml
 from peft import PeftModel
-from transformers import TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from .. import diagnostics
 from .adapters import apply_adapter
@@ -74,6 +74,22 @@ def training_arguments(recipe: Recipe, run_dir: str, progress: bool = True) -> T
 
 class GenerativeTrainer(GenerationEvalMixin, RegularizedTrainer):
     """The trainer of instruction tasks: RegularizedTrainer whose evaluations add generation exact match."""
+
+
+class FitAtEnd(TrainerCallback):
+    """Evaluates the training set (``train_end_*``) with the model as training left it, at the end of the last
+    epoch: before ``load_best_model_at_end`` swaps in the checkpoint selected on validation. Whether a run reached
+    the regime where the model fits its training labels is a property of where training ended, not of the
+    selected checkpoint."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self.trainer: Optional[RegularizedTrainer] = None
+        self.metrics: Optional[dict[str, Any]] = None
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.trainer is not None and self.metrics is None and state.global_step >= state.max_steps:
+            self.metrics = self.trainer.evaluate(self.dataset, metric_key_prefix="train_end")
 
 
 def trainer_class(data: TaskData) -> type:
@@ -272,6 +288,9 @@ def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -
         eval_dataset=data.splits["validation"], data_collator=data.collator, regularizers=recipe.regularizers,
         **kwargs,
     )
+    fit_at_end = FitAtEnd(data.splits["train"])
+    trainer.add_callback(fit_at_end)
+    fit_at_end.trainer = trainer
     before = None
     if data.generative:  # the base model's zero-shot score (test too: reported, never used to select)
         before = {split: _strip_prefix(trainer.evaluate(data.splits[split], metric_key_prefix=split), split)
@@ -298,6 +317,8 @@ def _run(recipe: Recipe, run_dir: str, progress: bool, keep_checkpoints: bool) -
         "validation": _strip_prefix(validation, "validation"),
         "test": _strip_prefix(test, "test"),
         "train": fit,
+        # the training set at the end of training (the last epoch's model, before the selected one is loaded)
+        "train_end": _strip_prefix(fit_at_end.metrics or {}, "train_end"),
         # the task's score on the training set minus on the test set
         "generalization_gap": round(fit[recipe.task.metrics[0]] - test[f"test_{recipe.task.metrics[0]}"], 6),
         "peak_memory_mb": peak_memory_mb(),
