@@ -62,6 +62,9 @@ def test_train_prints_the_result(tmp_path, capsys):
     assert {"accuracy", "loss"} <= set(metrics["train"]) and 0 <= metrics["train"]["accuracy"] <= 1
     assert {"accuracy", "loss"} <= set(metrics["train_end"])  # the last step's model, before the selected one
     assert any("train_end_accuracy" in h for h in metrics["history"])
+    # ... without taking the place of the last validation (the selection must see every evaluation)
+    last = max(h["step"] for h in metrics["history"])
+    assert any("eval_accuracy" in h and h["step"] == last for h in metrics["history"])
     assert metrics["generalization_gap"] == pytest.approx(metrics["train"]["accuracy"] - metrics["test"]["accuracy"])
     assert metrics["peak_memory_mb"] > 0 and metrics["seconds_per_step"] > 0
 

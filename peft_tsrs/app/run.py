@@ -89,7 +89,12 @@ class FitAtEnd(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.trainer is not None and self.metrics is None and state.global_step >= state.max_steps:
+            # evaluate() clears the flags the epoch's end just set: the last validation and checkpoint must happen
+            flags = {k: getattr(control, k) for k in ("should_evaluate", "should_save", "should_log")}
             self.metrics = self.trainer.evaluate(self.dataset, metric_key_prefix="train_end")
+            for key, value in flags.items():
+                setattr(self.trainer.control, key, value)
+            return self.trainer.control
 
 
 def trainer_class(data: TaskData) -> type:
