@@ -91,17 +91,27 @@ def climb(task: str, setting: Setting, base: str, target: float, train: bool) ->
 
 
 def budgets(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Optional[int]]:
-    """Per ``task/setting``: the largest of its bases' first fitting budgets; ``None`` while a base has not fitted
-    (its ladder is unfinished, or no budget of the ladder fits)."""
+    """Per ``task/setting``: the largest of its bases' first fitting budgets, a base whose whole ladder ran without
+    fitting counting as the ladder's top (:func:`unfitted` names it); ``None`` while a base's ladder is unfinished."""
     out: dict[str, Optional[int]] = {}
     keys = sorted({(r["task"], r["setting"]) for r in rows})
     for task, setting in keys:
         first = []
         for base in BASES:
-            fitting = [r["epochs"] for r in rows if (r["task"], r["setting"], r["method"]) == (task, setting, base)
-                       and (r["train_accuracy"] or 0.0) >= target]
-            first.append(min(fitting) if fitting else None)
+            own = [r for r in rows if (r["task"], r["setting"], r["method"]) == (task, setting, base)]
+            fitting = [r["epochs"] for r in own if (r["train_accuracy"] or 0.0) >= target]
+            first.append(min(fitting) if fitting else LADDER[-1] if any(r["epochs"] == LADDER[-1] for r in own)
+                         else None)
         out[f"{task}/{setting}"] = None if None in first else max(first)
+    return out
+
+
+def unfitted(rows: Sequence[dict[str, Any]], target: float) -> dict[str, list[str]]:
+    """Per ``task/setting``: the bases whose longest budget ended below ``target`` (``"base (train acc)"``)."""
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        if r["epochs"] == LADDER[-1] and (r["train_accuracy"] or 0.0) < target:
+            out.setdefault(f"{r['task']}/{r['setting']}", []).append(f"{r['method']} ({r['train_accuracy']:.3f})")
     return out
 
 
@@ -120,8 +130,12 @@ def markdown(rows: Sequence[dict[str, Any]], chosen: dict[str, Optional[int]], t
                      f"{r['train_accuracy']:.3f} | {r['train_loss']:.3f} | {r['validation_accuracy']:.3f} | "
                      f"{r['test_accuracy']:.3f} | {r['generalization_gap']:+.3f} | {r['seconds_per_step']:.3f} | "
                      f"{r['peak_memory_mb']:.0f} |")
-    lines += ["", "Budget per setting (the largest of its bases' first fitting budget; `-`: not reached yet):", ""]
-    lines += [f"- {key}: {'-' if epochs is None else f'{epochs} epochs'}" for key, epochs in chosen.items()]
+    lines += ["", "Budget per setting (the largest of its bases' first fitting budget, the ladder's top for a base that "
+              "never fitted; `-`: a ladder is unfinished):", ""]
+    short = unfitted(rows, target)
+    for key, epochs in chosen.items():
+        below = f" ({', '.join(short[key])} still below {target:.0%} there)" if key in short else ""
+        lines.append(f"- {key}: {'-' if epochs is None else f'{epochs} epochs'}{below}")
     return "\n".join(lines) + "\n"
 
 

@@ -35,6 +35,20 @@ def test_the_budget_is_the_largest_first_fitting_budget_of_the_bases():
     assert budget.budgets(rows[:-1], 0.98) == {"wordnet/8shot-noise0": None}
 
 
+def test_a_base_that_never_fits_caps_the_budget_at_the_ladders_top_and_is_named():
+    top = budget.LADDER[-1]
+    rows = [_row("full", 10, 0.99), _row("lora", 10, 0.99), _row("rlrr", 10, 0.99)]
+    rows += [_row("pace-base", e, 0.5 + 0.1 * i) for i, e in enumerate(budget.LADDER)]
+    assert rows[-1]["train_accuracy"] < 0.98
+    assert budget.budgets(rows, 0.98) == {"wordnet/8shot-noise0": top}
+    assert budget.unfitted(rows, 0.98) == {"wordnet/8shot-noise0": [f"pace-base ({rows[-1]['train_accuracy']:.3f})"]}
+    md = budget.markdown([{**r, "shots": 8, "label_noise": 0.0, "lr": 1e-2, "train_loss": 1.0,
+                           "validation_accuracy": 0.5, "test_accuracy": 0.5, "generalization_gap": 0.0,
+                           "seconds_per_step": 0.1, "peak_memory_mb": 1.0} for r in rows],
+                         budget.budgets(rows, 0.98), 0.98)
+    assert f"- wordnet/8shot-noise0: {top} epochs (pace-base (0.800) still below 98% there)" in md
+
+
 def test_write_reports_rows_and_budgets(tmp_path):
     full = {**_row("full", 10, 0.99), "shots": 8, "label_noise": 0.0, "lr": 5e-5, "train_loss": 0.05,
             "validation_accuracy": 0.5, "test_accuracy": 0.45, "generalization_gap": 0.54, "seconds_per_step": 0.3,

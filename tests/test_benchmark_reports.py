@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `benchmarks` without `python -m`
 
 from benchmarks import RESULTS  # noqa: E402
-from benchmarks import collapse_probe  # noqa: E402
+from benchmarks import budget, collapse_probe  # noqa: E402
 from benchmarks.generalization import results as gen_results  # noqa: E402
 from benchmarks.overhead import report as oh_report  # noqa: E402
 
@@ -58,9 +58,17 @@ def test_collapse_probe_report_regenerates_byte_identical():
     assert collapse_probe.markdown(data["rows"], data["meta"]).encode() == _committed("collapse_probe.md")
 
 
+def test_budget_report_regenerates_byte_identical(tmp_path):
+    data = json.loads(_committed("v2", "budget.json"))
+    assert data["ladder"] == list(budget.LADDER)
+    budget.write(data["runs"], data["target_train_accuracy"], out=str(tmp_path))
+    assert (tmp_path / "budget.json").read_bytes() == _committed("v2", "budget.json")
+    assert (tmp_path / "budget.md").read_bytes() == _committed("v2", "budget.md")
+
+
 def test_every_committed_report_is_covered():
     reports = {os.path.relpath(os.path.join(d, f), RESULTS) for d, _, files in os.walk(RESULTS) for f in files
                if f.endswith(".md")}
-    covered = {"overhead.md", "collapse_probe.md"} | {
+    covered = {"overhead.md", "collapse_probe.md", os.path.join("v2", "budget.md")} | {
         os.path.join(d, "generalization.md") for d in GENERALIZATION_FOLDERS if d not in STALE_MARKDOWN}
     assert reports - covered == {os.path.join(d, "generalization.md") for d in STALE_MARKDOWN}
