@@ -1,5 +1,6 @@
 """``make bench``: the cost benchmark (``benchmarks.overhead``), evidence v2's epoch budget (``benchmarks.budget``:
-results/v2/budget.*, a few hours), then the generalization runs of :data:`CPU_PLAN`
+results/v2/budget.*, a few hours) and its equal-tuning-budget grid (``benchmarks.evidence``: results/v2/evidence.*,
+days on 2 CPU cores; resumable, ``--shard`` for two processes), then the generalization runs of :data:`CPU_PLAN`
 (the tables committed in ``benchmarks/results/``, about 10-30 h on 2 CPU cores, depending on the machine; resumable).
 
     python -m benchmarks.run_all                    # all three, as committed
@@ -16,7 +17,7 @@ import shlex
 import time
 from typing import Optional, Sequence
 
-from . import RESULTS, budget, generalization, overhead
+from . import RESULTS, budget, evidence, generalization, overhead
 from .methods import cli_methods
 
 
@@ -76,8 +77,8 @@ CPU_PLAN: tuple[tuple[str, ...], ...] = (
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Run the peft-tsrs benchmarks (cost, then generalization).")
-    parser.add_argument("--only", choices=("overhead", "budget", "generalization"), default=None,
-                        help="run just one of them (budget: evidence v2's converged-regime epoch budget)")
+    parser.add_argument("--only", choices=("overhead", "budget", "evidence", "generalization"), default=None,
+                        help="run just one of them (budget / evidence: evidence v2's epoch budget / its grid)")
     parser.add_argument("--quick", action="store_true",
                         help="generalization in --quick mode (tiny budget) and a short overhead run (5 steps)")
     parser.add_argument("--overhead-args", default="", help="extra arguments for benchmarks.overhead")
@@ -96,6 +97,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.only in (None, "budget") and not args.quick:
         print("#### benchmarks.budget", flush=True)
         budget.main([])
+    if args.only in (None, "evidence") and not args.quick:
+        print("#### benchmarks.evidence", flush=True)
+        evidence.main([])
     if args.only in (None, "generalization"):
         if args.quick or args.generalization_args is not None:
             plan = [shlex.split(args.generalization_args or "") + (["--quick"] if args.quick else [])]

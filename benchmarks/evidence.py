@@ -1,0 +1,265 @@
+"""Evidence v2, step 2 (issue #24): every method in the converged regime with an equal tuning budget.
+
+Each (task, setting) trains at the epoch budget step 1 chose (``results/v2/budget.json``: the un-regularized bases
+fit their training labels there), cosine schedule after 10% warm-up, the official symmetric label noise. Every
+method gets the same number of validation-selected configurations, :data:`CONFIGS_PER_METHOD`: a regularized method
+3 learning rates × 3 points of its own knob (``benchmarks.methods.EVIDENCE_METHODS``), a base 9 learning rates over
+the same range. A configuration's score is its mean validation accuracy over :data:`SELECT_SEEDS` (ties: lower mean
+validation loss, then grid order); the chosen one then trains :data:`FINAL_SEEDS`, fresh seeds shared by every
+method, so a method and its counterpart pair seed by seed (same few-shot sample, same label noise). Test accuracy is
+never used to select.
+
+A group is one (task, setting, method); the plan (:data:`PLAN`) runs groups in order, the comparisons of the issue's
+targets first. Resumable (a finished run is read from its folder) and shareable: ``--shard i/n`` processes train every
+n-th pending run of a group from the i-th, then wait for the rest (a run another process holds is read when it
+finishes, one nobody started yet is trained). ``--report`` writes ``results/v2/evidence.{json,md}`` from whatever has
+finished, without training::
+
+    OMP_NUM_THREADS=1 python -m benchmarks.evidence --shard 0/2 &
+    OMP_NUM_THREADS=1 python -m benchmarks.evidence --shard 1/2 &
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+from . import RESULTS, ROOT
+from .budget import NOISE_TYPE, SCHEDULE, SELECTED_LR, SETTINGS
+from .generalization.grid import BENCH_OVERRIDES, TASKS, RunSpec, Setting, default_lr, lr_grid, spec_for
+from .generalization.running import default_runner, execute
+from .methods import EVIDENCE_BY_KEY, Method
+from .stats import mean_std, paired_t_test, sign_test
+
+OUT = os.path.join(RESULTS, "v2")
+RUNS = os.path.join(ROOT, "runs", "bench-v2", "evidence")
+BUDGET_FILE = os.path.join(OUT, "budget.json")
+SELECT_SEEDS = (0, 1)
+FINAL_SEEDS = (10, 11, 12, 13, 14)
+REGULARIZED_LR_MULTIPLIERS = (0.3, 1.0, 3.0)
+BASE_LR_MULTIPLIERS = (0.3, 0.4, 0.55, 0.75, 1.0, 1.35, 1.8, 2.4, 3.0)  # log-spaced over the same range
+CONFIGS_PER_METHOD = 9
+
+# comparisons first as the issue lists its targets; a method's counterpart before it
+_CLEAN = ("lora", "lora+pace", "pace-base", "pace", "rlrr", "rlrr+tsrs", "lora+tsrs", "full", "full+tsrs")
+_NOISY = ("full", "full+selflabel", "pace-base", "pace", "lora", "lora+pace", "rlrr", "rlrr+tsrs", "lora+tsrs",
+          "full+tsrs")
+PLAN: tuple[tuple[str, Setting, str], ...] = tuple(
+    (task, setting, method) for task in ("wordnet", "fmnist") for setting in SETTINGS[task]
+    for method in (_NOISY if setting.noise else _CLEAN))
+
+
+# compared besides each regularized method against its counterpart: the bases against each other (RLRR vs LoRA vs
+# full fine-tuning; the summary gives each one's trainable parameter count)
+BASE_COMPARISONS = (("rlrr", "lora"), ("rlrr", "full"), ("lora", "full"))
+
+
+@dataclass(frozen=True)
+class Config:
+    lr: float
+    hparams: tuple[str, ...]
+
+
+def budget_epochs(task: str, setting: Setting, path: str = BUDGET_FILE) -> Optional[int]:
+    """The setting's epoch budget from step 1 (``None`` while step 1 has not fixed it)."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        return json.load(fh)["budgets"].get(f"{task}/{setting.key}")
+
+
+def centre_lr(task: str, method: Method) -> float:
+    """The centre of the method's learning-rate range: step 1's rate of its base (a regularized method is centred
+    where its counterpart is)."""
+    base = method.counterpart or method.key
+    return SELECTED_LR.get((task, base)) or default_lr(TASKS[task], EVIDENCE_BY_KEY[base])
+
+
+def configs(task: str, method: Method) -> list[Config]:
+    """The method's :data:`CONFIGS_PER_METHOD` candidate configurations, in grid (tie-breaking) order."""
+    centre = centre_lr(task, method)
+    if method.hparams == ((),):
+        out = [Config(lr, ()) for lr in lr_grid(centre, BASE_LR_MULTIPLIERS)]
+    else:
+        out = [Config(lr, hp) for hp in method.hparams for lr in lr_grid(centre, REGULARIZED_LR_MULTIPLIERS)]
+    if len(out) != CONFIGS_PER_METHOD:
+        raise ValueError(f"{method.key}: {len(out)} configurations, the equal tuning budget is {CONFIGS_PER_METHOD}")
+    return out
+
+
+def _uses_self_labeling(method: Method) -> bool:
+    return any("label_correction" in h for point in method.hparams for h in point)
+
+
+def spec(task: str, setting: Setting, method: Method, config: Config, seed: int, epochs: int,
+         runs: str = RUNS) -> RunSpec:
+    """One run: the method's recipe on the task at ``config`` and ``seed``, ``epochs`` epochs, cosine schedule."""
+    extra = [*BENCH_OVERRIDES, *SCHEDULE, f"training.epochs={epochs}", NOISE_TYPE]
+    if _uses_self_labeling(method):  # the paper's epochs 10 and 5 of 30, scaled to the budget
+        extra += [f"regularizers.label_correction_start_epoch={max(1, round(epochs / 3))}",
+                  f"regularizers.reweight_start_epoch={max(1, round(epochs / 6))}"]
+    phase = "select" if seed in SELECT_SEEDS else "final"
+    return spec_for(runs, TASKS[task], setting, method, config.lr, config.hparams, seed, phase, extra)
+
+
+def _row(s: RunSpec, metrics: dict[str, Any]) -> dict[str, Any]:
+    train = metrics.get("train_end") or {}
+    return {
+        "task": s.task, "setting": s.setting.key, "method": s.method, "phase": s.phase, "seed": s.seed,
+        "config": s.config_tag, "lr": s.lr, "hparams": list(s.hparams),
+        "train_accuracy": train.get("accuracy"), "train_loss": train.get("loss"),
+        "validation_accuracy": metrics["validation"]["accuracy"], "validation_loss": metrics["validation"].get("loss"),
+        "test_accuracy": metrics["test"]["accuracy"], "generalization_gap": metrics.get("generalization_gap"),
+        "seconds_per_step": metrics.get("seconds_per_step"), "train_steps": metrics.get("train_steps"),
+        "peak_memory_mb": metrics.get("peak_memory_mb"), "trainable_parameters": metrics.get("trainable_parameters"),
+        "run_dir": os.path.relpath(s.run_dir, ROOT),
+    }
+
+
+def _run_all(specs: Sequence[RunSpec], shard: tuple[int, int],
+             runner: Optional[Callable[[RunSpec], dict[str, Any]]]) -> list[Optional[dict[str, Any]]]:
+    """Metrics of every spec: this shard's share first, then the rest (read, waited for or trained)."""
+    index, count = shard
+    if runner is not None:
+        for s in specs[index::count]:
+            execute(s, runner)
+    return [execute(s, runner) for s in specs]
+
+
+def choose(rows: Sequence[dict[str, Any]], candidates: Sequence[Config]) -> Config:
+    """The configuration with the best mean validation accuracy over the selection seeds (ties: lower mean
+    validation loss, then grid order)."""
+    def score(i_config: tuple[int, Config]) -> tuple[float, float, int]:
+        i, config = i_config
+        own = [r for r in rows if r["lr"] == config.lr and tuple(r["hparams"]) == config.hparams]
+        losses = [r["validation_loss"] for r in own if r["validation_loss"] is not None]
+        return (-statistics.fmean(r["validation_accuracy"] for r in own),
+                statistics.fmean(losses) if losses else math.inf, i)
+
+    return min(enumerate(candidates), key=score)[1]
+
+
+def run_group(task: str, setting: Setting, method: Method, epochs: int, shard: tuple[int, int] = (0, 1),
+              runner: Optional[Callable[[RunSpec], dict[str, Any]]] = default_runner,
+              runs: str = RUNS) -> Optional[dict[str, Any]]:
+    """Selection then final seeds of one group; ``None`` while unfinished (``runner=None``: read only)."""
+    candidates = configs(task, method)
+    select = [spec(task, setting, method, c, seed, epochs, runs) for c in candidates for seed in SELECT_SEEDS]
+    results = _run_all(select, shard, runner)
+    if any(m is None for m in results):
+        return None
+    select_rows = [_row(s, m) for s, m in zip(select, results)]
+    chosen = choose(select_rows, candidates)
+    final = [spec(task, setting, method, chosen, seed, epochs, runs) for seed in FINAL_SEEDS]
+    results = _run_all(final, shard, runner)
+    if any(m is None for m in results):
+        return None
+    return {"task": task, "setting": setting.key, "method": method.key, "counterpart": method.counterpart,
+            "epochs": epochs, "selected": {"lr": chosen.lr, "hparams": list(chosen.hparams)},
+            "selection": select_rows, "final": [_row(s, m) for s, m in zip(final, results)]}
+
+
+def summarize(group: dict[str, Any]) -> dict[str, Any]:
+    """Mean ± std over the final seeds of one group."""
+    out: dict[str, Any] = {k: group[k] for k in ("task", "setting", "method", "counterpart", "epochs", "selected")}
+    out["selected_config"] = group["final"][0]["config"]
+    out["trainable_parameters"] = group["final"][0].get("trainable_parameters")
+    for key in ("train_accuracy", "validation_accuracy", "test_accuracy", "generalization_gap", "seconds_per_step",
+                "peak_memory_mb"):
+        values = [r[key] for r in group["final"] if r[key] is not None]
+        out[key] = mean_std(values) if values else (float("nan"), float("nan"))
+    return out
+
+
+def compare(group: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Test accuracy of a method against its counterpart, paired by final seed."""
+    by_seed = {r["seed"]: r["test_accuracy"] for r in base["final"]}
+    diffs = [r["test_accuracy"] - by_seed[r["seed"]] for r in group["final"] if r["seed"] in by_seed]
+    t, p = paired_t_test(diffs)
+    wins, losses, p_sign = sign_test(diffs)
+    mean, std = mean_std(diffs)
+    return {"task": group["task"], "setting": group["setting"], "method": group["method"],
+            "counterpart": base["method"], "n": len(diffs), "diff_mean": mean, "diff_std": std, "t": t, "p_t": p,
+            "wins": wins, "losses": losses, "p_sign": p_sign}
+
+
+def _pm(pair: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    mean, std = pair
+    return "–" if math.isnan(mean) else f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
+
+
+def markdown(summaries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, Any]]) -> str:
+    lines = ["# Evidence v2, step 2: the converged regime, equal tuning budget", "",
+             f"Each setting at its step-1 epoch budget (cosine after 10% warm-up). Every method: "
+             f"{CONFIGS_PER_METHOD} configurations (regularized: 3 learning rates × 3 points of its knob; bases: 9 "
+             f"learning rates over the same range), chosen on the mean validation accuracy of seeds "
+             f"{', '.join(map(str, SELECT_SEEDS))}; then fresh seeds {', '.join(map(str, FINAL_SEEDS))}. Accuracies "
+             f"in %, mean ± std over the final seeds; train acc is the model as training left it on its (noisy) "
+             f"training labels. Written by `python -m benchmarks.evidence` from `evidence.json`.", "",
+             "| task | setting | epochs | method | trainable | selected | train acc | val acc | test acc | gap | s/step "
+             "| peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        lines.append(f"| {s['task']} | {s['setting']} | {s['epochs']} | {s['method']} | "
+                     f"{s['trainable_parameters'] or '?'} | {s['selected_config']} | "
+                     f"{_pm(s['train_accuracy'])} | {_pm(s['validation_accuracy'])} | {_pm(s['test_accuracy'])} | "
+                     f"{_pm(s['generalization_gap'])} | {s['seconds_per_step'][0]:.3f} | "
+                     f"{s['peak_memory_mb'][0]:.0f} |")
+    lines += ["", "Paired by seed against the counterpart (test accuracy, points):", "",
+              "| task | setting | method | vs | Δ mean ± std | t | p (t) | wins / losses | p (sign) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        lines.append(f"| {c['task']} | {c['setting']} | {c['method']} | {c['counterpart']} | "
+                     f"{100 * c['diff_mean']:+.1f} ± {100 * c['diff_std']:.1f} | {c['t']:.2f} | {c['p_t']:.3f} | "
+                     f"{c['wins']} / {c['losses']} | {c['p_sign']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(groups: Sequence[dict[str, Any]], out: str = OUT) -> None:
+    """``evidence.json`` (every run, the summaries and comparisons) and ``evidence.md`` from finished groups."""
+    summaries = [summarize(g) for g in groups]
+    by_key = {(g["task"], g["setting"], g["method"]): g for g in groups}
+    pairs = [(g["method"], g["counterpart"]) for g in groups if g["counterpart"]] + list(BASE_COMPARISONS)
+    comparisons = [compare(g, by_key[(g["task"], g["setting"], other)]) for g in groups for method, other in
+                   dict.fromkeys(pairs) if g["method"] == method and (g["task"], g["setting"], other) in by_key]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "evidence.json"), "w") as fh:
+        json.dump({"select_seeds": list(SELECT_SEEDS), "final_seeds": list(FINAL_SEEDS),
+                   "configs_per_method": CONFIGS_PER_METHOD, "summaries": summaries, "comparisons": comparisons,
+                   "groups": list(groups)}, fh, indent=1)
+    with open(os.path.join(out, "evidence.md"), "w") as fh:
+        fh.write(markdown(summaries, comparisons))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.evidence", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(EVIDENCE_BY_KEY),
+                        help="only these methods' groups (default: the whole plan)")
+    parser.add_argument("--shard", default="0/1", help="i/n: this process trains every n-th pending run of a group")
+    parser.add_argument("--report", action="store_true", help="write the results of finished groups, train nothing")
+    args = parser.parse_args(argv)
+    shard = tuple(int(x) for x in args.shard.split("/"))
+    plan = [(t, s, m) for t, s, m in PLAN if t in args.tasks and (args.methods is None or m in args.methods)]
+    for task, setting, key in plan:
+        epochs = budget_epochs(task, setting)
+        if epochs is None or args.report:
+            continue
+        print(f"== {task} / {setting.key} / {key} ({epochs} epochs)", flush=True)
+        run_group(task, setting, EVIDENCE_BY_KEY[key], epochs, shard)  # type: ignore[arg-type]
+    groups = []
+    for task, setting, key in PLAN:  # the report holds every finished group, whatever this call trained
+        epochs = budget_epochs(task, setting)
+        group = None if epochs is None else run_group(task, setting, EVIDENCE_BY_KEY[key], epochs, runner=None)
+        if group is not None:
+            groups.append(group)
+    write(groups)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

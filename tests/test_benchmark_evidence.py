@@ -1,0 +1,144 @@
+"""benchmarks.evidence (evidence v2, step 2): equal tuning budget, selection on the mean of two seeds, fresh final
+seeds, paired comparisons, resume and sharing between processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `benchmarks` without `python -m`
+
+from benchmarks import evidence  # noqa: E402
+from benchmarks.generalization.grid import Setting  # noqa: E402
+from benchmarks.methods import EVIDENCE_BY_KEY, EVIDENCE_METHODS  # noqa: E402
+
+CLEAN, NOISY = Setting(8), Setting(8, 0.4)
+
+
+@pytest.mark.parametrize("method", EVIDENCE_METHODS, ids=lambda m: m.key)
+def test_every_method_gets_the_same_number_of_configurations_over_the_same_lr_range(method):
+    configs = evidence.configs("wordnet", method)
+    assert len(configs) == len(set(configs)) == evidence.CONFIGS_PER_METHOD
+    lrs = sorted({c.lr for c in configs})
+    centre = evidence.centre_lr("wordnet", method)
+    assert lrs[0] == pytest.approx(0.3 * centre, rel=1e-2) and lrs[-1] == pytest.approx(3 * centre, rel=1e-2)
+    if method.counterpart:  # 3 learning rates x 3 points of its own knob, centred where its counterpart is
+        assert len(lrs) == 3 and centre == evidence.centre_lr("wordnet", EVIDENCE_BY_KEY[method.counterpart])
+    else:
+        assert len(lrs) == 9
+
+
+def _recipe(task, setting, key, config, seed=0, epochs=20):
+    from peft_tsrs.app.recipes import load_recipe
+
+    s = evidence.spec(task, setting, EVIDENCE_BY_KEY[key], config, seed, epochs, runs="/tmp/unused")
+    return s, load_recipe(list(s.files), list(s.overrides))
+
+
+def test_runs_use_the_budget_the_cosine_schedule_the_official_noise_and_the_knob_point():
+    configs = evidence.configs("wordnet", EVIDENCE_BY_KEY["lora+pace"])
+    s, r = _recipe("wordnet", NOISY, "lora+pace", configs[0], seed=11)
+    assert r.training.epochs == 20 and r.training.lr_scheduler == "cosine" and r.training.warmup_ratio == 0.1
+    assert r.task.label_noise == 0.4 and r.task.label_noise_type == "symmetric" and r.task.seed == 11
+    assert r.adapter.type == "lora" and r.regularizers.pace_sigma == 0.1 and r.regularizers.pace_weight == 0.02
+    assert r.training.learning_rate == configs[0].lr and s.phase == "final"
+    _, r = _recipe("wordnet", CLEAN, "pace", evidence.configs("wordnet", EVIDENCE_BY_KEY["pace"])[-1])
+    assert r.adapter.type == "pace" and r.adapter.options["sigma"] == 1.0 and r.regularizers.pace_weight == 0.5
+
+
+def test_full_tsrs_is_the_official_recipe_and_self_labeling_starts_scale_with_the_budget():
+    _, r = _recipe("wordnet", CLEAN, "full+tsrs", evidence.configs("wordnet", EVIDENCE_BY_KEY["full+tsrs"])[3])
+    assert r.adapter.type == "full" and r.regularizers.tsrs_weight == 0.3
+    assert r.regularizers.tsrs_noise_std == 0.2 and r.regularizers.bss_weight == 1e-3 and r.regularizers.bss_k == 1
+    last = evidence.configs("wordnet", EVIDENCE_BY_KEY["full+selflabel"])[-1]
+    _, r = _recipe("wordnet", NOISY, "full+selflabel", last, epochs=20)
+    assert r.regularizers.distance_ratio == 0.2 and r.regularizers.label_correction_threshold == 0.7
+    assert (r.regularizers.label_correction_start_epoch, r.regularizers.reweight_start_epoch) == (7, 3)
+    _, r = _recipe("wordnet", NOISY, "full+selflabel", last, epochs=80)
+    assert (r.regularizers.label_correction_start_epoch, r.regularizers.reweight_start_epoch) == (27, 13)
+
+
+def _metrics(val, test, val_loss=1.0):
+    return {"validation": {"accuracy": val, "loss": val_loss}, "test": {"accuracy": test},
+            "train_end": {"accuracy": 1.0, "loss": 0.01}, "generalization_gap": 1.0 - test,
+            "seconds_per_step": 0.5, "train_steps": 10, "peak_memory_mb": 100.0}
+
+
+class Runner:
+    """Writes a metrics.json as a finished run would; validation accuracy from ``val(spec)``."""
+
+    def __init__(self, val):
+        self.val, self.calls = val, []
+
+    def __call__(self, spec):
+        self.calls.append(spec)
+        metrics = _metrics(self.val(spec), 0.5 + 0.01 * spec.seed)
+        os.makedirs(spec.run_dir, exist_ok=True)
+        with open(os.path.join(spec.run_dir, "metrics.json"), "w") as fh:
+            json.dump(metrics, fh)
+        return metrics
+
+
+def test_selection_uses_the_mean_of_both_seeds_then_trains_the_fresh_seeds_once(tmp_path):
+    method = EVIDENCE_BY_KEY["lora"]
+    configs = evidence.configs("wordnet", method)
+    best_seed0, best_mean = configs[2].lr, configs[5].lr
+    table = {(best_seed0, 0): 0.9, (best_seed0, 1): 0.1, (best_mean, 0): 0.6, (best_mean, 1): 0.6}
+    runner = Runner(lambda s: table.get((s.lr, s.seed), 0.3))
+    group = evidence.run_group("wordnet", CLEAN, method, 20, runner=runner, runs=str(tmp_path))
+    assert group["selected"] == {"lr": best_mean, "hparams": []}
+    assert len(runner.calls) == 9 * 2 + 5
+    assert [r["seed"] for r in group["final"]] == list(evidence.FINAL_SEEDS)
+    assert all(r["lr"] == best_mean and r["phase"] == "final" for r in group["final"])
+    # resume: everything is read back, nothing trains again
+    again = evidence.run_group("wordnet", CLEAN, method, 20, runner=Runner(lambda s: pytest.fail("retrained")),
+                               runs=str(tmp_path))
+    assert again == group
+
+
+def test_two_shards_split_the_runs_and_a_read_only_call_waits_for_none(tmp_path):
+    method = EVIDENCE_BY_KEY["rlrr+tsrs"]
+    assert evidence.run_group("wordnet", CLEAN, method, 20, runner=None, runs=str(tmp_path)) is None
+    first = Runner(lambda s: 0.5)
+    evidence._run_all([evidence.spec("wordnet", CLEAN, method, c, seed, 20, str(tmp_path))
+                       for c in evidence.configs("wordnet", method) for seed in evidence.SELECT_SEEDS], (0, 2), None)
+    assert first.calls == []  # read only: trains nothing
+    evidence.run_group("wordnet", CLEAN, method, 20, shard=(0, 2), runner=first, runs=str(tmp_path))
+    # the first shard trained its own half first, then the rest nobody else had started
+    assert len(first.calls) == 23 and [s.seed for s in first.calls[:9]] == [0] * 9
+
+
+def _group(method, counterpart, tests):
+    return {"task": "wordnet", "setting": "8shot-noise0", "method": method, "counterpart": counterpart, "epochs": 20,
+            "selected": {"lr": 0.01, "hparams": []},
+            "final": [{"seed": seed, "config": "lr0.01", "test_accuracy": t, "train_accuracy": 1.0,
+                       "validation_accuracy": 0.5, "generalization_gap": 1.0 - t, "seconds_per_step": 0.5,
+                       "peak_memory_mb": 100.0, "trainable_parameters": 1000} for seed, t in zip(evidence.FINAL_SEEDS, tests)]}
+
+
+def test_comparison_is_paired_by_seed_with_scipys_tests(tmp_path):
+    from scipy import stats
+
+    base, method = [0.50, 0.52, 0.54, 0.56, 0.58], [0.52, 0.53, 0.57, 0.55, 0.61]
+    c = evidence.compare(_group("lora+pace", "lora", method), _group("lora", None, base))
+    diffs = [m - b for m, b in zip(method, base)]
+    assert c["diff_mean"] == pytest.approx(sum(diffs) / 5) and (c["wins"], c["losses"]) == (4, 1)
+    assert c["p_t"] == pytest.approx(stats.ttest_rel(method, base).pvalue)
+    assert c["p_sign"] == pytest.approx(stats.binomtest(4, 5, 0.5).pvalue)
+    evidence.write([_group("lora", None, base), _group("lora+pace", "lora", method)], out=str(tmp_path))
+    md = (tmp_path / "evidence.md").read_text()
+    assert "| wordnet | 8shot-noise0 | lora+pace | lora | +1.6 ± 1.7 |" in md
+    assert "| wordnet | 8shot-noise0 | 20 | lora | 1000 | lr0.01 | 100.0 ± 0.0 | 50.0 ± 0.0 | 54.0 ± 3.2 |" in md
+    data = json.loads((tmp_path / "evidence.json").read_text())
+    assert [s["method"] for s in data["summaries"]] == ["lora", "lora+pace"] and len(data["comparisons"]) == 1
+
+
+def test_the_bases_are_compared_with_each_other(tmp_path):
+    evidence.write([_group("full", None, [0.5] * 5), _group("lora", None, [0.6] * 5), _group("rlrr", None, [0.7] * 5)],
+                   out=str(tmp_path))
+    pairs = {(c["method"], c["counterpart"]): round(c["diff_mean"], 6)
+             for c in json.loads((tmp_path / "evidence.json").read_text())["comparisons"]}
+    assert pairs == {("rlrr", "lora"): 0.1, ("rlrr", "full"): 0.2, ("lora", "full"): 0.1}
