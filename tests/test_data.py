@@ -300,3 +300,52 @@ def _toy_text() -> datasets.Dataset:
             {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["animal", "artifact", "plant"])}
         ),
     )
+
+
+def test_pretraining_augmentation_shifts_by_at_most_two_pixels_and_flips():
+    import torch
+
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, 0, 10, 5] = 1.0  # one bright pixel on a zero background
+    out = vit_pretrain._augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and bool((out.sum((1, 2, 3)) == 1.0).all())  # nothing lost, nothing added
+    rows, cols = out[:, 0].nonzero()[:, 1], out[:, 0].nonzero()[:, 2]
+    assert bool(((rows - 10).abs() <= 2).all())
+    flipped = (27 - cols - 5).abs() <= 2
+    assert bool((((cols - 5).abs() <= 2) | flipped).all()) and 0 < int(flipped.sum()) < 64
+
+
+def test_pretraining_options_size_augmentation_and_rotation(tmp_path):
+    from transformers import ViTForImageClassification
+
+    root = _fake_fmnist(tmp_path / "fmnist", n_train=60, n_test=20)
+    path = pretrained_fmnist_vit(cache_dir=tmp_path / "cache", epochs=1.0, max_train_examples=16, root=root,
+                                 batch_size=8, verbose=False, size="m", augment=True, rotation_weight=0.5)
+    assert Path(path).name == "fmnist-vit-v1-h192-l6-c01234-e1-s0-aug-rot0.5-n16"
+    metrics = json.loads((Path(path) / vit_pretrain.METRICS_FILE).read_text())
+    assert (metrics["size"], metrics["augment"], metrics["rotation_weight"]) == ("m", True, 0.5)
+    model = ViTForImageClassification.from_pretrained(path)  # the rotation head is not part of the saved model
+    assert model.config.hidden_size == 192 and model.config.num_hidden_layers == 6
+    assert metrics["parameters"] == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="size must be one of"):
+        pretrained_fmnist_vit(cache_dir=tmp_path / "cache", size="xl")
+    with pytest.raises(ValueError, match="rotation_weight"):
+        pretrained_fmnist_vit(cache_dir=tmp_path / "cache", rotation_weight=float("nan"))
+
+
+def test_linear_probe_reads_frozen_features_that_carry_the_class(tmp_path):
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    for prefix, n in (("train", 200), ("t10k", 100)):
+        labels = np.arange(n) % 10
+        images = np.clip(labels[:, None, None] * 25 + rng.integers(0, 10, (n, 28, 28)), 0, 255)  # brightness = class
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", 2051, images)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 2049, labels)
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(**vit_pretrain.VIT_SIZES["s"], num_labels=5)).save_pretrained(tmp_path / "vit")
+    result = vit_pretrain.linear_probe_accuracy(tmp_path / "vit", shots=4, seeds=(0, 1), test_per_class=10, root=root)
+    assert len(result["per_seed"]) == 2 and result["mean"] >= 0.9

@@ -167,6 +167,15 @@ def test_model_folder_without_config_is_refused(tmp_path):
     assert recipe_from_dict({"model": {"name": "org/some-model"}}).model.name == "org/some-model"  # a Hub id
 
 
+def test_vit_pretraining_options_are_checked_before_anything_runs():
+    vit = {"name": "fmnist_vit", "pretrain_size": "m", "pretrain_augment": True, "pretrain_rotation_weight": 0.5}
+    assert recipe_from_dict({"model": vit}).model.pretrain_size == "m"
+    with pytest.raises(ValueError, match=r"model.pretrain_size must be one of \['m', 's'\], got 'xl'"):
+        recipe_from_dict({"model": {**vit, "pretrain_size": "xl"}})
+    with pytest.raises(ValueError, match=r"model.pretrain_rotation_weight must be a finite number >= 0"):
+        recipe_from_dict({"model": {**vit, "pretrain_rotation_weight": -1.0}})
+
+
 def test_override_without_equals_sign():
     with pytest.raises(ValueError, match=r"must look like section.key=value"):
         parse_override("training.epochs")

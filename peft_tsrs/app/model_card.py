@@ -33,8 +33,12 @@ def _papers(method: str) -> list[str]:
 def _base_note(recipe: Recipe) -> str:
     if recipe.model.name == "fmnist_vit":
         classes = ", ".join(str(c) for c in recipe.model.pretrain_classes)
+        extras = "".join([", size " + recipe.model.pretrain_size,
+                          ", augmented" if recipe.model.pretrain_augment else "",
+                          f", rotation prediction weight {recipe.model.pretrain_rotation_weight:g}"
+                          if recipe.model.pretrain_rotation_weight else ""])
         return (f" — a small ViT pretrained by peft-tsrs on Fashion-MNIST classes {classes} "
-                f"({recipe.model.pretrain_epochs:g} epochs), not on the Hub: rebuild it with "
+                f"({recipe.model.pretrain_epochs:g} epochs{extras}), not on the Hub: rebuild it with "
                 f"`peft_tsrs.app.data.pretrained_fmnist_vit` (the recipe below says how).")
     if recipe.model.name == "smollm2":
         return (" — HuggingFaceTB/SmolLM2-135M-Instruct with its weights **4-bit quantized** (Q4_1 GGUF file "

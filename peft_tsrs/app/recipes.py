@@ -247,11 +247,22 @@ class ModelSpec:
     name: str = "minilm"
     pretrain_epochs: float = 2.0
     pretrain_classes: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    pretrain_size: str = "s"  # fmnist_vit: a preset of peft_tsrs.app.data.vit_pretrain.VIT_SIZES
+    pretrain_augment: bool = False  # fmnist_vit: random 2-pixel shifts and flips while pretraining
+    pretrain_rotation_weight: float = 0.0  # fmnist_vit: weight of rotation prediction (self-supervision)
 
     def validate(self) -> None:
         """A local model folder must exist and hold a ``config.json`` (checked before anything is written); any
         other name is taken for a Hub id, loaded when the run starts."""
         name = self.name
+        if name == "fmnist_vit":
+            from .data.vit_pretrain import VIT_SIZES
+
+            if self.pretrain_size not in VIT_SIZES:
+                raise ValueError(f"model.pretrain_size must be one of {sorted(VIT_SIZES)}, got {self.pretrain_size!r}.")
+            if not (math.isfinite(self.pretrain_rotation_weight) and self.pretrain_rotation_weight >= 0):
+                raise ValueError(f"model.pretrain_rotation_weight must be a finite number >= 0, "
+                                 f"got {self.pretrain_rotation_weight}.")
         if name in BUILTIN_MODELS:
             return
         folder = os.path.expanduser(name)

@@ -179,7 +179,9 @@ def resolve_model_path(recipe: Recipe) -> str:
     if name == "smollm2":
         return smollm2_path()
     if name == "fmnist_vit":
-        return pretrained_fmnist_vit(classes=recipe.model.pretrain_classes, epochs=recipe.model.pretrain_epochs)
+        m = recipe.model
+        return pretrained_fmnist_vit(classes=m.pretrain_classes, epochs=m.pretrain_epochs, size=m.pretrain_size,
+                                     augment=m.pretrain_augment, rotation_weight=m.pretrain_rotation_weight)
     return name
 
 

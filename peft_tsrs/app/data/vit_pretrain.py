@@ -28,10 +28,12 @@ from .fashion_mnist import FASHION_MNIST_CLASSES, normalize_images, read_fashion
 MARKER = "PRETRAINING_COMPLETE"
 METRICS_FILE = "pretrain_metrics.json"
 _RECIPE = "v1"  # bump when the recipe below changes, so old caches are not reused
-VIT_SIZE = dict(
-    image_size=28, patch_size=4, num_channels=1, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-    intermediate_size=256,
-)
+VIT_SIZES = {  # the backbone presets: "s" (0.5M parameters, every v1 result) and "m" (wider and deeper, 2.7M)
+    "s": dict(image_size=28, patch_size=4, num_channels=1, hidden_size=128, num_hidden_layers=4,
+              num_attention_heads=4, intermediate_size=256),
+    "m": dict(image_size=28, patch_size=4, num_channels=1, hidden_size=192, num_hidden_layers=6,
+              num_attention_heads=6, intermediate_size=384),
+}
 
 
 def default_cache_dir() -> Path:
@@ -39,9 +41,28 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("PEFT_TSRS_CACHE") or Path.home() / ".cache" / "peft_tsrs")
 
 
-def _folder_name(classes: Sequence[int], epochs: float, seed: int, max_train_examples: Optional[int]) -> str:
-    name = f"fmnist-vit-{_RECIPE}-h128-l4-c{''.join(str(c) for c in classes)}-e{epochs:g}-s{seed}"
+def _folder_name(classes: Sequence[int], epochs: float, seed: int, max_train_examples: Optional[int],
+                 size: str = "s", augment: bool = False, rotation_weight: float = 0.0) -> str:
+    shape = VIT_SIZES[size]
+    name = (f"fmnist-vit-{_RECIPE}-h{shape['hidden_size']}-l{shape['num_hidden_layers']}-"
+            f"c{''.join(str(c) for c in classes)}-e{epochs:g}-s{seed}")
+    name += "-aug" if augment else ""
+    name += f"-rot{rotation_weight:g}" if rotation_weight else ""
     return name if max_train_examples is None else f"{name}-n{max_train_examples}"
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random translation by up to 2 pixels (background-padded crop) and horizontal flip, per image."""
+    n = len(x)
+    background = x.amin()
+    padded = nn.functional.pad(x, (2, 2, 2, 2), value=float(background))
+    dx, dy = torch.randint(0, 5, (n,), generator=gen), torch.randint(0, 5, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(28))[:, :, None].expand(n, 28, 28)
+    cols = (dx[:, None] + torch.arange(28))[:, None, :].expand(n, 28, 28)
+    out = padded[torch.arange(n)[:, None, None], 0, rows, cols][:, None]
+    flip = torch.rand(n, generator=gen) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
 
 
 def _class_subset(images: np.ndarray, labels: np.ndarray, classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +95,8 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
 
 def _train(
     folder: Path, classes: Sequence[int], epochs: float, seed: int, max_train_examples: Optional[int],
-    root: Optional[str], batch_size: int, lr: float, verbose: bool,
+    root: Optional[str], batch_size: int, lr: float, verbose: bool, size: str = "s", augment: bool = False,
+    rotation_weight: float = 0.0,
 ) -> None:
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -88,12 +110,16 @@ def _train(
     names = [FASHION_MNIST_CLASSES[c] for c in classes]
     torch.manual_seed(seed)
     config = ViTConfig(
-        **VIT_SIZE, num_labels=len(classes), id2label=dict(enumerate(names)),
+        **VIT_SIZES[size], num_labels=len(classes), id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
     )
     model = ViTForImageClassification(config)
+    # self-supervision (Gidaris et al., 2018): a 4-way rotation head on the [CLS] features of a rotated copy of the
+    # batch, dropped after pretraining; it keeps features the 5 source classes alone would not need
+    rotation_head = nn.Linear(config.hidden_size, 4) if rotation_weight else None
     steps = max(1, math.ceil(epochs * len(x_train) / batch_size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    params = list(model.parameters()) + (list(rotation_head.parameters()) if rotation_head is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(steps, max(1, steps // 20)))
     log(f"[peft_tsrs] pretraining a ViT on Fashion-MNIST classes {list(classes)}: {len(x_train)} images, "
         f"{steps} steps of batch {batch_size} -> {folder}", flush=True)
@@ -104,7 +130,13 @@ def _train(
             order, cursor = torch.randperm(len(x_train), generator=gen), 0
         idx = order[cursor : cursor + batch_size]
         cursor += batch_size
-        loss = nn.functional.cross_entropy(model(pixel_values=x_train[idx]).logits, y_train[idx])
+        x = _augment(x_train[idx], gen) if augment else x_train[idx]
+        loss = nn.functional.cross_entropy(model(pixel_values=x).logits, y_train[idx])
+        if rotation_head is not None:
+            turns = torch.randint(0, 4, (len(x),), generator=gen)
+            rotated = torch.stack([torch.rot90(img, int(k), dims=(-2, -1)) for img, k in zip(x, turns)])
+            features = model.vit(pixel_values=rotated).last_hidden_state[:, 0]
+            loss = loss + rotation_weight * nn.functional.cross_entropy(rotation_head(features), turns)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -120,7 +152,8 @@ def _train(
     metrics = {
         "classes": list(classes), "class_names": names, "epochs": epochs, "steps": steps, "batch_size": batch_size,
         "lr": lr, "seed": seed, "train_examples": len(x_train), "test_examples": len(x_test),
-        "test_accuracy": accuracy, "train_seconds": round(seconds, 1), "recipe": _RECIPE,
+        "test_accuracy": accuracy, "train_seconds": round(seconds, 1), "recipe": _RECIPE, "size": size,
+        "augment": augment, "rotation_weight": rotation_weight, "parameters": sum(p.numel() for p in model.parameters()),
     }
     (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
 
@@ -136,6 +169,9 @@ def pretrained_fmnist_vit(
     batch_size: int = 128,
     lr: float = 1e-3,
     verbose: bool = True,
+    size: str = "s",
+    augment: bool = False,
+    rotation_weight: float = 0.0,
 ) -> str:
     """Path of a ``ViTForImageClassification`` pretrained on all training images of ``classes``, cached.
 
@@ -143,7 +179,13 @@ def pretrained_fmnist_vit(
     saved with ``save_pretrained`` together with ``pretrain_metrics.json`` (test accuracy on ``classes``), and reused
     on later calls with the same settings. A folder is only reused when its completion marker exists, so an
     interrupted pretraining is redone. ``force=True`` retrains. ``max_train_examples`` caps the training images (tests).
+    ``size`` picks a preset of :data:`VIT_SIZES`; ``augment`` adds random 2-pixel shifts and flips;
+    ``rotation_weight`` adds rotation prediction on a rotated copy of each batch (self-supervision).
     """
+    if size not in VIT_SIZES:
+        raise ValueError(f"size must be one of {sorted(VIT_SIZES)}, got {size!r}.")
+    if not (math.isfinite(rotation_weight) and rotation_weight >= 0):
+        raise ValueError(f"rotation_weight must be a finite number >= 0, got {rotation_weight}.")
     classes = [int(c) for c in classes]
     valid = all(0 <= c < len(FASHION_MNIST_CLASSES) for c in classes)
     if not classes or len(set(classes)) != len(classes) or not valid:
@@ -151,7 +193,7 @@ def pretrained_fmnist_vit(
     if epochs <= 0:
         raise ValueError(f"epochs must be positive, got {epochs}.")
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = base / _folder_name(classes, epochs, seed, max_train_examples)
+    folder = base / _folder_name(classes, epochs, seed, max_train_examples, size, augment, rotation_weight)
     if folder.exists() and (folder / MARKER).is_file() and not force:
         return str(folder)
     if folder.exists() and not (folder / MARKER).is_file() and verbose:
@@ -161,7 +203,8 @@ def pretrained_fmnist_vit(
     try:
         staging.mkdir()
         root_str = None if root is None else str(root)
-        _train(staging, classes, epochs, seed, max_train_examples, root_str, batch_size, lr, verbose)
+        _train(staging, classes, epochs, seed, max_train_examples, root_str, batch_size, lr, verbose, size, augment,
+               rotation_weight)
         (staging / MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
         if folder.exists():
             shutil.rmtree(folder)
@@ -173,3 +216,65 @@ def pretrained_fmnist_vit(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(folder)
+
+
+@torch.no_grad()
+def frozen_features(encoder: nn.Module, pixel_values: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """The features a classification head reads from a ViT encoder (``ViTModel``): the final layer-normed
+    ``[CLS]`` state, frozen."""
+    encoder.eval()
+    return torch.cat([encoder(pixel_values=pixel_values[i : i + batch_size]).last_hidden_state[:, 0]
+                      for i in range(0, len(pixel_values), batch_size)])
+
+
+def _fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float) -> nn.Linear:
+    """Multinomial logistic regression by L-BFGS on the full batch (the linear probe's classifier)."""
+    probe = nn.Linear(x.shape[1], num_classes)
+    nn.init.zeros_(probe.weight), nn.init.zeros_(probe.bias)
+    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(probe(x), y) + l2 * probe.weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return probe
+
+
+def linear_probe_accuracy(
+    model_path: str | os.PathLike,
+    classes: Sequence[int] = (5, 6, 7, 8, 9),
+    shots: int = 8,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    test_per_class: int = 200,
+    l2: float = 1e-3,
+    root: str | os.PathLike | None = None,
+) -> dict:
+    """Test accuracy of a linear classifier on a backbone's frozen features (:func:`frozen_features`), trained on
+    ``shots`` images per class of ``classes`` drawn as the Fashion-MNIST task draws them (training images; test from
+    the official test images), features standardised on the training shots. ``{"mean", "std", "per_seed"}``."""
+    from transformers import ViTForImageClassification
+
+    from .fashion_mnist import images_to_dataset
+    from .splits import few_shot_split
+
+    encoder = ViTForImageClassification.from_pretrained(str(model_path)).vit
+    train_ds = images_to_dataset(*read_fashion_mnist("train", root))
+    test_ds = images_to_dataset(*read_fashion_mnist("test", root))
+    accuracies = []
+    for seed in seeds:
+        train = few_shot_split(train_ds, shots, 0, 0, seed=seed, classes=classes)["train"].with_format("torch")[:]
+        test = few_shot_split(test_ds, 0, 0, test_per_class, seed=seed, classes=classes)["test"].with_format("torch")[:]
+        x_train = frozen_features(encoder, train["pixel_values"])
+        x_test = frozen_features(encoder, test["pixel_values"])
+        mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+        with torch.enable_grad():
+            probe = _fit_logistic((x_train - mean) / std, train["label"], len(classes), l2)
+        with torch.no_grad():
+            predicted = probe((x_test - mean) / std).argmax(-1)
+        accuracies.append(float((predicted == test["label"]).float().mean()))
+    mean_acc = float(np.mean(accuracies))
+    return {"mean": mean_acc, "std": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
+            "per_seed": accuracies}
