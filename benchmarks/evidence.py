@@ -108,13 +108,15 @@ def spec(task: str, setting: Setting, method: Method, config: Config, seed: int,
 
 
 def _row(s: RunSpec, metrics: dict[str, Any]) -> dict[str, Any]:
+    """One run's line; ``*_accuracy`` is the task's score (``metrics["metric"]``: exact match on a generative task)."""
+    score = metrics.get("metric", "accuracy")
     train = metrics.get("train_end") or {}
     return {
         "task": s.task, "setting": s.setting.key, "method": s.method, "phase": s.phase, "seed": s.seed,
         "config": s.config_tag, "lr": s.lr, "hparams": list(s.hparams),
-        "train_accuracy": train.get("accuracy"), "train_loss": train.get("loss"),
-        "validation_accuracy": metrics["validation"]["accuracy"], "validation_loss": metrics["validation"].get("loss"),
-        "test_accuracy": metrics["test"]["accuracy"], "generalization_gap": metrics.get("generalization_gap"),
+        "train_accuracy": train.get(score), "train_loss": train.get("loss"),
+        "validation_accuracy": metrics["validation"][score], "validation_loss": metrics["validation"].get("loss"),
+        "test_accuracy": metrics["test"][score], "generalization_gap": metrics.get("generalization_gap"),
         "seconds_per_step": metrics.get("seconds_per_step"), "train_steps": metrics.get("train_steps"),
         "peak_memory_mb": metrics.get("peak_memory_mb"), "trainable_parameters": metrics.get("trainable_parameters"),
         "run_dir": os.path.relpath(s.run_dir, ROOT),

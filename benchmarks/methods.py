@@ -219,3 +219,14 @@ EVIDENCE_METHODS: tuple[Method, ...] = (
     replace(_G["full+selflabel"], hparams=SELF_LABEL_GRID, per_task={"fmnist": _FULL_VIT_LR}),
 )
 EVIDENCE_BY_KEY = {m.key: m for m in EVIDENCE_METHODS}
+
+
+# ---------------------------------------------------------------------------------------------- LLM track (v2)
+# SmolLM2-135M-Instruct (4-bit-quantized weights) on configs/tasks/wordnet_smollm2.yaml: LoRA against LoRA + PACE at
+# the (σ, λ) chosen on seed-0 validation among four (benchmarks/results/smollm2) and LoRA + TSRS + BSS at the paper's
+# λ; the task file's budget and learning rate.
+LLM_METHODS: tuple[Method, ...] = (
+    Method("lora", "LoRA r8", ("lora.yaml",)),
+    Method("lora+pace", "LoRA + PACE (σ 0.1, λ 1e-3)", ("lora_pace_llm.yaml",), counterpart="lora"),
+    Method("lora+tsrs", "LoRA + TSRS + BSS", ("tsrs_lora.yaml",), counterpart="lora"),
+)

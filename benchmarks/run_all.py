@@ -1,6 +1,7 @@
 """``make bench``: the cost benchmark (``benchmarks.overhead``), evidence v2's epoch budget (``benchmarks.budget``:
 results/v2/budget.*, a few hours) and its equal-tuning-budget grid (``benchmarks.evidence``: results/v2/evidence.*,
-days on 2 CPU cores; resumable, ``--shard`` for two processes), then the generalization runs of :data:`CPU_PLAN`
+days on 2 CPU cores; resumable, ``--shard`` for two processes) and LLM track (``benchmarks.llm``: results/v2/llm.*,
+about an hour; needs ``make llm``), then the generalization runs of :data:`CPU_PLAN`
 (the tables committed in ``benchmarks/results/``, about 10-30 h on 2 CPU cores, depending on the machine; resumable).
 
     python -m benchmarks.run_all                    # all three, as committed
@@ -17,7 +18,7 @@ import shlex
 import time
 from typing import Optional, Sequence
 
-from . import RESULTS, budget, evidence, generalization, overhead
+from . import RESULTS, budget, evidence, generalization, llm, overhead
 from .methods import cli_methods
 
 
@@ -77,7 +78,7 @@ CPU_PLAN: tuple[tuple[str, ...], ...] = (
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Run the peft-tsrs benchmarks (cost, then generalization).")
-    parser.add_argument("--only", choices=("overhead", "budget", "evidence", "generalization"), default=None,
+    parser.add_argument("--only", choices=("overhead", "budget", "evidence", "llm", "generalization"), default=None,
                         help="run just one of them (budget / evidence: evidence v2's epoch budget / its grid)")
     parser.add_argument("--quick", action="store_true",
                         help="generalization in --quick mode (tiny budget) and a short overhead run (5 steps)")
@@ -100,6 +101,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.only in (None, "evidence") and not args.quick:
         print("#### benchmarks.evidence", flush=True)
         evidence.main([])
+    if args.only in (None, "llm") and not args.quick:
+        print("#### benchmarks.llm", flush=True)
+        llm.main([])
     if args.only in (None, "generalization"):
         if args.quick or args.generalization_args is not None:
             plan = [shlex.split(args.generalization_args or "") + (["--quick"] if args.quick else [])]

@@ -142,3 +142,32 @@ def test_the_bases_are_compared_with_each_other(tmp_path):
     pairs = {(c["method"], c["counterpart"]): round(c["diff_mean"], 6)
              for c in json.loads((tmp_path / "evidence.json").read_text())["comparisons"]}
     assert pairs == {("rlrr", "lora"): 0.1, ("rlrr", "full"): 0.2, ("lora", "full"): 0.1}
+
+
+def test_llm_track_runs_three_seeds_of_each_method_on_the_task_files_budget(tmp_path):
+    from benchmarks import llm
+    from peft_tsrs.app.recipes import load_recipe
+
+    specs = llm.specs(str(tmp_path))
+    assert [(s.method, s.seed) for s in specs[:3]] == [("lora", 0), ("lora+pace", 0), ("lora+tsrs", 0)]
+    assert len(specs) == 9 and {s.seed for s in specs} == {0, 1, 2}
+    recipes = {s.method: load_recipe(list(s.files), list(s.overrides)) for s in specs if s.seed == 2}
+    assert all(r.task.name == "wordnet_chat" and r.task.seed == 2 and r.training.epochs == 2 for r in recipes.values())
+    assert (recipes["lora+pace"].regularizers.pace_sigma, recipes["lora+pace"].regularizers.pace_weight) == (0.1, 1e-3)
+    assert recipes["lora+tsrs"].regularizers.tsrs_weight == 1.0 and recipes["lora"].regularizers.pace_weight == 0
+
+
+def test_llm_report_pairs_each_method_with_lora_by_seed(tmp_path):
+    from benchmarks import llm
+
+    def group(method, counterpart, em):
+        return {"task": "wordnet_chat", "setting": "4shot-noise0", "method": method, "counterpart": counterpart,
+                "epochs": None, "selected": {"lr": 1e-3, "hparams": []},
+                "final": [{"seed": s, "config": "lr0.001", "test_accuracy": e, "validation_accuracy": e,
+                           "train_accuracy": None, "generalization_gap": None, "seconds_per_step": 5.0,
+                           "peak_memory_mb": None, "trainable_parameters": 10} for s, e in zip(llm.SEEDS, em)]}
+
+    llm.write([group("lora", None, [0.3, 0.35, 0.4]), group("lora+pace", "lora", [0.32, 0.34, 0.45])], str(tmp_path))
+    md = (tmp_path / "llm.md").read_text()
+    assert "| lora | 3 | 35.0 ± 5.0 | 35.0 ± 5.0 | 5.0 |" in md
+    assert "| lora+pace | lora | +2.0 ± 3.0 |" in md and "| 2 / 1 |" in md
