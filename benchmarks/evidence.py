@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from . import RESULTS, ROOT
-from .budget import NOISE_TYPE, SCHEDULE, SELECTED_LR, SETTINGS
-from .generalization.grid import BENCH_OVERRIDES, TASKS, RunSpec, Setting, default_lr, lr_grid, spec_for
+from .budget import NOISE_TYPE, SCHEDULE, SELECTED_LR, SETTINGS, V2_TASKS
+from .generalization.grid import BENCH_OVERRIDES, RunSpec, Setting, default_lr, lr_grid, spec_for
 from .generalization.running import default_runner, execute
 from .methods import EVIDENCE_BY_KEY, Method
 from .stats import mean_std, paired_t_test, sign_test
@@ -77,7 +77,7 @@ def centre_lr(task: str, method: Method) -> float:
     """The centre of the method's learning-rate range: step 1's rate of its base (a regularized method is centred
     where its counterpart is)."""
     base = method.counterpart or method.key
-    return SELECTED_LR.get((task, base)) or default_lr(TASKS[task], EVIDENCE_BY_KEY[base])
+    return SELECTED_LR.get((task, base)) or default_lr(V2_TASKS[task], EVIDENCE_BY_KEY[base])
 
 
 def configs(task: str, method: Method) -> list[Config]:
@@ -104,7 +104,7 @@ def spec(task: str, setting: Setting, method: Method, config: Config, seed: int,
         extra += [f"regularizers.label_correction_start_epoch={max(1, round(epochs / 3))}",
                   f"regularizers.reweight_start_epoch={max(1, round(epochs / 6))}"]
     phase = "select" if seed in SELECT_SEEDS else "final"
-    return spec_for(runs, TASKS[task], setting, method, config.lr, config.hparams, seed, phase, extra)
+    return spec_for(runs, V2_TASKS[task], setting, method, config.lr, config.hparams, seed, phase, extra)
 
 
 def _row(s: RunSpec, metrics: dict[str, Any]) -> dict[str, Any]:

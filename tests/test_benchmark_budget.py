@@ -66,3 +66,16 @@ def test_full_fine_tuning_climbs_at_v1s_validation_selected_rate():
 
     spec = budget.ladder_spec("wordnet", Setting(8), "full", 10)
     assert spec.lr == 5e-4 and load_recipe(list(spec.files), list(spec.overrides)).training.learning_rate == 5e-4
+
+
+def test_fashion_mnist_runs_use_the_rotation_pretrained_backbone_in_their_own_folders():
+    from peft_tsrs.app.recipes import load_recipe
+
+    spec = budget.ladder_spec("fmnist", Setting(32, 0.4), "rlrr", 40)
+    model = load_recipe(list(spec.files), list(spec.overrides)).model
+    assert (model.name, model.pretrain_epochs, model.pretrain_augment, model.pretrain_rotation_weight) == (
+        "fmnist_vit", 4.0, True, 1.0)
+    assert os.path.join("budget", "fmnist-rot", "32shot-noise40", "rlrr", "ep40") in spec.run_dir
+    assert spec.task == "fmnist"  # rows and budgets keep the task's key
+    wordnet = budget.ladder_spec("wordnet", Setting(8), "rlrr", 20)
+    assert os.path.join("budget", "wordnet", "8shot-noise0") in wordnet.run_dir

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `benchmarks` without `python -m`
 
 from benchmarks import RESULTS  # noqa: E402
-from benchmarks import budget, collapse_probe  # noqa: E402
+from benchmarks import budget, collapse_probe, vit_backbone  # noqa: E402
 from benchmarks.generalization import results as gen_results  # noqa: E402
 from benchmarks.overhead import report as oh_report  # noqa: E402
 
@@ -66,9 +66,16 @@ def test_budget_report_regenerates_byte_identical(tmp_path):
     assert (tmp_path / "budget.md").read_bytes() == _committed("v2", "budget.md")
 
 
+def test_vit_backbone_report_regenerates_byte_identical():
+    rows = json.loads(_committed("v2", "vit_backbone.json"))["candidates"]
+    assert [r["key"] for r in rows] == [c["key"] for c in vit_backbone.CANDIDATES]
+    assert vit_backbone.markdown(rows).encode() == _committed("v2", "vit_backbone.md")
+
+
 def test_every_committed_report_is_covered():
     reports = {os.path.relpath(os.path.join(d, f), RESULTS) for d, _, files in os.walk(RESULTS) for f in files
                if f.endswith(".md")}
-    covered = {"overhead.md", "collapse_probe.md", os.path.join("v2", "budget.md")} | {
+    covered = {"overhead.md", "collapse_probe.md", os.path.join("v2", "budget.md"),
+               os.path.join("v2", "vit_backbone.md")} | {
         os.path.join(d, "generalization.md") for d in GENERALIZATION_FOLDERS if d not in STALE_MARKDOWN}
     assert reports - covered == {os.path.join(d, "generalization.md") for d in STALE_MARKDOWN}

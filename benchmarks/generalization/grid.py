@@ -17,6 +17,12 @@ class Task:
     key: str
     label: str
     file: str  # relative to configs/tasks
+    overrides: tuple[str, ...] = ()  # recipe overrides of every run of the task (e.g. another backbone)
+    tag: str = ""  # names the variant in run folders (``<task>-<tag>``), so its runs never mix with the plain task's
+
+    @property
+    def folder(self) -> str:
+        return f"{self.key}-{self.tag}" if self.tag else self.key
 
 
 @dataclass(frozen=True)
@@ -92,7 +98,7 @@ def default_lr(task: Task, method: Method) -> float:
     """The learning rate of the merged task + method recipe files and the method's overrides (the grid's centre)."""
     from peft_tsrs.app.recipes import load_recipe
 
-    overrides = [*method.overrides, *method.per_task.get(task.key, ())]
+    overrides = [*task.overrides, *method.overrides, *method.per_task.get(task.key, ())]
     return load_recipe(recipe_files(task.file, method), overrides).training.learning_rate
 
 
@@ -102,9 +108,9 @@ def lr_grid(base_lr: float, multipliers: Sequence[float]) -> list[float]:
 
 def spec_for(runs: str, task: Task, setting: Setting, method: Method, lr: float, hparams: tuple[str, ...],
              seed: int, phase: str, extra: Sequence[str] = ()) -> RunSpec:
-    run_dir = run_dir_for(runs, task.key, setting, method.key, lr, hparams, seed)
+    run_dir = run_dir_for(runs, task.folder, setting, method.key, lr, hparams, seed)
     overrides = (
-        *method.overrides, *method.per_task.get(task.key, ()), *hparams,
+        *task.overrides, *method.overrides, *method.per_task.get(task.key, ()), *hparams,
         f"task.shots_per_class={setting.shots}", f"task.label_noise={setting.noise}",
         f"task.seed={seed}", f"training.seed={seed}", f"training.learning_rate={lr}",
         *extra,
