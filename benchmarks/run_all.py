@@ -1,4 +1,5 @@
-"""``make bench``: the cost benchmark (``benchmarks.overhead``), evidence v2's epoch budget (``benchmarks.budget``:
+"""``make bench``: the cost benchmark (``benchmarks.overhead``), evidence v2's Fashion-MNIST backbone probe
+(``benchmarks.vit_backbone``: results/v2/vit_backbone.*, about 30 min the first time), its epoch budget (``benchmarks.budget``:
 results/v2/budget.*, a few hours) and its equal-tuning-budget grid (``benchmarks.evidence``: results/v2/evidence.*,
 days on 2 CPU cores; resumable, ``--shard`` for two processes) and LLM track (``benchmarks.llm``: results/v2/llm.*,
 about an hour; needs ``make llm``), then the generalization runs of :data:`CPU_PLAN`
@@ -18,7 +19,7 @@ import shlex
 import time
 from typing import Optional, Sequence
 
-from . import RESULTS, budget, evidence, generalization, llm, overhead
+from . import RESULTS, budget, evidence, generalization, llm, overhead, vit_backbone
 from .methods import cli_methods
 
 
@@ -78,7 +79,7 @@ CPU_PLAN: tuple[tuple[str, ...], ...] = (
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Run the peft-tsrs benchmarks (cost, then generalization).")
-    parser.add_argument("--only", choices=("overhead", "budget", "evidence", "llm", "generalization"), default=None,
+    parser.add_argument("--only", choices=("overhead", "vit_backbone", "budget", "evidence", "llm", "generalization"), default=None,
                         help="run just one of them (budget / evidence: evidence v2's epoch budget / its grid)")
     parser.add_argument("--quick", action="store_true",
                         help="generalization in --quick mode (tiny budget) and a short overhead run (5 steps)")
@@ -95,6 +96,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      overhead.RESULTS + "/quick", *extra]
         print("#### benchmarks.overhead", *extra, flush=True)
         overhead.main(extra)
+    if args.only in (None, "vit_backbone") and not args.quick:
+        print("#### benchmarks.vit_backbone", flush=True)
+        vit_backbone.main([])
     if args.only in (None, "budget") and not args.quick:
         print("#### benchmarks.budget", flush=True)
         budget.main([])
