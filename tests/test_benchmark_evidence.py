@@ -171,3 +171,24 @@ def test_llm_report_pairs_each_method_with_lora_by_seed(tmp_path):
     md = (tmp_path / "llm.md").read_text()
     assert "| lora | 3 | 35.0 ± 5.0 | 35.0 ± 5.0 | 5.0 |" in md
     assert "| lora+pace | lora | +2.0 ± 3.0 |" in md and "| 2 / 1 |" in md
+
+
+def test_a_generative_run_is_logged_and_reported_by_its_exact_match(tmp_path):
+    from benchmarks import llm
+    from benchmarks.generalization.running import execute
+
+    def runner(spec):
+        metrics = {"metric": "exact_match", "validation": {"exact_match": 0.25, "loss": 1.0},
+                   "test": {"exact_match": 0.3 + 0.01 * spec.seed}, "seconds_per_step": 5.0, "train_steps": 24}
+        os.makedirs(spec.run_dir, exist_ok=True)
+        with open(os.path.join(spec.run_dir, "metrics.json"), "w") as fh:
+            json.dump(metrics, fh)
+        return metrics
+
+    lines = []
+    spec = llm.specs(str(tmp_path))[0]
+    execute(spec, runner, log=lines.append)
+    assert lines == [f"    ran wordnet_chat/4shot-noise0/lora/lr0.001-s0: val 0.2500 test 0.3000 ({lines[0].split('(')[1]}"]
+    found = llm.groups(runner=runner, runs=str(tmp_path))
+    assert [g["method"] for g in found] == ["lora", "lora+pace", "lora+tsrs"]
+    assert [r["test_accuracy"] for r in found[0]["final"]] == [0.3, 0.31, 0.32]

@@ -78,8 +78,9 @@ def _run_locked(spec: RunSpec, runner: Callable[[RunSpec], dict[str, Any]],
         shutil.rmtree(spec.run_dir)
     start = time.perf_counter()
     metrics = runner(spec)
+    score = metrics.get("metric", "accuracy")  # exact match on a generative task
     log(f"    ran {spec.task}/{spec.setting.key}/{spec.method}/{os.path.basename(spec.run_dir)}: "
-        f"val {metrics['validation']['accuracy']:.4f} test {metrics['test']['accuracy']:.4f} "
+        f"val {metrics['validation'][score]:.4f} test {metrics['test'][score]:.4f} "
         f"({time.perf_counter() - start:.0f} s)")
     return metrics
 
