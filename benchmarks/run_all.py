@@ -96,18 +96,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      overhead.RESULTS + "/quick", *extra]
         print("#### benchmarks.overhead", *extra, flush=True)
         overhead.main(extra)
-    if args.only in (None, "vit_backbone") and not args.quick:
-        print("#### benchmarks.vit_backbone", flush=True)
-        vit_backbone.main([])
-    if args.only in (None, "budget") and not args.quick:
-        print("#### benchmarks.budget", flush=True)
-        budget.main([])
-    if args.only in (None, "evidence") and not args.quick:
-        print("#### benchmarks.evidence", flush=True)
-        evidence.main([])
-    if args.only in (None, "llm") and not args.quick:
-        print("#### benchmarks.llm", flush=True)
-        llm.main([])
+    if not args.quick:  # evidence v2, in order: backbone, budget, grid, LLM track (each resumable)
+        for name, module in (("vit_backbone", vit_backbone), ("budget", budget), ("evidence", evidence), ("llm", llm)):
+            if args.only in (None, name):
+                print(f"#### benchmarks.{name}", flush=True)
+                module.main([])
     if args.only in (None, "generalization"):
         if args.quick or args.generalization_args is not None:
             plan = [shlex.split(args.generalization_args or "") + (["--quick"] if args.quick else [])]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
@@ -364,13 +364,15 @@ class DistanceConstraint:
         out = buf[: p.numel()].view(p.shape)
         return torch.sub(p.detach(), anchor, out=out)
 
+    def _bounded(self) -> Iterator[_Item]:
+        """The constrained tensors with a finite radius (an infinite one never binds)."""
+        return (it for it in self.items if not math.isinf(it.radius))
+
     @torch.no_grad()
     def project(self) -> int:
         """Project every constrained tensor back into its ball (in place); returns how many were rescaled."""
         rescaled = 0
-        for it in self.items:
-            if math.isinf(it.radius):
-                continue
+        for it in self._bounded():
             if it.kind in ("weight", "head"):
                 # Δ = W − W0 goes into a reused scratch buffer (the head, anchored at zero, is scaled in place):
                 # one pass over the weight when it is inside its ball, two more when it is rescaled.
@@ -442,9 +444,7 @@ class DistanceConstraint:
     def max_violation(self) -> float:
         """``max(0, max_l (distance_l − D_l))`` (per row, ``‖Δ_row‖₁ − D_row``, with per-row radii)."""
         worst = 0.0
-        for it in self.items:
-            if math.isinf(it.radius):
-                continue
+        for it in self._bounded():
             delta = self._delta(it)
             if it.row_radius is not None:
                 l1 = _row_l1(delta)
