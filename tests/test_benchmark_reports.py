@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `benchmarks` without `python -m`
 
 from benchmarks import RESULTS  # noqa: E402
-from benchmarks import budget, collapse_probe, vit_backbone  # noqa: E402
+from benchmarks import budget, collapse_probe, evidence, llm, vit_backbone  # noqa: E402
 from benchmarks.generalization import results as gen_results  # noqa: E402
 from benchmarks.overhead import report as oh_report  # noqa: E402
 
@@ -72,10 +72,23 @@ def test_vit_backbone_report_regenerates_byte_identical():
     assert vit_backbone.markdown(rows).encode() == _committed("v2", "vit_backbone.md")
 
 
+def test_llm_report_regenerates_byte_identical(tmp_path):
+    llm.write(json.loads(_committed("v2", "llm.json"))["groups"], str(tmp_path))
+    assert (tmp_path / "llm.json").read_bytes() == _committed("v2", "llm.json")
+    assert (tmp_path / "llm.md").read_bytes() == _committed("v2", "llm.md")
+
+
+def test_evidence_report_regenerates_byte_identical(tmp_path):
+    evidence.write(json.loads(_committed("v2", "evidence.json"))["groups"], str(tmp_path))
+    assert (tmp_path / "evidence.json").read_bytes() == _committed("v2", "evidence.json")
+    assert (tmp_path / "evidence.md").read_bytes() == _committed("v2", "evidence.md")
+
+
 def test_every_committed_report_is_covered():
     reports = {os.path.relpath(os.path.join(d, f), RESULTS) for d, _, files in os.walk(RESULTS) for f in files
                if f.endswith(".md")}
     covered = {"overhead.md", "collapse_probe.md", os.path.join("v2", "budget.md"),
-               os.path.join("v2", "vit_backbone.md")} | {
+               os.path.join("v2", "vit_backbone.md"), os.path.join("v2", "llm.md"),
+               os.path.join("v2", "evidence.md")} | {
         os.path.join(d, "generalization.md") for d in GENERALIZATION_FOLDERS if d not in STALE_MARKDOWN}
     assert reports - covered == {os.path.join(d, "generalization.md") for d in STALE_MARKDOWN}
