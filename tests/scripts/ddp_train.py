@@ -85,4 +85,11 @@ def main(out: str, mode: str, per_device_batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    try:
+        main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    finally:
+        # Tear gloo down before the interpreter exits: left to the destructors, its worker threads can still be
+        # running and the process aborts ("terminate called without an active exception") after a finished run.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
