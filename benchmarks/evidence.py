@@ -166,10 +166,21 @@ def run_group(task: str, setting: Setting, method: Method, epochs: int, shard: t
             "selection": select_rows, "final": [_row(s, m) for s, m in zip(final, results)]}
 
 
+def lr_edge(group: dict[str, Any]) -> Optional[str]:
+    """``"high"``/``"low"`` when the selected learning rate is the highest/lowest of the group's grid: the optimum
+    may lie outside the searched range (kept anyway: every method gets the same budget)."""
+    lrs = [r["lr"] for r in group.get("selection", ())]  # none: no learning-rate grid (the LLM track)
+    if len(set(lrs)) < 2:
+        return None
+    chosen = group["selected"]["lr"]
+    return "high" if chosen == max(lrs) else "low" if chosen == min(lrs) else None
+
+
 def summarize(group: dict[str, Any]) -> dict[str, Any]:
     """Mean ± std over the final seeds of one group."""
     out: dict[str, Any] = {k: group[k] for k in ("task", "setting", "method", "counterpart", "epochs", "selected")}
     out["selected_config"] = group["final"][0]["config"]
+    out["selected_lr_edge"] = lr_edge(group)
     out["trainable_parameters"] = group["final"][0].get("trainable_parameters")
     for key in ("train_accuracy", "validation_accuracy", "test_accuracy", "generalization_gap", "seconds_per_step",
                 "peak_memory_mb"):
@@ -195,6 +206,9 @@ def _pm(pair: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
     return "–" if math.isnan(mean) else f"{scale * mean:.{digits}f} ± {scale * std:.{digits}f}"
 
 
+_EDGE_MARK = {"high": " ↑", "low": " ↓", None: ""}
+
+
 def markdown(summaries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, Any]]) -> str:
     lines = ["# Evidence v2, step 2: the converged regime, equal tuning budget", "",
              f"Each setting at its step-1 epoch budget (cosine after 10% warm-up). Every method: "
@@ -202,12 +216,14 @@ def markdown(summaries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str
              f"learning rates over the same range), chosen on the mean validation accuracy of seeds "
              f"{', '.join(map(str, SELECT_SEEDS))}; then fresh seeds {', '.join(map(str, FINAL_SEEDS))}. Accuracies "
              f"in %, mean ± std over the final seeds; train acc is the model as training left it on its (noisy) "
-             f"training labels. Written by `python -m benchmarks.evidence` from `evidence.json`.", "",
+             f"training labels. ↑ / ↓: the selected learning rate is the highest / lowest of the method's grid (its "
+             f"optimum may lie outside the searched range). Written by `python -m benchmarks.evidence` from "
+             f"`evidence.json`.", "",
              "| task | setting | epochs | method | trainable | selected | train acc | val acc | test acc | gap | s/step "
              "| peak MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         lines.append(f"| {s['task']} | {s['setting']} | {s['epochs']} | {s['method']} | "
-                     f"{s['trainable_parameters'] or '?'} | {s['selected_config']} | "
+                     f"{s['trainable_parameters'] or '?'} | {s['selected_config']}{_EDGE_MARK[s.get('selected_lr_edge')]} | "
                      f"{_pm(s['train_accuracy'])} | {_pm(s['validation_accuracy'])} | {_pm(s['test_accuracy'])} | "
                      f"{_pm(s['generalization_gap'])} | {s['seconds_per_step'][0]:.3f} | "
                      f"{s['peak_memory_mb'][0]:.0f} |")

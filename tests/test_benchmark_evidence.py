@@ -111,10 +111,10 @@ def test_two_shards_split_the_runs_and_a_read_only_call_waits_for_none(tmp_path)
     assert len(first.calls) == 23 and [s.seed for s in first.calls[:9]] == [0] * 9
 
 
-def _group(method, counterpart, tests):
+def _group(method, counterpart, tests, lr=0.01):
     return {"task": "wordnet", "setting": "8shot-noise0", "method": method, "counterpart": counterpart, "epochs": 20,
-            "selected": {"lr": 0.01, "hparams": []},
-            "final": [{"seed": seed, "config": "lr0.01", "test_accuracy": t, "train_accuracy": 1.0,
+            "selected": {"lr": lr, "hparams": []}, "selection": [{"lr": x} for x in (0.005, 0.01, 0.02)],
+            "final": [{"seed": seed, "config": f"lr{lr}", "test_accuracy": t, "train_accuracy": 1.0,
                        "validation_accuracy": 0.5, "generalization_gap": 1.0 - t, "seconds_per_step": 0.5,
                        "peak_memory_mb": 100.0, "trainable_parameters": 1000} for seed, t in zip(evidence.FINAL_SEEDS, tests)]}
 
@@ -192,3 +192,12 @@ def test_a_generative_run_is_logged_and_reported_by_its_exact_match(tmp_path):
     found = llm.groups(runner=runner, runs=str(tmp_path))
     assert [g["method"] for g in found] == ["lora", "lora+pace", "lora+tsrs"]
     assert [r["test_accuracy"] for r in found[0]["final"]] == [0.3, 0.31, 0.32]
+
+
+def test_a_learning_rate_selected_at_the_edge_of_its_grid_is_marked(tmp_path):
+    groups = [_group("lora", None, [0.5] * 5, lr=0.02), _group("rlrr", None, [0.5] * 5, lr=0.005),
+              _group("full", None, [0.5] * 5)]
+    assert [evidence.lr_edge(g) for g in groups] == ["high", "low", None]
+    evidence.write(groups, out=str(tmp_path))
+    md = (tmp_path / "evidence.md").read_text()
+    assert "| lora | 1000 | lr0.02 ↑ |" in md and "| rlrr | 1000 | lr0.005 ↓ |" in md and "| full | 1000 | lr0.01 |" in md
