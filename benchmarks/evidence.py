@@ -46,17 +46,19 @@ BASE_LR_MULTIPLIERS = (0.3, 0.4, 0.55, 0.75, 1.0, 1.35, 1.8, 2.4, 3.0)  # log-sp
 CONFIGS_PER_METHOD = 9
 
 # comparisons first as the issue lists its targets; a method's counterpart before it
-_CLEAN = ("lora", "lora+pace", "pace-base", "pace", "rlrr", "rlrr+tsrs", "lora+tsrs", "full", "full+tsrs")
+_CLEAN = ("lora", "lora+pace", "pace-base", "pace", "rlrr", "rlrr+tsrs", "lora+tsrs", "full", "full+tsrs", "lora-r1",
+          "lora-r2")
 _NOISY = ("full", "full+selflabel", "pace-base", "pace", "lora", "lora+pace", "rlrr", "rlrr+tsrs", "lora+tsrs",
-          "full+tsrs")
+          "full+tsrs", "lora-r1", "lora-r2")
 PLAN: tuple[tuple[str, Setting, str], ...] = tuple(
     (task, setting, method) for task in ("wordnet", "fmnist") for setting in SETTINGS[task]
     for method in (_NOISY if setting.noise else _CLEAN))
 
 
 # compared besides each regularized method against its counterpart: the bases against each other (RLRR vs LoRA vs
-# full fine-tuning; the summary gives each one's trainable parameter count)
-BASE_COMPARISONS = (("rlrr", "lora"), ("rlrr", "full"), ("lora", "full"))
+# full fine-tuning, and RLRR against LoRA at ranks 1 and 2, which bracket its trainable parameter count; the summary
+# gives each one's)
+BASE_COMPARISONS = (("rlrr", "lora"), ("rlrr", "full"), ("lora", "full"), ("rlrr", "lora-r1"), ("rlrr", "lora-r2"))
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,10 @@ SELF_LABEL_GRID: Grid = (
 _G = GENERALIZATION_BY_KEY
 EVIDENCE_METHODS: tuple[Method, ...] = (
     _G["full"], _G["lora"], _G["rlrr"], _G["pace-base"],
+    # LoRA at ranks 1 and 2 (α = 2r, LoRA r8's scaling) bracket RLRR r1's trainable parameter count: the target
+    # "RLRR ≥ LoRA at equal parameters" (LoRA r8 trains about 5× RLRR's parameters)
+    *(replace(_G["lora"], key=f"lora-r{r}", label=f"LoRA r{r}", overrides=(f"adapter.r={r}", f"adapter.lora_alpha={2 * r}"))
+      for r in (1, 2)),
     replace(_G["pace"], hparams=pace_grid("adapter.sigma")),
     Method("lora+pace", "LoRA + PACE", ("lora_pace.yaml",), counterpart="lora",
            hparams=pace_grid("regularizers.pace_sigma"),

@@ -49,6 +49,18 @@ def test_runs_use_the_budget_the_cosine_schedule_the_official_noise_and_the_knob
     assert r.adapter.type == "pace" and r.adapter.options["sigma"] == 1.0 and r.regularizers.pace_weight == 0.5
 
 
+@pytest.mark.parametrize("task", ["wordnet", "fmnist"])
+def test_low_rank_loras_keep_loras_scaling_and_learning_rates_and_are_compared_with_rlrr(task):
+    lora = evidence.configs(task, EVIDENCE_BY_KEY["lora"])
+    for r in (1, 2):
+        assert evidence.configs(task, EVIDENCE_BY_KEY[f"lora-r{r}"]) == lora
+        _, recipe = _recipe(task, CLEAN, f"lora-r{r}", lora[4])
+        assert recipe.adapter.type == "lora" and recipe.training.learning_rate == lora[4].lr
+        assert (recipe.adapter.options["r"], recipe.adapter.options["lora_alpha"]) == (r, 2 * r)
+        assert ("rlrr", f"lora-r{r}") in evidence.BASE_COMPARISONS
+        assert all((task, s, f"lora-r{r}") in evidence.PLAN for s in evidence.SETTINGS[task])
+
+
 def test_full_tsrs_is_the_official_recipe_and_self_labeling_starts_scale_with_the_budget():
     _, r = _recipe("wordnet", CLEAN, "full+tsrs", evidence.configs("wordnet", EVIDENCE_BY_KEY["full+tsrs"])[3])
     assert r.adapter.type == "full" and r.regularizers.tsrs_weight == 0.3
