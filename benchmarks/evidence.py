@@ -12,7 +12,8 @@ never used to select.
 A group is one (task, setting, method); the plan (:data:`PLAN`) runs groups in order, the comparisons of the issue's
 targets first. Resumable (a finished run is read from its folder) and shareable: ``--shard i/n`` processes train every
 n-th pending run of a group from the i-th, then wait for the rest (a run another process holds is read when it
-finishes, one nobody started yet is trained). ``--report`` writes ``results/v2/evidence.{json,md}`` from whatever has
+finishes, one nobody started yet is trained). After a method with several terms, the plan runs its ablations
+(:data:`ABLATIONS`: one term off, at the method's selected configuration, on the final seeds). ``--report`` writes ``results/v2/evidence.{json,md}`` from whatever has
 finished, without training::
 
     OMP_NUM_THREADS=1 python -m benchmarks.evidence --shard 0/2 &
@@ -26,7 +27,7 @@ import json
 import math
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
 from . import RESULTS, ROOT
@@ -59,6 +60,37 @@ PLAN: tuple[tuple[str, Setting, str], ...] = tuple(
 # full fine-tuning, and RLRR against LoRA at ranks 1 and 2, which bracket its trainable parameter count; the summary
 # gives each one's)
 BASE_COMPARISONS = (("rlrr", "lora"), ("rlrr", "full"), ("lora", "full"), ("rlrr", "lora-r1"), ("rlrr", "lora-r2"))
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """A regularized method with one of its terms switched off, at the configuration its group selected (no search
+    of its own), on the same final seeds: paired with the full method and with the method's counterpart, it says
+    which term costs or brings what."""
+    key: str  # its run folder under the setting
+    parent: str  # the regularized method (a key of EVIDENCE_BY_KEY)
+    label: str
+    overrides: tuple[str, ...]  # applied last, over the parent's recipe, selected configuration and schedule
+
+
+# methods with two or more terms; a single-term regularizer (TSRS on RLRR / LoRA) is ablated by its counterpart
+# itself, LoRA + PACE has no noise without its consistency term (``pace_sigma`` needs ``pace_weight > 0``)
+ABLATIONS: tuple[Ablation, ...] = (
+    Ablation("pace-no-consistency", "pace", "PACE adapter noise, no consistency term",
+             ("regularizers.pace_weight=0",)),
+    Ablation("full+tsrs-no-bss", "full+tsrs", "full FT + TSRS without BSS", ("regularizers.bss_weight=0",)),
+    Ablation("full+tsrs-bss-only", "full+tsrs", "full FT + BSS without the TSRS term",
+             ("regularizers.tsrs_weight=0",)),
+    Ablation("full+selflabel-distance-only", "full+selflabel", "distance constraint only",
+             ("regularizers.label_correction_threshold=null", "regularizers.reweight_start_epoch=null")),
+    Ablation("full+selflabel-no-correction", "full+selflabel", "distance + reweighting, no label correction",
+             ("regularizers.label_correction_threshold=null",)),
+    Ablation("full+selflabel-no-reweighting", "full+selflabel", "distance + label correction, no reweighting",
+             ("regularizers.reweight_start_epoch=null",)),
+)
+ABLATION_BY_KEY = {a.key: a for a in ABLATIONS}
+PLAN = tuple((task, setting, key) for task, setting, key in PLAN for key in
+             (key, *(a.key for a in ABLATIONS if a.parent == key)))  # each ablation right after its method
 
 
 @dataclass(frozen=True)
@@ -99,12 +131,14 @@ def _uses_self_labeling(method: Method) -> bool:
 
 
 def spec(task: str, setting: Setting, method: Method, config: Config, seed: int, epochs: int,
-         runs: str = RUNS) -> RunSpec:
-    """One run: the method's recipe on the task at ``config`` and ``seed``, ``epochs`` epochs, cosine schedule."""
+         runs: str = RUNS, last: Sequence[str] = ()) -> RunSpec:
+    """One run: the method's recipe on the task at ``config`` and ``seed``, ``epochs`` epochs, cosine schedule;
+    ``last``: overrides over all of that (an ablation's)."""
     extra = [*BENCH_OVERRIDES, *SCHEDULE, f"training.epochs={epochs}", NOISE_TYPE]
     if _uses_self_labeling(method):  # the paper's epochs 10 and 5 of 30, scaled to the budget
         extra += [f"regularizers.label_correction_start_epoch={max(1, round(epochs / 3))}",
                   f"regularizers.reweight_start_epoch={max(1, round(epochs / 6))}"]
+    extra += list(last)
     phase = "select" if seed in SELECT_SEEDS else "final"
     return spec_for(runs, V2_TASKS[task], setting, method, config.lr, config.hparams, seed, phase, extra)
 
@@ -168,6 +202,35 @@ def run_group(task: str, setting: Setting, method: Method, epochs: int, shard: t
             "selection": select_rows, "final": [_row(s, m) for s, m in zip(final, results)]}
 
 
+def run_ablation(task: str, setting: Setting, ablation: Ablation, epochs: int, shard: tuple[int, int] = (0, 1),
+                 runner: Optional[Callable[[RunSpec], dict[str, Any]]] = default_runner,
+                 runs: str = RUNS) -> Optional[dict[str, Any]]:
+    """The final seeds of ``ablation`` at its parent group's selected configuration; ``None`` while the parent or
+    one of its own runs is unfinished."""
+    parent = run_group(task, setting, EVIDENCE_BY_KEY[ablation.parent], epochs, runner=None, runs=runs)
+    if parent is None:
+        return None
+    chosen = Config(parent["selected"]["lr"], tuple(parent["selected"]["hparams"]))
+    method = replace(EVIDENCE_BY_KEY[ablation.parent], key=ablation.key)
+    final = [spec(task, setting, method, chosen, seed, epochs, runs, last=ablation.overrides) for seed in FINAL_SEEDS]
+    results = _run_all(final, shard, runner)
+    if any(m is None for m in results):
+        return None
+    return {"task": task, "setting": setting.key, "method": ablation.key, "counterpart": ablation.parent,
+            "ablates": list(ablation.overrides), "epochs": epochs,
+            "selected": {"lr": chosen.lr, "hparams": list(chosen.hparams)}, "selection": [],
+            "final": [_row(s, m) for s, m in zip(final, results)]}
+
+
+def run_any(task: str, setting: Setting, key: str, epochs: int, shard: tuple[int, int] = (0, 1),
+            runner: Optional[Callable[[RunSpec], dict[str, Any]]] = default_runner,
+            runs: str = RUNS) -> Optional[dict[str, Any]]:
+    """One entry of :data:`PLAN`: a method's group or an ablation."""
+    if key in ABLATION_BY_KEY:
+        return run_ablation(task, setting, ABLATION_BY_KEY[key], epochs, shard, runner, runs)
+    return run_group(task, setting, EVIDENCE_BY_KEY[key], epochs, shard, runner, runs)
+
+
 def lr_edge(group: dict[str, Any]) -> Optional[str]:
     """``"high"``/``"low"`` when the selected learning rate is the highest/lowest of the group's grid: the optimum
     may lie outside the searched range (kept anyway: every method gets the same budget)."""
@@ -229,7 +292,9 @@ def markdown(summaries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str
                      f"{_pm(s['train_accuracy'])} | {_pm(s['validation_accuracy'])} | {_pm(s['test_accuracy'])} | "
                      f"{_pm(s['generalization_gap'])} | {s['seconds_per_step'][0]:.3f} | "
                      f"{s['peak_memory_mb'][0]:.0f} |")
-    lines += ["", "Paired by seed against the counterpart (test accuracy, points):", "",
+    lines += ["", "Paired by seed against the counterpart (test accuracy, points). An ablation (`<method>-no-…`, "
+              "`-…-only`: one term off at its method's selected configuration, no search of its own) is paired with "
+              "its method and with the method's counterpart:", "",
               "| task | setting | method | vs | Δ mean ± std | t | p (t) | wins / losses | p (sign) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for c in comparisons:
@@ -244,6 +309,7 @@ def write(groups: Sequence[dict[str, Any]], out: str = OUT) -> None:
     summaries = [summarize(g) for g in groups]
     by_key = {(g["task"], g["setting"], g["method"]): g for g in groups}
     pairs = [(g["method"], g["counterpart"]) for g in groups if g["counterpart"]] + list(BASE_COMPARISONS)
+    pairs += [(a.key, EVIDENCE_BY_KEY[a.parent].counterpart) for a in ABLATIONS]  # a term off: vs the base too
     comparisons = [compare(g, by_key[(g["task"], g["setting"], other)]) for g in groups for method, other in
                    dict.fromkeys(pairs) if g["method"] == method and (g["task"], g["setting"], other) in by_key]
     os.makedirs(out, exist_ok=True)
@@ -258,7 +324,7 @@ def write(groups: Sequence[dict[str, Any]], out: str = OUT) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.evidence", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--methods", nargs="+", default=None, choices=list(EVIDENCE_BY_KEY),
+    parser.add_argument("--methods", nargs="+", default=None, choices=[*EVIDENCE_BY_KEY, *ABLATION_BY_KEY],
                         help="only these methods' groups (default: the whole plan)")
     parser.add_argument("--shard", default="0/1", help="i/n: this process trains every n-th pending run of a group")
     parser.add_argument("--report", action="store_true", help="write the results of finished groups, train nothing")
@@ -270,11 +336,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if epochs is None or args.report:
             continue
         print(f"== {task} / {setting.key} / {key} ({epochs} epochs)", flush=True)
-        run_group(task, setting, EVIDENCE_BY_KEY[key], epochs, shard)  # type: ignore[arg-type]
+        run_any(task, setting, key, epochs, shard)  # type: ignore[arg-type]
     groups = []
     for task, setting, key in PLAN:  # the report holds every finished group, whatever this call trained
         epochs = budget_epochs(task, setting)
-        group = None if epochs is None else run_group(task, setting, EVIDENCE_BY_KEY[key], epochs, runner=None)
+        group = None if epochs is None else run_any(task, setting, key, epochs, runner=None)
         if group is not None:
             groups.append(group)
     write(groups)

@@ -213,3 +213,49 @@ def test_a_learning_rate_selected_at_the_edge_of_its_grid_is_marked(tmp_path):
     evidence.write(groups, out=str(tmp_path))
     md = (tmp_path / "evidence.md").read_text()
     assert "| lora | 1000 | lr0.02 ↑ |" in md and "| rlrr | 1000 | lr0.005 ↓ |" in md and "| full | 1000 | lr0.01 |" in md
+
+
+def test_each_ablation_follows_its_method_in_the_plan_where_the_method_runs():
+    for task, setting, key in evidence.PLAN:
+        if key in evidence.ABLATION_BY_KEY:
+            parent = evidence.ABLATION_BY_KEY[key].parent
+            before = [k for t, s, k in evidence.PLAN[:evidence.PLAN.index((task, setting, key))] if (t, s) == (task, setting)]
+            assert parent in before
+    noisy = {k for t, s, k in evidence.PLAN if t == "wordnet" and s.noise}
+    clean = {k for t, s, k in evidence.PLAN if t == "wordnet" and not s.noise}
+    assert "full+selflabel-no-correction" in noisy and "full+selflabel-no-correction" not in clean
+    assert {"pace-no-consistency", "full+tsrs-no-bss", "full+tsrs-bss-only"} <= clean & noisy
+
+
+@pytest.mark.parametrize("key", [a.key for a in evidence.ABLATIONS])
+def test_an_ablation_trains_the_final_seeds_at_its_methods_choice_with_one_term_off(tmp_path, key):
+    from peft_tsrs.app.recipes import load_recipe
+
+    ablation = evidence.ABLATION_BY_KEY[key]
+    setting = NOISY
+    assert evidence.run_ablation("wordnet", setting, ablation, 30, runner=None, runs=str(tmp_path)) is None
+    parent = EVIDENCE_BY_KEY[ablation.parent]
+    chosen = evidence.configs("wordnet", parent)[4]
+    evidence.run_group("wordnet", setting, parent, 30, runs=str(tmp_path),
+                       runner=Runner(lambda s: 0.9 if (s.lr, s.hparams) == (chosen.lr, chosen.hparams) else 0.3))
+    runner = Runner(lambda s: 0.5)
+    group = evidence.run_ablation("wordnet", setting, ablation, 30, runner=runner, runs=str(tmp_path))
+    assert [s.seed for s in runner.calls] == list(evidence.FINAL_SEEDS)
+    assert group["selected"] == {"lr": chosen.lr, "hparams": list(chosen.hparams)} and group["counterpart"] == parent.key
+    full = load_recipe(list(evidence.spec("wordnet", setting, parent, chosen, 10, 30).files),
+                       list(evidence.spec("wordnet", setting, parent, chosen, 10, 30).overrides)).regularizers
+    off = load_recipe(list(runner.calls[0].files), list(runner.calls[0].overrides)).regularizers
+    changed = {f for f in vars(full) if getattr(full, f) != getattr(off, f)}
+    assert changed == {o.split("=")[0].split(".")[1] for o in ablation.overrides}
+    assert all(getattr(off, f) in (0, None) for f in changed) and all(getattr(full, f) not in (0, None) for f in changed)
+    assert evidence.run_any("wordnet", setting, key, 30, runner=None, runs=str(tmp_path)) == group
+
+
+def test_an_ablation_is_compared_with_its_method_and_the_methods_counterpart(tmp_path):
+    groups = [_group("full", None, [0.5] * 5), _group("full+tsrs", "full", [0.6] * 5),
+              _group("full+tsrs-no-bss", "full+tsrs", [0.55] * 5)]
+    evidence.write(groups, out=str(tmp_path))
+    pairs = {(c["method"], c["counterpart"]): round(c["diff_mean"], 6)
+             for c in json.loads((tmp_path / "evidence.json").read_text())["comparisons"]}
+    assert pairs == {("full+tsrs", "full"): 0.1, ("full+tsrs-no-bss", "full+tsrs"): -0.05,
+                     ("full+tsrs-no-bss", "full"): 0.05}
