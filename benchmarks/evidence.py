@@ -74,9 +74,10 @@ class Ablation:
 
 
 # methods with two or more terms; a single-term regularizer (TSRS on RLRR / LoRA) is ablated by its counterpart
-# itself, LoRA + PACE has no noise without its consistency term (``pace_sigma`` needs ``pace_weight > 0``)
 ABLATIONS: tuple[Ablation, ...] = (
     Ablation("pace-no-consistency", "pace", "PACE adapter noise, no consistency term",
+             ("regularizers.pace_weight=0",)),
+    Ablation("lora+pace-no-consistency", "lora+pace", "PACE's noise on LoRA, no consistency term",
              ("regularizers.pace_weight=0",)),
     Ablation("full+tsrs-no-bss", "full+tsrs", "full FT + TSRS without BSS", ("regularizers.bss_weight=0",)),
     Ablation("full+tsrs-bss-only", "full+tsrs", "full FT + BSS without the TSRS term",

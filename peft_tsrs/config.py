@@ -50,7 +50,8 @@ class RegularizerConfig:
         pace_sigma: σ of PACE's training noise ``z ~ N(1, σ_d²)`` on the adapter branch of LoRA and RLRR layers, with
             the paper's depth schedule (official grid 0.1–2). ``None``: the PACE adapter's own σ (a PACE adapter draws
             the noise itself; on any other model ``pace_weight > 0`` is then refused). ``0``: the consistency term
-            without noise, on purpose (an ablation; in ``full`` mode the term is then exactly 0).
+            without noise, on purpose (an ablation; in ``full`` mode the term is then exactly 0). ``> 0`` with
+            ``pace_weight = 0``: the noise alone, without the consistency term (the other ablation).
     Layer-wise distance constraint (Li & Zhang, NeurIPS 2021):
         distance_norm: ``"frob"`` or ``"inf-op"`` (``None`` disables).
         distance_radius: absolute radius D of the first stages (grows by ``distance_depth_scale`` per later stage).
@@ -225,6 +226,16 @@ class RegularizerConfig:
         return self.pace_weight > 0
 
     @property
+    def uses_pace_noise(self) -> bool:
+        """PACE's noise on LoRA / RLRR adapter branches (``pace_sigma > 0``), with or without the consistency term."""
+        return self.pace_sigma is not None and self.pace_sigma > 0
+
+    @property
+    def uses_pace_regularizer(self) -> bool:
+        """The consistency term or, without it, PACE's noise on LoRA / RLRR adapter branches."""
+        return self.uses_pace or self.uses_pace_noise
+
+    @property
     def uses_distance(self) -> bool:
         return self.distance_norm is not None
 
@@ -248,7 +259,7 @@ class RegularizerConfig:
 
     @property
     def is_noop(self) -> bool:
-        return not (self.uses_tsrs or self.uses_bss or self.uses_pace or self.uses_distance
+        return not (self.uses_tsrs or self.uses_bss or self.uses_pace_regularizer or self.uses_distance
                     or self.uses_label_correction or self.uses_reweighting)
 
     # ------------------------------------------------------------------ (de)serialization

@@ -224,7 +224,7 @@ def test_each_ablation_follows_its_method_in_the_plan_where_the_method_runs():
     noisy = {k for t, s, k in evidence.PLAN if t == "wordnet" and s.noise}
     clean = {k for t, s, k in evidence.PLAN if t == "wordnet" and not s.noise}
     assert "full+selflabel-no-correction" in noisy and "full+selflabel-no-correction" not in clean
-    assert {"pace-no-consistency", "full+tsrs-no-bss", "full+tsrs-bss-only"} <= clean & noisy
+    assert {"pace-no-consistency", "lora+pace-no-consistency", "full+tsrs-no-bss", "full+tsrs-bss-only"} <= clean & noisy
 
 
 @pytest.mark.parametrize("key", [a.key for a in evidence.ABLATIONS])

@@ -218,6 +218,29 @@ def test_full_mode_term_positive_with_sigma_and_exactly_zero_without(tmp_path, k
     assert step_terms(tmp_path, model, RegularizerConfig(pace_weight=1.0, pace_sigma=0.0))["loss_pace"] == 0.0
 
 
+@pytest.mark.parametrize("mode", ["full", "fast"])
+@pytest.mark.parametrize("kind", sorted(ADAPTERS))
+def test_noise_without_consistency_when_the_weight_is_zero(tmp_path, kind, mode):
+    """pace_sigma > 0 with pace_weight 0: the training loss is the task loss of one noisy copy (no pair, no term, no
+    store); it used to be a silent no-op."""
+    cfg = RegularizerConfig(pace_weight=0.0, pace_sigma=2.0, pace_mode=mode)
+    assert not cfg.is_noop and not cfg.needs_index and not cfg.uses_pace
+    model = no_dropout(ADAPTERS[kind]())
+    trainer = trainer_for(tmp_path, model, cfg)
+    pace = trainer.regularizers["pace"]
+    assert pace.store is None and pace.noise_sites
+    batch = dict(bert_inputs(), labels=LABELS)
+    model.train()
+    torch.manual_seed(0)
+    noisy = trainer.compute_loss(model, dict(batch))
+    clean = torch.nn.functional.cross_entropy(model(**bert_inputs()).logits, LABELS)
+    assert "loss_pace" not in trainer._components and not torch.allclose(noisy, clean)
+    torch.manual_seed(0)
+    assert torch.equal(noisy, trainer.compute_loss(model, dict(batch)))  # one copy, drawn from the seed
+    model.eval()
+    assert torch.allclose(trainer.compute_loss(model, dict(batch)), clean)
+
+
 @pytest.mark.parametrize("kind", sorted(ADAPTERS))
 def test_no_noise_in_evaluation_nor_after_the_training_step(tmp_path, kind):
     model = no_dropout(ADAPTERS[kind]())

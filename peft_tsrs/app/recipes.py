@@ -391,6 +391,8 @@ class Recipe:
         parts = [self.adapter.type + ("-ssf" if self.adapter.options.get("ssf") else "")]
         if reg.uses_pace:
             parts.append(f"pace-{reg.pace_mode}")
+        elif reg.uses_pace_noise:
+            parts.append("pace-noise")
         if reg.uses_tsrs:
             parts.append("tsrs")
         if reg.uses_distance:

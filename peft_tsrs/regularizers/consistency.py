@@ -118,23 +118,24 @@ class PACERegularizer(Regularizer):
 
     The noise the copies differ by: a PACE adapter draws it in its own layers; on LoRA / RLRR adapters this regularizer
     puts it on the adapter branches (``noise_sites``, from ``RegularizerConfig.pace_sigma``) in every training forward
-    of every mode, paired or not, as the PACE adapter does.
+    of every mode, paired or not, as the PACE adapter does. With ``weight`` 0 only that noise is left: no pair, no
+    store, no term (PACE's noise without its consistency).
     """
 
     def __init__(self, weight: float, mode: str = "full", lazy_every: int = 2,
                  store: Optional[FastConsistencyStore] = None, noise_sites: Sequence[NoiseSite] = ()) -> None:
-        if mode == "fast" and store is None:
+        if mode == "fast" and weight > 0 and store is None:
             raise ValueError("PACERegularizer: the 'fast' mode needs a FastConsistencyStore.")
         self.weight = weight
         self.mode = mode
         self.lazy_every = lazy_every
         self.store = store
         self.noise_sites = list(noise_sites)
-        self.needs_index = mode == "fast"
+        self.needs_index = mode == "fast" and weight > 0
         self._paired = False
         self._second: Optional[Tensor] = None
 
-    enabled_by = "uses_pace"
+    enabled_by = "uses_pace_regularizer"
 
     @classmethod
     def per_example_use(cls, config: Any) -> list[str]:
@@ -146,14 +147,15 @@ class PACERegularizer(Regularizer):
         cfg = build.config
         noise_sites = pace_noise_sites(build.model, cfg.pace_sigma)  # refuses a model without a noise source
         store = None
-        if cfg.pace_mode == "fast":
+        if cfg.uses_pace and cfg.pace_mode == "fast":
             indices, _ = build.index_and_labels()
             num_examples = int(indices.max()) + 1 if len(indices) else 0
             store = FastConsistencyStore(num_examples, build.num_labels(), index_column=cfg.index_column)
         return cls(cfg.pace_weight, cfg.pace_mode, cfg.pace_lazy_every, store, noise_sites)
 
     def prepare(self, step: StepContext) -> None:
-        self._paired = self.mode == "full" or (self.mode == "lazy" and lazy_should_apply(step.step, self.lazy_every))
+        self._paired = self.weight > 0 and (
+            self.mode == "full" or (self.mode == "lazy" and lazy_should_apply(step.step, self.lazy_every)))
         if not self._paired:
             return
         rows = batch_rows(step.inputs)
