@@ -198,9 +198,35 @@ def run_group(task: str, setting: Setting, method: Method, epochs: int, shard: t
     results = _run_all(final, shard, runner)
     if any(m is None for m in results):
         return None
-    return {"task": task, "setting": setting.key, "method": method.key, "counterpart": method.counterpart,
-            "epochs": epochs, "selected": {"lr": chosen.lr, "hparams": list(chosen.hparams)},
-            "selection": select_rows, "final": [_row(s, m) for s, m in zip(final, results)]}
+    group = {"task": task, "setting": setting.key, "method": method.key, "counterpart": method.counterpart,
+             "epochs": epochs, "selected": {"lr": chosen.lr, "hparams": list(chosen.hparams)},
+             "selection": select_rows, "final": [_row(s, m) for s, m in zip(final, results)]}
+    check = edge_check(task, setting, method, group, epochs, shard, runner, runs)
+    if check is not None:
+        group["edge_check"] = check
+    return group
+
+
+def edge_check(task: str, setting: Setting, method: Method, group: dict[str, Any], epochs: int,
+               shard: tuple[int, int], runner: Optional[Callable[[RunSpec], dict[str, Any]]],
+               runs: str) -> Optional[dict[str, Any]]:
+    """When the selected learning rate is the top of the grid: the selection seeds one grid step further up, at the
+    selected knob point. A diagnosis only (the selection keeps the equal budget): it says whether the method's
+    optimum lay beyond the searched range. ``None`` when not at the top edge, or while its runs are unfinished."""
+    if lr_edge(group) != "high":
+        return None
+    lrs = sorted({r["lr"] for r in group["selection"]})
+    beyond = float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}")
+    chosen = Config(group["selected"]["lr"], tuple(group["selected"]["hparams"]))
+    specs = [spec(task, setting, method, replace(chosen, lr=beyond), seed, epochs, runs) for seed in SELECT_SEEDS]
+    results = _run_all(specs, shard, runner)
+    if any(m is None for m in results):
+        return None
+    selected = [r["validation_accuracy"] for r in group["selection"]
+                if r["lr"] == chosen.lr and tuple(r["hparams"]) == chosen.hparams]
+    return {"lr": beyond, "validation_accuracy": statistics.fmean(_row(s, m)["validation_accuracy"]
+                                                                  for s, m in zip(specs, results)),
+            "selected_validation_accuracy": statistics.fmean(selected)}
 
 
 def run_ablation(task: str, setting: Setting, ablation: Ablation, epochs: int, shard: tuple[int, int] = (0, 1),
@@ -247,6 +273,7 @@ def summarize(group: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {k: group[k] for k in ("task", "setting", "method", "counterpart", "epochs", "selected")}
     out["selected_config"] = group["final"][0]["config"]
     out["selected_lr_edge"] = lr_edge(group)
+    out["edge_check"] = group.get("edge_check")
     out["trainable_parameters"] = group["final"][0].get("trainable_parameters")
     for key in ("train_accuracy", "validation_accuracy", "test_accuracy", "generalization_gap", "seconds_per_step",
                 "peak_memory_mb"):
@@ -293,6 +320,17 @@ def markdown(summaries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str
                      f"{_pm(s['train_accuracy'])} | {_pm(s['validation_accuracy'])} | {_pm(s['test_accuracy'])} | "
                      f"{_pm(s['generalization_gap'])} | {s['seconds_per_step'][0]:.3f} | "
                      f"{s['peak_memory_mb'][0]:.0f} |")
+    checked = [s for s in summaries if s.get("edge_check")]
+    if checked:
+        lines += ["", "Edge checks (↑ groups): the selection seeds one grid step above the top, at the selected knob "
+                  "point — whether the optimum lay beyond the range (a diagnosis; the selection is not changed):", "",
+                  "| task | setting | method | selected lr | val acc there | next lr | val acc there |",
+                  "|---|---|---|---|---|---|---|"]
+        for s in checked:
+            e = s["edge_check"]
+            lines.append(f"| {s['task']} | {s['setting']} | {s['method']} | {s['selected']['lr']:.3g} | "
+                         f"{100 * e['selected_validation_accuracy']:.1f} | {e['lr']:.3g} | "
+                         f"{100 * e['validation_accuracy']:.1f} |")
     lines += ["", "Paired by seed against the counterpart (test accuracy, points). An ablation (`<method>-no-…`, "
               "`-…-only`: one term off at its method's selected configuration, no search of its own) is paired with "
               "its method and with the method's counterpart:", "",

@@ -259,3 +259,25 @@ def test_an_ablation_is_compared_with_its_method_and_the_methods_counterpart(tmp
              for c in json.loads((tmp_path / "evidence.json").read_text())["comparisons"]}
     assert pairs == {("full+tsrs", "full"): 0.1, ("full+tsrs-no-bss", "full+tsrs"): -0.05,
                      ("full+tsrs-no-bss", "full"): 0.05}
+
+
+def test_a_top_edge_choice_is_checked_one_grid_step_further_without_changing_the_selection(tmp_path):
+    method = EVIDENCE_BY_KEY["rlrr+tsrs"]
+    candidates = evidence.configs("wordnet", method)
+    top = max(c.lr for c in candidates)
+    knob = candidates[0].hparams
+    runner = Runner(lambda s: 0.8 if (s.lr, s.hparams) == (top, knob) else 0.95 if s.lr > top else 0.3)
+    group = evidence.run_group("wordnet", CLEAN, method, 20, runner=runner, runs=str(tmp_path))
+    assert group["selected"] == {"lr": top, "hparams": list(knob)}  # the check does not change the choice
+    assert len(runner.calls) == 9 * 2 + 5 + 2 and all(s.seed in evidence.SELECT_SEEDS for s in runner.calls[-2:])
+    beyond = group["edge_check"]["lr"]
+    assert beyond == pytest.approx(3 * top, rel=1e-2) and all(s.hparams == knob for s in runner.calls[-2:])
+    assert group["edge_check"]["validation_accuracy"] == pytest.approx(0.95)
+    assert group["edge_check"]["selected_validation_accuracy"] == pytest.approx(0.8)
+    evidence.write([group], out=str(tmp_path / "out"))
+    assert f"| wordnet | 8shot-noise0 | rlrr+tsrs | {top:.3g} | 80.0 | {beyond:.3g} | 95.0 |" in \
+        (tmp_path / "out" / "evidence.md").read_text()
+    # an interior choice is not checked
+    inner = Runner(lambda s: 0.9 if s.lr == candidates[1].lr else 0.3)
+    assert "edge_check" not in evidence.run_group("wordnet", CLEAN, method, 20, runner=inner, runs=str(tmp_path / "b"))
+    assert len(inner.calls) == 23
