@@ -1,7 +1,8 @@
 """``make bench``: the cost benchmark (``benchmarks.overhead``), evidence v2's Fashion-MNIST backbone probe
 (``benchmarks.vit_backbone``: results/v2/vit_backbone.*, about 30 min the first time), its epoch budget (``benchmarks.budget``:
 results/v2/budget.*, a few hours) and its equal-tuning-budget grid (``benchmarks.evidence``: results/v2/evidence.*,
-days on 2 CPU cores; resumable, ``--shard`` for two processes) and LLM track (``benchmarks.llm``: results/v2/llm.*,
+days on 2 CPU cores; resumable, ``--shard`` for two processes), the recommended recipes it selects
+(``benchmarks.recommend``: configs/methods/recommended/) and LLM track (``benchmarks.llm``: results/v2/llm.*,
 about an hour; needs ``make llm``), then the generalization runs of :data:`CPU_PLAN`
 (the tables committed in ``benchmarks/results/``, about 10-30 h on 2 CPU cores, depending on the machine; resumable).
 
@@ -19,7 +20,7 @@ import shlex
 import time
 from typing import Optional, Sequence
 
-from . import RESULTS, budget, evidence, generalization, llm, overhead, vit_backbone
+from . import RESULTS, budget, evidence, generalization, llm, overhead, recommend, vit_backbone
 from .methods import cli_methods
 
 
@@ -79,7 +80,8 @@ CPU_PLAN: tuple[tuple[str, ...], ...] = (
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Run the peft-tsrs benchmarks (cost, then generalization).")
-    parser.add_argument("--only", choices=("overhead", "vit_backbone", "budget", "evidence", "llm", "generalization"), default=None,
+    parser.add_argument("--only", choices=("overhead", "vit_backbone", "budget", "evidence", "recommend", "llm",
+                                           "generalization"), default=None,
                         help="run just one of them (budget / evidence: evidence v2's epoch budget / its grid)")
     parser.add_argument("--quick", action="store_true",
                         help="generalization in --quick mode (tiny budget) and a short overhead run (5 steps)")
@@ -97,7 +99,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("#### benchmarks.overhead", *extra, flush=True)
         overhead.main(extra)
     if not args.quick:  # evidence v2, in order: backbone, budget, grid, LLM track (each resumable)
-        for name, module in (("vit_backbone", vit_backbone), ("budget", budget), ("evidence", evidence), ("llm", llm)):
+        steps = (("vit_backbone", vit_backbone), ("budget", budget), ("evidence", evidence), ("recommend", recommend),
+                 ("llm", llm))
+        for name, module in steps:
             if args.only in (None, name):
                 print(f"#### benchmarks.{name}", flush=True)
                 module.main([])

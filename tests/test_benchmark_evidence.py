@@ -281,3 +281,39 @@ def test_a_top_edge_choice_is_checked_one_grid_step_further_without_changing_the
     inner = Runner(lambda s: 0.9 if s.lr == candidates[1].lr else 0.3)
     assert "edge_check" not in evidence.run_group("wordnet", CLEAN, method, 20, runner=inner, runs=str(tmp_path / "b"))
     assert len(inner.calls) == 23
+
+
+def _finished(method, lr_val):
+    """A finished group of ``method`` on wordnet, 8 shots clean, whose selection runs score ``lr_val(config)``."""
+    return {"task": "wordnet", "setting": "8shot-noise0", "method": method.key, "counterpart": method.counterpart,
+            "selection": [{"lr": c.lr, "hparams": list(c.hparams), "validation_accuracy": lr_val(c)}
+                          for c in evidence.configs("wordnet", method) for _ in evidence.SELECT_SEEDS]}
+
+
+def test_the_recommended_recipe_is_the_best_mean_validation_over_settings_and_reproduces_its_runs(tmp_path):
+    from benchmarks import recommend
+    from peft_tsrs.app.recipes import load_recipe
+
+    method = EVIDENCE_BY_KEY["full+tsrs"]
+    configs = evidence.configs("wordnet", method)
+    a, b = configs[1], configs[7]
+    first = _finished(method, lambda c: {a: 0.9, b: 0.8}.get(c, 0.1))
+    second = dict(_finished(method, lambda c: {a: 0.5, b: 0.8}.get(c, 0.1)), setting="8shot-noise40")
+    assert recommend.best_config([first])[:2] == (a.lr, a.hparams)
+    assert recommend.best_config([first, second]) == (b.lr, b.hparams, pytest.approx(0.8))  # mean 0.8 > 0.7
+    folder = tmp_path / "recommended" / "wordnet"
+    folder.mkdir(parents=True)
+    path = folder / "full_tsrs.yaml"
+    path.write_text(recommend.render("wordnet", method, [first, second], {
+        "select_seeds": [0, 1], "summaries": [], "comparisons": []}))
+    # the file stands in for the method's files: same adapter, regularizers, learning rate and schedule as the grid
+    # run at that configuration (its base path resolves from configs/methods/recommended/<task>/)
+    text = path.read_text().replace("base: ../../", f"base: {os.path.join(evidence.ROOT, 'configs', 'methods')}/")
+    path.write_text(text)
+    s = evidence.spec("wordnet", CLEAN, method, b, 10, 20, runs="/tmp/unused")
+    grid = load_recipe(list(s.files), list(s.overrides))
+    mine = load_recipe([s.files[0], str(path)], [o for o in s.overrides if o.startswith(("task.", "training.epochs",
+                                                                                         "output_dir", "name"))])
+    assert mine.adapter == grid.adapter and mine.regularizers == grid.regularizers
+    for key in ("learning_rate", "lr_scheduler", "warmup_ratio"):
+        assert getattr(mine.training, key) == getattr(grid.training, key)

@@ -92,3 +92,29 @@ def test_every_committed_report_is_covered():
                os.path.join("v2", "evidence.md")} | {
         os.path.join(d, "generalization.md") for d in GENERALIZATION_FOLDERS if d not in STALE_MARKDOWN}
     assert reports - covered == {os.path.join(d, "generalization.md") for d in STALE_MARKDOWN}
+
+
+def test_recommended_recipes_regenerate_byte_identical(tmp_path):
+    from benchmarks import recommend
+
+    written = recommend.write(json.loads(_committed("v2", "evidence.json")), str(tmp_path))
+    committed = sorted(os.path.relpath(os.path.join(d, f), recommend.RECOMMENDED)
+                       for d, _, files in os.walk(recommend.RECOMMENDED) for f in files)
+    assert sorted(os.path.relpath(p, tmp_path) for p in written) == committed and committed
+    for name in committed:
+        with open(os.path.join(recommend.RECOMMENDED, name), "rb") as fh:
+            assert (tmp_path / name).read_bytes() == fh.read(), name
+
+
+def test_every_recommended_recipe_loads_with_its_task_file():
+    from benchmarks import recommend
+    from benchmarks.budget import V2_TASKS
+    from benchmarks.methods import recipe_files
+    from peft_tsrs.app.recipes import load_recipe
+
+    for task in os.listdir(recommend.RECOMMENDED):
+        spec = V2_TASKS[task]
+        for name in os.listdir(os.path.join(recommend.RECOMMENDED, task)):
+            task_file = recipe_files(spec.file, recommend.EVIDENCE_BY_KEY["full"])[0]
+            recipe = load_recipe([task_file, os.path.join(recommend.RECOMMENDED, task, name)], list(spec.overrides))
+            assert recipe.name.endswith("-recommended") and recipe.training.lr_scheduler == "cosine"

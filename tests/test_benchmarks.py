@@ -536,9 +536,11 @@ def test_run_all_default_is_the_committed_cpu_plan(monkeypatch, tmp_path):
     monkeypatch.setattr(run_all.budget, "main", lambda argv: calls.append(("budget", argv)))
     monkeypatch.setattr(run_all.evidence, "main", lambda argv: calls.append(("evidence", argv)))
     monkeypatch.setattr(run_all.llm, "main", lambda argv: calls.append(("llm", argv)))
+    monkeypatch.setattr(run_all.recommend, "main", lambda argv: calls.append(("recommend", argv)))
     monkeypatch.setattr(run_all.vit_backbone, "main", lambda argv: calls.append(("vit_backbone", argv)))
     run_all.main([])
-    assert calls == [("overhead", []), ("vit_backbone", []), ("budget", []), ("evidence", []), ("llm", [])] + [("generalization", list(p)) for p in run_all.CPU_PLAN]
+    assert calls == [("overhead", []), ("vit_backbone", []), ("budget", []), ("evidence", []), ("recommend", []),
+                     ("llm", [])] + [("generalization", list(p)) for p in run_all.CPU_PLAN]
     for plan in run_all.CPU_PLAN:  # every plan parses (report only, into tmp_path: nothing runs, nothing committed)
         args = list(plan)
         args[args.index("--out") + 1] = str(tmp_path / "out")
