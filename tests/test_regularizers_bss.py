@@ -180,6 +180,17 @@ def test_bss_gradient_reaches_the_encoder_through_the_head_input(tmp_path):
     torch.testing.assert_close(got, model.bert.pooler.dense.weight.grad, atol=1e-6, rtol=1e-5)
 
 
+def _step_with_head_input(tmp_path, model, batch, cfg):
+    """One seeded training ``compute_loss``: (trainer, loss, outputs, the features the head saw)."""
+    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path), regularizers=cfg)
+    model.train()
+    torch.manual_seed(0)
+    with _HeadInput(model.classifier) as head:
+        loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
+    (features,) = head.seen
+    return trainer, loss, outputs, features
+
+
 @pytest.mark.parametrize("kind", ["bert", "vit"])
 @pytest.mark.parametrize("path", ["noisy", "clean"])
 def test_with_tsrs_bss_reads_the_task_path_rows(tmp_path, kind, path):
@@ -187,12 +198,7 @@ def test_with_tsrs_bss_reads_the_task_path_rows(tmp_path, kind, path):
     model, batch = (no_dropout_bert(), _bert_batch()) if kind == "bert" else (_vit_no_dropout(), _vit_batch())
     cfg = RegularizerConfig(bss_weight=0.5, tsrs_weight=0.3, tsrs_noise_std=1.0, tsrs_inject_layer=0,
                             tsrs_task_loss_path=path)
-    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path), regularizers=cfg)
-    model.train()
-    torch.manual_seed(0)
-    with _HeadInput(model.classifier) as head:
-        loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
-    (features,) = head.seen
+    trainer, loss, outputs, features = _step_with_head_input(tmp_path, model, batch, cfg)
     assert features.shape[0] == 16
     task_rows = slice(8, 16) if path == "noisy" else slice(0, 8)
     other_rows = slice(0, 8) if path == "noisy" else slice(8, 16)
@@ -210,12 +216,7 @@ def test_with_tsrs_and_pace_bss_reads_the_first_noisy_copy(tmp_path):
     model = no_dropout_bert()
     cfg = RegularizerConfig(bss_weight=0.5, tsrs_weight=0.3, tsrs_noise_std=1.0, tsrs_inject_layer=0,
                             pace_weight=0.7, pace_sigma=0.0)  # a plain model: PACE's pairing without its noise
-    trainer = RegularizedTrainer(model=model, args=make_args(tmp_path), regularizers=cfg)
-    model.train()
-    torch.manual_seed(0)
-    with _HeadInput(model.classifier) as head:
-        loss, outputs = trainer.compute_loss(model, dict(batch), return_outputs=True)
-    (features,) = head.seen
+    trainer, loss, outputs, features = _step_with_head_input(tmp_path, model, batch, cfg)
     assert features.shape[0] == 32
     bss = 0.5 * batch_spectral_shrinkage(features[16:24])
     assert trainer._components["loss_bss"][-1] == pytest.approx(bss.item(), rel=1e-5)
