@@ -34,6 +34,7 @@ from . import RESULTS, ROOT
 from .budget import NOISE_TYPE, SCHEDULE, SELECTED_LR, SETTINGS, V2_TASKS
 from .generalization.grid import BENCH_OVERRIDES, RunSpec, Setting, default_lr, lr_grid, spec_for
 from .generalization.running import default_runner, execute
+from .ledger import ledger_for, restore
 from .methods import EVIDENCE_BY_KEY, Method
 from .stats import mean_std, paired_t_test, sign_test
 
@@ -160,14 +161,15 @@ def _row(s: RunSpec, metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_all(specs: Sequence[RunSpec], shard: tuple[int, int],
-             runner: Optional[Callable[[RunSpec], dict[str, Any]]]) -> list[Optional[dict[str, Any]]]:
+def _run_all(specs: Sequence[RunSpec], shard: tuple[int, int], runner: Optional[Callable[[RunSpec], dict[str, Any]]],
+             runs: str) -> list[Optional[dict[str, Any]]]:
     """Metrics of every spec: this shard's share first, then the rest (read, waited for or trained)."""
     index, count = shard
+    ledger = ledger_for(runs)
     if runner is not None:
         for s in specs[index::count]:
-            execute(s, runner)
-    return [execute(s, runner) for s in specs]
+            execute(s, runner, ledger=ledger)
+    return [execute(s, runner, ledger=ledger) for s in specs]
 
 
 def choose(rows: Sequence[dict[str, Any]], candidates: Sequence[Config]) -> Config:
@@ -189,13 +191,13 @@ def run_group(task: str, setting: Setting, method: Method, epochs: int, shard: t
     """Selection then final seeds of one group; ``None`` while unfinished (``runner=None``: read only)."""
     candidates = configs(task, method)
     select = [spec(task, setting, method, c, seed, epochs, runs) for c in candidates for seed in SELECT_SEEDS]
-    results = _run_all(select, shard, runner)
+    results = _run_all(select, shard, runner, runs)
     if any(m is None for m in results):
         return None
     select_rows = [_row(s, m) for s, m in zip(select, results)]
     chosen = choose(select_rows, candidates)
     final = [spec(task, setting, method, chosen, seed, epochs, runs) for seed in FINAL_SEEDS]
-    results = _run_all(final, shard, runner)
+    results = _run_all(final, shard, runner, runs)
     if any(m is None for m in results):
         return None
     group = {"task": task, "setting": setting.key, "method": method.key, "counterpart": method.counterpart,
@@ -219,7 +221,7 @@ def edge_check(task: str, setting: Setting, method: Method, group: dict[str, Any
     beyond = float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}")
     chosen = Config(group["selected"]["lr"], tuple(group["selected"]["hparams"]))
     specs = [spec(task, setting, method, replace(chosen, lr=beyond), seed, epochs, runs) for seed in SELECT_SEEDS]
-    results = _run_all(specs, shard, runner)
+    results = _run_all(specs, shard, runner, runs)
     if any(m is None for m in results):
         return None
     selected = [r["validation_accuracy"] for r in group["selection"]
@@ -240,7 +242,7 @@ def run_ablation(task: str, setting: Setting, ablation: Ablation, epochs: int, s
     chosen = Config(parent["selected"]["lr"], tuple(parent["selected"]["hparams"]))
     method = replace(EVIDENCE_BY_KEY[ablation.parent], key=ablation.key)
     final = [spec(task, setting, method, chosen, seed, epochs, runs, last=ablation.overrides) for seed in FINAL_SEEDS]
-    results = _run_all(final, shard, runner)
+    results = _run_all(final, shard, runner, runs)
     if any(m is None for m in results):
         return None
     return {"task": task, "setting": setting.key, "method": ablation.key, "counterpart": ablation.parent,
@@ -360,6 +362,14 @@ def write(groups: Sequence[dict[str, Any]], out: str = OUT) -> None:
         fh.write(markdown(summaries, comparisons))
 
 
+def restore_ledger(report: str = os.path.join(OUT, "evidence.json"), runs: str = RUNS) -> int:
+    """Record in the ledger the runs of a written report (selection and final rows) that it lacks: for reports
+    written before the ledger existed. Edge checks keep only their means in a report: their runs train again."""
+    with open(report) as fh:
+        groups = json.load(fh)["groups"]
+    return restore(ledger_for(runs), (r for g in groups for r in (*g["selection"], *g["final"])))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.evidence", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -367,7 +377,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="only these methods' groups (default: the whole plan)")
     parser.add_argument("--shard", default="0/1", help="i/n: this process trains every n-th pending run of a group")
     parser.add_argument("--report", action="store_true", help="write the results of finished groups, train nothing")
+    parser.add_argument("--restore-ledger", action="store_true",
+                        help="first record the runs of the written report in the ledger (reports older than it)")
     args = parser.parse_args(argv)
+    if args.restore_ledger:
+        print(f"ledger: {restore_ledger()} runs restored from {os.path.join(OUT, 'evidence.json')}")
     shard = tuple(int(x) for x in args.shard.split("/"))
     plan = [(t, s, m) for t, s, m in PLAN if t in args.tasks and (args.methods is None or m in args.methods)]
     for task, setting, key in plan:

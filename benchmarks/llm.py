@@ -11,6 +11,7 @@ Needs ``make llm``. Resumable; ``--shard i/n`` as ``benchmarks.evidence``. Write
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -18,6 +19,7 @@ from . import RESULTS, ROOT
 from .evidence import _row, _run_all, compare, summarize
 from .generalization.grid import BENCH_OVERRIDES, RunSpec, Setting, Task, default_lr, spec_for
 from .generalization.running import default_runner
+from .ledger import ledger_for, restore
 from .methods import LLM_METHODS
 
 OUT = os.path.join(RESULTS, "v2")
@@ -37,7 +39,7 @@ def groups(shard: tuple[int, int] = (0, 1), runner: Optional[Callable[[RunSpec],
            runs: str = RUNS) -> list[dict[str, Any]]:
     """One group per method with every finished seed (``runner=None``: read only)."""
     all_specs = specs(runs)
-    results = _run_all(all_specs, shard, runner)
+    results = _run_all(all_specs, shard, runner, runs)
     out = []
     for m in LLM_METHODS:
         rows = [_row(s, r) for s, r in zip(all_specs, results) if s.method == m.key and r is not None]
@@ -70,8 +72,6 @@ def markdown(summaries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str
 
 
 def write(found: Sequence[dict[str, Any]], out: str = OUT) -> None:
-    import json
-
     summaries = [{**summarize(g), "n": len(g["final"])} for g in found]
     by_key = {g["method"]: g for g in found}
     comparisons = [compare(g, by_key[g["counterpart"]]) for g in found if g["counterpart"] in by_key]
@@ -87,8 +87,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.llm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shard", default="0/1", help="i/n: this process trains every n-th pending run first")
     parser.add_argument("--report", action="store_true", help="write the results of finished runs, train nothing")
+    parser.add_argument("--restore-ledger", action="store_true",
+                        help="first record the runs of the written llm.json in the ledger (reports older than it)")
     args = parser.parse_args(argv)
     shard = tuple(int(x) for x in args.shard.split("/"))
+    if args.restore_ledger:
+        with open(os.path.join(OUT, "llm.json")) as fh:
+            rows = [r for g in json.load(fh)["groups"] for r in g["final"]]
+        print(f"ledger: {restore(ledger_for(RUNS), rows, metric='exact_match')} runs restored")
     if not args.report:
         groups(shard)  # type: ignore[arg-type]
     write(groups(runner=None))

@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `benchmarks` without `python -m`
 
 from benchmarks import evidence  # noqa: E402
+from benchmarks.ledger import _OPEN, ledger_for  # noqa: E402
 from benchmarks.generalization.grid import Setting  # noqa: E402
 from benchmarks.methods import EVIDENCE_BY_KEY, EVIDENCE_METHODS  # noqa: E402
 
@@ -116,11 +117,70 @@ def test_two_shards_split_the_runs_and_a_read_only_call_waits_for_none(tmp_path)
     assert evidence.run_group("wordnet", CLEAN, method, 20, runner=None, runs=str(tmp_path)) is None
     first = Runner(lambda s: 0.5)
     evidence._run_all([evidence.spec("wordnet", CLEAN, method, c, seed, 20, str(tmp_path))
-                       for c in evidence.configs("wordnet", method) for seed in evidence.SELECT_SEEDS], (0, 2), None)
+                       for c in evidence.configs("wordnet", method) for seed in evidence.SELECT_SEEDS], (0, 2), None,
+                      str(tmp_path))
     assert first.calls == []  # read only: trains nothing
     evidence.run_group("wordnet", CLEAN, method, 20, shard=(0, 2), runner=first, runs=str(tmp_path))
     # the first shard trained its own half first, then the rest nobody else had started
     assert len(first.calls) == 23 and [s.seed for s in first.calls[:9]] == [0] * 9
+
+
+def _wipe_run_folders(runs):
+    """What a new machine sees: the committed ledger, no ``runs/`` folders."""
+    import shutil
+
+    for entry in os.listdir(runs):
+        if os.path.isdir(os.path.join(runs, entry)):
+            shutil.rmtree(os.path.join(runs, entry))
+
+
+def test_a_new_machine_resumes_the_grid_from_the_ledger_without_the_run_folders(tmp_path):
+    method = EVIDENCE_BY_KEY["lora"]
+    group = evidence.run_group("wordnet", CLEAN, method, 20, runner=Runner(lambda s: 0.1 * (s.lr > 0.01)),
+                               runs=str(tmp_path))
+    assert len(ledger_for(str(tmp_path))) == 9 * 2 + 5
+    _wipe_run_folders(tmp_path)
+    again = evidence.run_group("wordnet", CLEAN, method, 20, runner=Runner(lambda s: pytest.fail("retrained")),
+                               runs=str(tmp_path))
+    assert again == group and evidence.run_group("wordnet", CLEAN, method, 20, runner=None, runs=str(tmp_path)) == group
+
+
+def test_the_ledger_is_restored_from_a_written_report_and_resumes_it(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    method = EVIDENCE_BY_KEY["lora"]
+    group = evidence.run_group("wordnet", CLEAN, method, 20, runner=Runner(lambda s: s.lr), runs=str(runs))
+    evidence.write([group], out=str(out))
+    _wipe_run_folders(runs)
+    os.remove(runs / "ledger.jsonl")
+    _OPEN.clear()
+    assert evidence.run_group("wordnet", CLEAN, method, 20, runner=None, runs=str(runs)) is None
+    assert evidence.restore_ledger(str(out / "evidence.json"), runs=str(runs)) == 23
+    assert evidence.restore_ledger(str(out / "evidence.json"), runs=str(runs)) == 0  # once
+    # a report keeps only an edge check's means: its two runs train again, nothing else does
+    assert "edge_check" in group
+    restored = evidence.run_group("wordnet", CLEAN, method, 20, runner=None, runs=str(runs))
+    assert restored == {k: v for k, v in group.items() if k != "edge_check"}
+    runner = Runner(lambda s: s.lr)
+    assert evidence.run_group("wordnet", CLEAN, method, 20, runner=runner, runs=str(runs)) == group
+    assert [(s.lr, s.seed) for s in runner.calls] == [(group["edge_check"]["lr"], seed) for seed in (0, 1)]
+
+
+def test_a_line_cut_by_a_killed_process_only_reruns_that_run(tmp_path):
+    from benchmarks.ledger import Ledger
+
+    path = tmp_path / "l.jsonl"
+    ledger = Ledger(str(path), root=str(tmp_path))
+    ledger.add(str(tmp_path / "a"), _metrics(0.5, 0.4))
+    with open(path, "a") as fh:
+        fh.write('{"run": "b", "metrics": {"vali')  # killed mid-write
+    fresh = Ledger(str(path), root=str(tmp_path))
+    with pytest.warns(UserWarning, match="l.jsonl:2: not a JSON line"):
+        assert fresh.get(str(tmp_path / "a"))["validation"]["accuracy"] == 0.5
+    assert fresh.get(str(tmp_path / "b")) is None
+    fresh.add(str(tmp_path / "b"), _metrics(0.7, 0.6))  # starts a line of its own
+    with pytest.warns(UserWarning):
+        again = Ledger(str(path), root=str(tmp_path))
+        assert again.get(str(tmp_path / "b"))["validation"]["accuracy"] == 0.7 and len(again) == 2
 
 
 def _group(method, counterpart, tests, lr=0.01):

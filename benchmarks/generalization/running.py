@@ -11,6 +11,7 @@ import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from .. import ROOT
+from ..ledger import Ledger
 from ..methods import Method
 from .grid import RunSpec, Setting, Task, default_lr, lr_grid, selection_specs, spec_for
 
@@ -56,15 +57,23 @@ def run_lock(run_dir: str) -> Iterator[None]:
 
 
 def execute(spec: RunSpec, runner: Optional[Callable[[RunSpec], dict[str, Any]]] = default_runner,
-            log: Callable[[str], None] = print) -> Optional[dict[str, Any]]:
-    """The metrics of ``spec``: read from its folder if it finished before (resume), else run it with ``runner``
-    (``None``: report only, an unfinished run gives ``None``). A run another process is training is waited for
-    (:func:`run_lock`) and then read, not run twice."""
+            log: Callable[[str], None] = print, ledger: Optional[Ledger] = None) -> Optional[dict[str, Any]]:
+    """The metrics of ``spec``: read from its folder if it finished before (resume), else from ``ledger`` (the
+    committed record, for a machine without the folder), else run it with ``runner`` (``None``: report only, an
+    unfinished run gives ``None``). A run another process is training is waited for (:func:`run_lock`) and then
+    read, not run twice. A finished run is recorded in ``ledger``."""
     metrics = load_metrics(spec.run_dir)
+    if metrics is None and ledger is not None:
+        metrics = ledger.get(spec.run_dir)
+    elif metrics is not None and ledger is not None:
+        ledger.add(spec.run_dir, metrics)  # finished before the ledger knew it
     if metrics is not None or runner is None:
         return metrics
     with run_lock(spec.run_dir):
-        return _run_locked(spec, runner, log)
+        metrics = _run_locked(spec, runner, log)
+    if ledger is not None:
+        ledger.add(spec.run_dir, metrics)
+    return metrics
 
 
 def _run_locked(spec: RunSpec, runner: Callable[[RunSpec], dict[str, Any]],
