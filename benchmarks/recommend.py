@@ -90,8 +90,34 @@ def render(task: str, method: Method, groups: Sequence[dict[str, Any]], evidence
     return "\n".join(header) + "\n" + body
 
 
+def expectations(evidence: dict[str, Any]) -> str:
+    """``README.md`` of the recommended folder: per task, setting and regularized method, the paired test gain over
+    its counterpart, the regime (training accuracy at the end) and the cost per step relative to the counterpart."""
+    summary = {(s["task"], s["setting"], s["method"]): s for s in evidence["summaries"]}
+    lines = ["# What to expect from each regularizer", "",
+             "Written by `python -m benchmarks.recommend` from `benchmarks/results/v2/evidence.json`: do not edit. "
+             "Each method at its own validation-selected configuration against its un-regularized counterpart at "
+             "its own, both trained until the counterpart fits its training data (the *train* column: the method's "
+             "training accuracy at the end), 5 fresh seeds paired by seed. Gain: test accuracy points, mean ± std "
+             "of the paired differences; p: paired t-test; cost: seconds per step over the counterpart's. The "
+             "recipe of each row is `<task>/<method>.yaml` here.", "",
+             "| task | setting | method | vs | gain (points) | p | wins / losses | train % | cost × |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in evidence["comparisons"]:
+        method = EVIDENCE_BY_KEY.get(c["method"])
+        if method is None or c["counterpart"] != method.counterpart:  # ablations and base-vs-base pairs: elsewhere
+            continue
+        own, base = summary[(c["task"], c["setting"], c["method"])], summary[(c["task"], c["setting"], c["counterpart"])]
+        cost = own["seconds_per_step"][0] / base["seconds_per_step"][0]
+        lines.append(f"| {c['task']} | {c['setting']} | {c['method']} | {c['counterpart']} | "
+                     f"{100 * c['diff_mean']:+.1f} ± {100 * c['diff_std']:.1f} | {c['p_t']:.3f} | "
+                     f"{c['wins']} / {c['losses']} | {100 * own['train_accuracy'][0]:.1f} | {cost:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write(evidence: dict[str, Any], out: str = RECOMMENDED) -> list[str]:
-    """One file per (task, method) with a finished group (ablations excluded); the paths written."""
+    """One file per (task, method) with a finished group (ablations excluded) and the ``README.md`` of
+    :func:`expectations`; the paths written."""
     by_method: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for g in evidence["groups"]:
         if g["method"] in EVIDENCE_BY_KEY and g["selection"]:
@@ -104,6 +130,10 @@ def write(evidence: dict[str, Any], out: str = RECOMMENDED) -> list[str]:
         with open(path, "w") as fh:
             fh.write(render(task, EVIDENCE_BY_KEY[key], groups, evidence))
         written.append(path)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "README.md"), "w") as fh:
+        fh.write(expectations(evidence))
+    written.append(os.path.join(out, "README.md"))
     return written
 
 

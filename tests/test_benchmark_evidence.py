@@ -377,3 +377,15 @@ def test_the_recommended_recipe_is_the_best_mean_validation_over_settings_and_re
     assert mine.adapter == grid.adapter and mine.regularizers == grid.regularizers
     for key in ("learning_rate", "lr_scheduler", "warmup_ratio"):
         assert getattr(mine.training, key) == getattr(grid.training, key)
+
+
+def test_what_to_expect_lists_each_method_against_its_counterpart_with_gain_regime_and_cost(tmp_path):
+    from benchmarks import recommend
+
+    base, method = _group("lora", None, [0.50, 0.52, 0.54, 0.56, 0.58]), _group("lora+pace", "lora", [0.52] * 5)
+    method["final"] = [dict(r, seconds_per_step=0.75, train_accuracy=0.98) for r in method["final"]]
+    ablation = dict(_group("lora+pace-no-consistency", "lora+pace", [0.4] * 5), selection=[])
+    evidence.write([base, method, ablation], out=str(tmp_path))
+    table = recommend.expectations(json.loads((tmp_path / "evidence.json").read_text()))
+    rows = [line for line in table.splitlines() if line.startswith("| wordnet")]
+    assert rows == ["| wordnet | 8shot-noise0 | lora+pace | lora | -2.0 ± 3.2 | 0.230 | 1 / 3 | 98.0 | 1.50 |"]

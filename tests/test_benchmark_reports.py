@@ -112,7 +112,9 @@ def test_every_recommended_recipe_loads_with_its_task_file():
     from benchmarks.methods import recipe_files
     from peft_tsrs.app.recipes import load_recipe
 
-    for task in os.listdir(recommend.RECOMMENDED):
+    tasks = [t for t in os.listdir(recommend.RECOMMENDED) if os.path.isdir(os.path.join(recommend.RECOMMENDED, t))]
+    assert tasks and os.path.isfile(os.path.join(recommend.RECOMMENDED, "README.md"))
+    for task in tasks:
         spec = V2_TASKS[task]
         for name in os.listdir(os.path.join(recommend.RECOMMENDED, task)):
             task_file = recipe_files(spec.file, recommend.EVIDENCE_BY_KEY["full"])[0]
