@@ -9,11 +9,12 @@ Several processes append to one ledger safely (one ``write`` per line under an e
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import warnings
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Optional
+
+from peft_tsrs.app.locking import exclusive
 
 from . import RESULTS, ROOT
 
@@ -23,21 +24,6 @@ COMMITTED = {os.path.join(ROOT, "runs", "bench-v2", name): os.path.join(RESULTS,
 # the fields of metrics.json a report reads; the rest (history, diagnostics, base model) stays in the run folder
 KEPT = ("metric", "method", "train_end", "validation", "test", "generalization_gap", "seconds_per_step", "train_steps",
         "train_time_s", "peak_memory_mb", "trainable_parameters")
-
-
-@contextlib.contextmanager
-def _locked(path: str) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(f"{path}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class Ledger:
@@ -87,7 +73,7 @@ class Ledger:
     def add(self, run_dir: str, metrics: dict[str, Any]) -> None:
         """Record a finished run (once: a run already recorded is left as it is)."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with _locked(self.path):
+        with exclusive(f"{self.path}.lock"):
             if self.get(run_dir) is not None:
                 return
             kept = {k: metrics[k] for k in KEPT if k in metrics}

@@ -8,7 +8,9 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
+
+from peft_tsrs.app.locking import exclusive
 
 from .. import ROOT
 from ..ledger import Ledger
@@ -36,24 +38,11 @@ def default_runner(spec: RunSpec, keep_adapter: bool = False) -> dict[str, Any]:
     return metrics
 
 
-@contextlib.contextmanager
-def run_lock(run_dir: str) -> Iterator[None]:
-    """Hold the exclusive lock of one run folder (``<run_dir>.lock``, POSIX ``flock``) against other processes
-    sharing ``--runs``: two calls split with ``--seeds`` both need seed 0, and without the lock both would train it
-    into the same folder, or one would delete the other's unfinished folder as an interrupted run. Released (and the
-    waiting process let in) when the block ends or the process dies. No-op where ``fcntl`` is missing (Windows)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    os.makedirs(os.path.dirname(run_dir) or ".", exist_ok=True)
-    with open(f"{run_dir}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def run_lock(run_dir: str) -> contextlib.AbstractContextManager[None]:
+    """The exclusive lock of one run folder (``<run_dir>.lock``) against other processes sharing ``--runs``: two
+    calls split with ``--seeds`` both need seed 0, and without the lock both would train it into the same folder, or
+    one would delete the other's unfinished folder as an interrupted run."""
+    return exclusive(f"{run_dir}.lock")
 
 
 def execute(spec: RunSpec, runner: Optional[Callable[[RunSpec], dict[str, Any]]] = default_runner,

@@ -10,7 +10,6 @@ No pretrained vision transformer can be installed offline, so :func:`pretrained_
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -18,12 +17,13 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..locking import exclusive
 from .fashion_mnist import FASHION_MNIST_CLASSES, normalize_images, read_fashion_mnist
 
 MARKER = "PRETRAINING_COMPLETE"
@@ -198,27 +198,11 @@ def pretrained_fmnist_vit(
     if folder.exists() and (folder / MARKER).is_file() and not force:
         return str(folder)
     base.mkdir(parents=True, exist_ok=True)
-    with _exclusive(base / f".{folder.name}.lock"):  # processes sharing the cache pretrain it once
+    with exclusive(base / f".{folder.name}.lock"):  # processes sharing the cache pretrain it once
         if folder.exists() and (folder / MARKER).is_file() and not force:
             return str(folder)  # another process finished it while this one waited
         return _pretrain_into(folder, base, classes, epochs, seed, max_train_examples, root, batch_size, lr, verbose,
                               size, augment, rotation_weight)
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """An exclusive POSIX ``flock`` on ``path`` for the block (no-op where ``fcntl`` is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _pretrain_into(folder: Path, base: Path, classes: list[int], epochs: int, seed: int,
