@@ -345,8 +345,45 @@ def markdown(summaries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str
     return "\n".join(lines) + "\n"
 
 
+def plot(groups: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, Any]], path: str) -> Optional[str]:
+    """``evidence.png``: one panel per (task, setting), one row per comparison (a method or ablation with its
+    counterpart, the bases with each other): each seed's paired test difference as a dot, their mean as a bar; ``None`` when nothing to draw."""
+    if not comparisons:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_key = {(g["task"], g["setting"], g["method"]): g for g in groups}
+    panels: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for c in comparisons:
+        panels.setdefault((c["task"], c["setting"]), []).append(c)
+    most = max(map(len, panels.values()))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.32 * most + 1.6), squeeze=False)
+    for ax, ((task, setting), rows) in zip(axes.flat, panels.items()):
+        for y, c in enumerate(rows):
+            own, base = by_key[(task, setting, c["method"])], by_key[(task, setting, c["counterpart"])]
+            seeds = {r["seed"]: r["test_accuracy"] for r in base["final"]}
+            diffs = [100 * (r["test_accuracy"] - seeds[r["seed"]]) for r in own["final"] if r["seed"] in seeds]
+            color = "#55a868" if c["diff_mean"] > 0 and c["p_t"] < 0.05 else "#4c72b0"
+            ax.barh(y, 100 * c["diff_mean"], color=color, alpha=0.5, height=0.7)
+            ax.plot(diffs, [y] * len(diffs), "o", color="black", markersize=2.5)
+        ax.axvline(0.0, color="grey", linewidth=0.8)
+        ax.set_yticks(range(len(rows)), [f"{c['method']} vs {c['counterpart']}" for c in rows], fontsize=7)
+        ax.set_ylim(most - 0.5, -0.5)  # rows of every panel the same height, from the top
+        ax.set_xlabel("test accuracy difference (points)")
+        ax.set_title(f"{task}, {setting}", fontsize=9)
+    fig.suptitle("paired by seed: dots are seeds, bars the mean (green: > 0 with p < 0.05)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def write(groups: Sequence[dict[str, Any]], out: str = OUT) -> None:
-    """``evidence.json`` (every run, the summaries and comparisons) and ``evidence.md`` from finished groups."""
+    """``evidence.json`` (every run, the summaries and comparisons), ``evidence.md`` and ``evidence.png`` from
+    finished groups."""
     summaries = [summarize(g) for g in groups]
     by_key = {(g["task"], g["setting"], g["method"]): g for g in groups}
     pairs = [(g["method"], g["counterpart"]) for g in groups if g["counterpart"]] + list(BASE_COMPARISONS)
@@ -360,6 +397,7 @@ def write(groups: Sequence[dict[str, Any]], out: str = OUT) -> None:
                    "groups": list(groups)}, fh, indent=1)
     with open(os.path.join(out, "evidence.md"), "w") as fh:
         fh.write(markdown(summaries, comparisons))
+    plot(groups, comparisons, os.path.join(out, "evidence.png"))
 
 
 def restore_ledger(report: str = os.path.join(OUT, "evidence.json"), runs: str = RUNS) -> int:

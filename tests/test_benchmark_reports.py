@@ -82,6 +82,7 @@ def test_evidence_report_regenerates_byte_identical(tmp_path):
     evidence.write(json.loads(_committed("v2", "evidence.json"))["groups"], str(tmp_path))
     assert (tmp_path / "evidence.json").read_bytes() == _committed("v2", "evidence.json")
     assert (tmp_path / "evidence.md").read_bytes() == _committed("v2", "evidence.md")
+    assert (tmp_path / "evidence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the plot of the paired differences
 
 
 def test_every_committed_report_is_covered():
