@@ -7,7 +7,8 @@ given: fitting them is the overfitting the methods are meant to fight). The sett
 bases' (every method of a comparison gets the same budget). Each run records its training, validation and test
 accuracy, the generalization gap, seconds per step and peak memory.
 
-Resumable: a finished run is read from its folder; ``--shard i/n`` splits the (task, setting, base) ladders over
+Resumable: a finished run is read from its folder, or from the committed ledger ``results/v2/budget_runs.jsonl`` on
+a machine without the folder; ``--shard i/n`` splits the (task, setting, base) ladders over
 processes (two processes at one torch thread each on two cores). Writes ``benchmarks/results/v2/budget.json`` and
 ``budget.md`` from whatever has finished (``--report``: write them without training)::
 
@@ -25,7 +26,8 @@ from typing import Any, Optional, Sequence
 
 from . import RESULTS, ROOT
 from .generalization.grid import TASKS, BENCH_OVERRIDES, RunSpec, Setting, default_lr, spec_for
-from .generalization.running import execute, load_metrics
+from .generalization.running import default_runner, execute
+from .ledger import ledger_for
 from .methods import GENERALIZATION_BY_KEY
 
 OUT = os.path.join(RESULTS, "v2")
@@ -88,7 +90,7 @@ def climb(task: str, setting: Setting, base: str, target: float, train: bool) ->
     rows = []
     for epochs in LADDER:
         spec = ladder_spec(task, setting, base, epochs)
-        metrics = execute(spec) if train else load_metrics(spec.run_dir)
+        metrics = execute(spec, default_runner if train else None, ledger=ledger_for(RUNS))
         if metrics is None:
             break
         rows.append(row(spec, epochs, metrics))
@@ -156,13 +158,33 @@ def write(rows: Sequence[dict[str, Any]], target: float, out: str = OUT) -> None
         fh.write(markdown(rows, chosen, target))
 
 
+def restore_ledger(report: str = os.path.join(OUT, "budget.json")) -> int:
+    """Record the runs of a ``budget.json`` written before the ledger existed; returns how many were added."""
+    ledger, before = ledger_for(RUNS), len(ledger_for(RUNS))
+    settings = {s.key: s for task_settings in SETTINGS.values() for s in task_settings}
+    with open(report) as fh:
+        rows = json.load(fh)["runs"]
+    for r in rows:
+        spec = ladder_spec(r["task"], settings[r["setting"]], r["method"], r["epochs"])
+        ledger.add(spec.run_dir, {
+            "metric": "accuracy", "train_end": {"accuracy": r["train_accuracy"], "loss": r["train_loss"]},
+            "train": {"accuracy": r["selected_train_accuracy"]}, "validation": {"accuracy": r["validation_accuracy"]},
+            "test": {"accuracy": r["test_accuracy"]},
+            **{k: r[k] for k in ("generalization_gap", "seconds_per_step", "train_steps", "peak_memory_mb")}})
+    return len(ledger) - before
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.budget", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--shard", default="0/1", help="i/n: this process climbs every n-th ladder from the i-th")
     parser.add_argument("--target", type=float, default=TARGET)
     parser.add_argument("--report", action="store_true", help="write the results of finished runs, train nothing")
+    parser.add_argument("--restore-ledger", action="store_true",
+                        help="first record the runs of the written budget.json in the ledger (reports older than it)")
     args = parser.parse_args(argv)
+    if args.restore_ledger:
+        print(f"ledger: {restore_ledger()} runs restored")
     index, count = (int(x) for x in args.shard.split("/"))
     all_ladders = ladders(args.tasks)
     for task, setting, base in all_ladders[index::count]:

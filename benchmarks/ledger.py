@@ -20,9 +20,9 @@ from . import RESULTS, ROOT
 
 # the committed ledger of each grid's run folder; any other folder keeps its ledger inside (``<runs>/ledger.jsonl``)
 COMMITTED = {os.path.join(ROOT, "runs", "bench-v2", name): os.path.join(RESULTS, "v2", f"{name}_runs.jsonl")
-             for name in ("evidence", "llm")}
+             for name in ("budget", "evidence", "llm")}
 # the fields of metrics.json a report reads; the rest (history, diagnostics, base model) stays in the run folder
-KEPT = ("metric", "method", "train_end", "validation", "test", "generalization_gap", "seconds_per_step", "train_steps",
+KEPT = ("metric", "method", "train_end", "train", "validation", "test", "generalization_gap", "seconds_per_step", "train_steps",
         "train_time_s", "peak_memory_mb", "trainable_parameters")
 
 

@@ -79,3 +79,21 @@ def test_fashion_mnist_runs_use_the_rotation_pretrained_backbone_in_their_own_fo
     assert spec.task == "fmnist"  # rows and budgets keep the task's key
     wordnet = budget.ladder_spec("wordnet", Setting(8), "rlrr", 20)
     assert os.path.join("budget", "wordnet", "8shot-noise0") in wordnet.run_dir
+
+
+def test_a_new_machine_rebuilds_the_committed_budget_from_the_ledger_alone(tmp_path, monkeypatch):
+    """runs/ is not committed: restored into a ledger, the committed budget.json's runs give it back byte for byte,
+    and nothing trains (a climb that needed a run would stop short)."""
+    from benchmarks.ledger import _OPEN
+
+    monkeypatch.setattr(budget, "RUNS", str(tmp_path / "runs"))
+    _OPEN.clear()
+    committed = os.path.join(budget.OUT, "budget.json")
+    with open(committed) as fh:
+        data = json.load(fh)
+    assert budget.restore_ledger(committed) == len(data["runs"]) > 0
+    rows = [r for task, setting, base in budget.ladders(["wordnet", "fmnist"])
+            for r in budget.climb(task, setting, base, data["target_train_accuracy"], train=False)]
+    budget.write(rows, data["target_train_accuracy"], out=str(tmp_path))
+    with open(committed, "rb") as fh:
+        assert (tmp_path / "budget.json").read_bytes() == fh.read()
