@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 from . import RESULTS, ROOT
 from .generalization.grid import TASKS, BENCH_OVERRIDES, RunSpec, Setting, default_lr, spec_for
 from .generalization.running import default_runner, execute
-from .ledger import ledger_for
+from .ledger import add_grid_arguments, ledger_for
 from .methods import GENERALIZATION_BY_KEY
 
 OUT = os.path.join(RESULTS, "v2")
@@ -177,11 +177,8 @@ def restore_ledger(report: str = os.path.join(OUT, "budget.json")) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.budget", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--shard", default="0/1", help="i/n: this process climbs every n-th ladder from the i-th")
     parser.add_argument("--target", type=float, default=TARGET)
-    parser.add_argument("--report", action="store_true", help="write the results of finished runs, train nothing")
-    parser.add_argument("--restore-ledger", action="store_true",
-                        help="first record the runs of the written budget.json in the ledger (reports older than it)")
+    add_grid_arguments(parser, "i/n: this process climbs every n-th ladder from the i-th", "budget.json")
     args = parser.parse_args(argv)
     if args.restore_ledger:
         print(f"ledger: {restore_ledger()} runs restored")

@@ -34,7 +34,7 @@ from . import RESULTS, ROOT
 from .budget import NOISE_TYPE, SCHEDULE, SELECTED_LR, SETTINGS, V2_TASKS
 from .generalization.grid import BENCH_OVERRIDES, RunSpec, Setting, default_lr, lr_grid, spec_for
 from .generalization.running import default_runner, execute
-from .ledger import ledger_for, restore
+from .ledger import add_grid_arguments, ledger_for, restore
 from .methods import EVIDENCE_BY_KEY, Method
 from .stats import mean_std, paired_t_test, sign_test
 
@@ -413,10 +413,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tasks", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--methods", nargs="+", default=None, choices=[*EVIDENCE_BY_KEY, *ABLATION_BY_KEY],
                         help="only these methods' groups (default: the whole plan)")
-    parser.add_argument("--shard", default="0/1", help="i/n: this process trains every n-th pending run of a group")
-    parser.add_argument("--report", action="store_true", help="write the results of finished groups, train nothing")
-    parser.add_argument("--restore-ledger", action="store_true",
-                        help="first record the runs of the written report in the ledger (reports older than it)")
+    add_grid_arguments(parser, "i/n: this process trains every n-th pending run of a group", "evidence.json")
     args = parser.parse_args(argv)
     if args.restore_ledger:
         print(f"ledger: {restore_ledger()} runs restored from {os.path.join(OUT, 'evidence.json')}")

@@ -9,6 +9,7 @@ Several processes append to one ledger safely (one ``write`` per line under an e
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import warnings
@@ -112,3 +113,11 @@ def restore(ledger: Ledger, rows: Iterable[dict[str, Any]], metric: str = "accur
             **{k: row.get(k) for k in ("generalization_gap", "seconds_per_step", "train_steps", "peak_memory_mb",
                                        "trainable_parameters")}})
     return len(ledger) - before
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser, shard_help: str, report: str) -> None:
+    """The options every resumable grid shares: ``--shard i/n``, ``--report`` and ``--restore-ledger``."""
+    parser.add_argument("--shard", default="0/1", help=shard_help)
+    parser.add_argument("--report", action="store_true", help="write the results of finished runs, train nothing")
+    parser.add_argument("--restore-ledger", action="store_true",
+                        help=f"first record the runs of the written {report} in the ledger (reports older than it)")

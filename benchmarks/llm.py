@@ -19,7 +19,7 @@ from . import RESULTS, ROOT
 from .evidence import _row, _run_all, compare, summarize
 from .generalization.grid import BENCH_OVERRIDES, RunSpec, Setting, Task, default_lr, spec_for
 from .generalization.running import default_runner
-from .ledger import ledger_for, restore
+from .ledger import add_grid_arguments, ledger_for, restore
 from .methods import LLM_METHODS
 
 OUT = os.path.join(RESULTS, "v2")
@@ -85,10 +85,7 @@ def write(found: Sequence[dict[str, Any]], out: str = OUT) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.llm", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shard", default="0/1", help="i/n: this process trains every n-th pending run first")
-    parser.add_argument("--report", action="store_true", help="write the results of finished runs, train nothing")
-    parser.add_argument("--restore-ledger", action="store_true",
-                        help="first record the runs of the written llm.json in the ledger (reports older than it)")
+    add_grid_arguments(parser, "i/n: this process trains every n-th pending run first", "llm.json")
     args = parser.parse_args(argv)
     shard = tuple(int(x) for x in args.shard.split("/"))
     if args.restore_ledger:
