@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 from . import RESULTS, ROOT
 from .generalization.grid import TASKS, BENCH_OVERRIDES, RunSpec, Setting, default_lr, spec_for
 from .generalization.running import default_runner, execute
-from .ledger import add_grid_arguments, ledger_for
+from .ledger import add_grid_arguments, ledger_for, restore
 from .methods import GENERALIZATION_BY_KEY
 
 OUT = os.path.join(RESULTS, "v2")
@@ -160,18 +160,11 @@ def write(rows: Sequence[dict[str, Any]], target: float, out: str = OUT) -> None
 
 def restore_ledger(report: str = os.path.join(OUT, "budget.json")) -> int:
     """Record the runs of a ``budget.json`` written before the ledger existed; returns how many were added."""
-    ledger, before = ledger_for(RUNS), len(ledger_for(RUNS))
     settings = {s.key: s for task_settings in SETTINGS.values() for s in task_settings}
     with open(report) as fh:
         rows = json.load(fh)["runs"]
-    for r in rows:
-        spec = ladder_spec(r["task"], settings[r["setting"]], r["method"], r["epochs"])
-        ledger.add(spec.run_dir, {
-            "metric": "accuracy", "train_end": {"accuracy": r["train_accuracy"], "loss": r["train_loss"]},
-            "train": {"accuracy": r["selected_train_accuracy"]}, "validation": {"accuracy": r["validation_accuracy"]},
-            "test": {"accuracy": r["test_accuracy"]},
-            **{k: r[k] for k in ("generalization_gap", "seconds_per_step", "train_steps", "peak_memory_mb")}})
-    return len(ledger) - before
+    folders = (ladder_spec(r["task"], settings[r["setting"]], r["method"], r["epochs"]).run_dir for r in rows)
+    return restore(ledger_for(RUNS), ({**r, "run_dir": os.path.relpath(d, ROOT)} for r, d in zip(rows, folders)))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -284,10 +284,15 @@ def summarize(group: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def paired_differences(group: dict[str, Any], base: dict[str, Any]) -> list[float]:
+    """Test accuracy of ``group`` minus ``base``'s, final seed by final seed (seeds both have)."""
+    by_seed = {r["seed"]: r["test_accuracy"] for r in base["final"]}
+    return [r["test_accuracy"] - by_seed[r["seed"]] for r in group["final"] if r["seed"] in by_seed]
+
+
 def compare(group: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """Test accuracy of a method against its counterpart, paired by final seed."""
-    by_seed = {r["seed"]: r["test_accuracy"] for r in base["final"]}
-    diffs = [r["test_accuracy"] - by_seed[r["seed"]] for r in group["final"] if r["seed"] in by_seed]
+    diffs = paired_differences(group, base)
     t, p = paired_t_test(diffs)
     wins, losses, p_sign = sign_test(diffs)
     mean, std = mean_std(diffs)
@@ -347,7 +352,8 @@ def markdown(summaries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str
 
 def plot(groups: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, Any]], path: str) -> Optional[str]:
     """``evidence.png``: one panel per (task, setting), one row per comparison (a method or ablation with its
-    counterpart, the bases with each other): each seed's paired test difference as a dot, their mean as a bar; ``None`` when nothing to draw."""
+    counterpart, the bases with each other): each seed's paired test difference as a dot, their mean as a bar;
+    ``None`` when there is nothing to draw."""
     if not comparisons:
         return None
     import matplotlib
@@ -363,9 +369,8 @@ def plot(groups: Sequence[dict[str, Any]], comparisons: Sequence[dict[str, Any]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 0.32 * most + 1.6), squeeze=False)
     for ax, ((task, setting), rows) in zip(axes.flat, panels.items()):
         for y, c in enumerate(rows):
-            own, base = by_key[(task, setting, c["method"])], by_key[(task, setting, c["counterpart"])]
-            seeds = {r["seed"]: r["test_accuracy"] for r in base["final"]}
-            diffs = [100 * (r["test_accuracy"] - seeds[r["seed"]]) for r in own["final"] if r["seed"] in seeds]
+            diffs = [100 * d for d in paired_differences(by_key[(task, setting, c["method"])],
+                                                         by_key[(task, setting, c["counterpart"])])]
             color = "#55a868" if c["diff_mean"] > 0 and c["p_t"] < 0.05 else "#4c72b0"
             ax.barh(y, 100 * c["diff_mean"], color=color, alpha=0.5, height=0.7)
             ax.plot(diffs, [y] * len(diffs), "o", color="black", markersize=2.5)

@@ -23,8 +23,8 @@ from . import RESULTS, ROOT
 COMMITTED = {os.path.join(ROOT, "runs", "bench-v2", name): os.path.join(RESULTS, "v2", f"{name}_runs.jsonl")
              for name in ("budget", "evidence", "llm")}
 # the fields of metrics.json a report reads; the rest (history, diagnostics, base model) stays in the run folder
-KEPT = ("metric", "method", "train_end", "train", "validation", "test", "generalization_gap", "seconds_per_step", "train_steps",
-        "train_time_s", "peak_memory_mb", "trainable_parameters")
+KEPT = ("metric", "method", "train_end", "train", "validation", "test", "generalization_gap", "seconds_per_step",
+        "train_steps", "train_time_s", "peak_memory_mb", "trainable_parameters")
 
 
 class Ledger:
@@ -100,15 +100,16 @@ def ledger_for(runs: str) -> Ledger:
 
 
 def restore(ledger: Ledger, rows: Iterable[dict[str, Any]], metric: str = "accuracy") -> int:
-    """Record the runs of a written report's rows (``benchmarks.evidence._row``: scores under ``*_accuracy``, the
-    folder relative to the repository) that ``ledger`` lacks: for reports written before the ledgers existed.
-    ``metric``: the task's score those rows hold. Returns how many runs were added."""
+    """Record the runs of a written report's rows (``benchmarks.evidence._row`` or ``benchmarks.budget.row``: scores
+    under ``*_accuracy``, the folder relative to the repository as ``run_dir``) that ``ledger`` lacks: for reports
+    written before the ledgers existed. ``metric``: the task's score those rows hold. Returns how many were added."""
     before = len(ledger)
     for row in rows:
+        selected = {"train": {metric: row["selected_train_accuracy"]}} if "selected_train_accuracy" in row else {}
         ledger.add(os.path.join(ROOT, row["run_dir"]), {
-            "metric": metric,
+            "metric": metric, **selected,
             "train_end": {metric: row["train_accuracy"], "loss": row["train_loss"]},
-            "validation": {metric: row["validation_accuracy"], "loss": row["validation_loss"]},
+            "validation": {metric: row["validation_accuracy"], "loss": row.get("validation_loss")},
             "test": {metric: row["test_accuracy"]},
             **{k: row.get(k) for k in ("generalization_gap", "seconds_per_step", "train_steps", "peak_memory_mb",
                                        "trainable_parameters")}})

@@ -107,8 +107,8 @@ def expectations(evidence: dict[str, Any]) -> str:
         method = EVIDENCE_BY_KEY.get(c["method"])
         if method is None or c["counterpart"] != method.counterpart:  # ablations and base-vs-base pairs: elsewhere
             continue
-        own, base = summary[(c["task"], c["setting"], c["method"])], summary[(c["task"], c["setting"], c["counterpart"])]
-        cost = own["seconds_per_step"][0] / base["seconds_per_step"][0]
+        own = summary[(c["task"], c["setting"], c["method"])]
+        cost = own["seconds_per_step"][0] / summary[(c["task"], c["setting"], c["counterpart"])]["seconds_per_step"][0]
         lines.append(f"| {c['task']} | {c['setting']} | {c['method']} | {c['counterpart']} | "
                      f"{100 * c['diff_mean']:+.1f} ± {100 * c['diff_std']:.1f} | {c['p_t']:.3f} | "
                      f"{c['wins']} / {c['losses']} | {100 * own['train_accuracy'][0]:.1f} | {cost:.2f} |")

@@ -201,31 +201,24 @@ def pretrained_fmnist_vit(
     with exclusive(base / f".{folder.name}.lock"):  # processes sharing the cache pretrain it once
         if folder.exists() and (folder / MARKER).is_file() and not force:
             return str(folder)  # another process finished it while this one waited
-        return _pretrain_into(folder, base, classes, epochs, seed, max_train_examples, root, batch_size, lr, verbose,
-                              size, augment, rotation_weight)
-
-
-def _pretrain_into(folder: Path, base: Path, classes: list[int], epochs: int, seed: int,
-                   max_train_examples: Optional[int], root: Optional[str], batch_size: int, lr: float, verbose: bool,
-                   size: str, augment: bool, rotation_weight: float) -> str:
-    if folder.exists() and not (folder / MARKER).is_file() and verbose:
-        print(f"[peft_tsrs] {folder} has no completion marker (interrupted run?); pretraining again.", flush=True)
-    staging = base / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        staging.mkdir()
-        root_str = None if root is None else str(root)
-        _train(staging, classes, epochs, seed, max_train_examples, root_str, batch_size, lr, verbose, size, augment,
-               rotation_weight)
-        (staging / MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
-        if folder.exists():
-            shutil.rmtree(folder)
+        if folder.exists() and not (folder / MARKER).is_file() and verbose:
+            print(f"[peft_tsrs] {folder} has no completion marker (interrupted run?); pretraining again.", flush=True)
+        staging = base / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            os.replace(staging, folder)
-        except OSError:
-            if not (folder / MARKER).is_file():  # not a concurrent run finishing first
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            root_str = None if root is None else str(root)
+            _train(staging, classes, epochs, seed, max_train_examples, root_str, batch_size, lr, verbose, size, augment,
+                   rotation_weight)
+            (staging / MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+            if folder.exists():
+                shutil.rmtree(folder)
+            try:
+                os.replace(staging, folder)
+            except OSError:
+                if not (folder / MARKER).is_file():  # not a concurrent run finishing first
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return str(folder)
 
 
