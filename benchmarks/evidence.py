@@ -163,12 +163,13 @@ def _row(s: RunSpec, metrics: dict[str, Any]) -> dict[str, Any]:
 
 def _run_all(specs: Sequence[RunSpec], shard: tuple[int, int], runner: Optional[Callable[[RunSpec], dict[str, Any]]],
              runs: str) -> list[Optional[dict[str, Any]]]:
-    """Metrics of every spec: this shard's share first, then the rest (read, waited for or trained)."""
+    """Metrics of every spec: this shard's share first, then the rest nobody is training, then (waited for) the
+    runs other shards were still training. No shard waits while a run of the group is left to start."""
     index, count = shard
     ledger = ledger_for(runs)
     if runner is not None:
-        for s in specs[index::count]:
-            execute(s, runner, ledger=ledger)
+        for s in [*specs[index::count], *specs]:
+            execute(s, runner, ledger=ledger, wait=False)
     return [execute(s, runner, ledger=ledger) for s in specs]
 
 

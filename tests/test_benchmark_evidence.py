@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from benchmarks import evidence  # noqa: E402
 from benchmarks.ledger import _OPEN, ledger_for  # noqa: E402
+from benchmarks.generalization import running  # noqa: E402
 from benchmarks.generalization.grid import Setting  # noqa: E402
 from benchmarks.methods import EVIDENCE_BY_KEY, EVIDENCE_METHODS  # noqa: E402
 
@@ -123,6 +124,38 @@ def test_two_shards_split_the_runs_and_a_read_only_call_waits_for_none(tmp_path)
     evidence.run_group("wordnet", CLEAN, method, 20, shard=(0, 2), runner=first, runs=str(tmp_path))
     # the first shard trained its own half first, then the rest nobody else had started
     assert len(first.calls) == 23 and [s.seed for s in first.calls[:9]] == [0] * 9
+
+
+def test_a_shard_trains_the_runs_nobody_holds_before_waiting_for_a_held_one(tmp_path):
+    """The other shard still trains one selection run: this shard starts every other run of the group first, and
+    waits for the held one only at the end (then reads it, not trains it)."""
+    import threading
+
+    method = EVIDENCE_BY_KEY["lora"]
+    specs = [evidence.spec("wordnet", CLEAN, method, c, seed, 20, str(tmp_path))
+             for c in evidence.configs("wordnet", method) for seed in evidence.SELECT_SEEDS]
+    held, other = specs[1], Runner(lambda s: 0.5)
+    holding, release = threading.Event(), threading.Event()
+
+    def other_shard():
+        with running.run_lock(held.run_dir):
+            holding.set()
+            assert release.wait(20)
+            other(held)  # writes its metrics.json
+    thread = threading.Thread(target=other_shard)
+    thread.start()
+    assert holding.wait(10)
+    mine = Runner(lambda s: 0.4)
+
+    def train(s):  # the other shard finishes once this one has started every run nobody held
+        metrics = mine(s)
+        if len(mine.calls) == len(specs) - 1:
+            release.set()
+        return metrics
+    result = evidence._run_all(specs, (0, 2), train, str(tmp_path))
+    thread.join(10)
+    assert held.run_dir not in [s.run_dir for s in mine.calls] and len(mine.calls) == len(specs) - 1
+    assert result[1]["validation"]["accuracy"] == 0.5
 
 
 def _wipe_run_folders(runs):

@@ -739,3 +739,20 @@ def test_merged_meta_drops_a_call_once_all_its_groups_were_written_again():
     assert gen_results.merged_meta(now, earlier, {("wordnet", 8, 0.0, "lora+tsrs")})["earlier_calls"] == [foreign, b]
     # a command that does not parse goes only when this call repeats it
     assert gen_results.merged_meta({"command": "first call"}, earlier, set())["earlier_calls"] == [a, b]
+
+
+def test_a_run_another_process_trains_is_skipped_without_waiting_when_asked(tmp_path):
+    """``wait=False`` (a grid shard looking for work): a locked run gives ``None`` at once, and is not trained."""
+    from peft_tsrs.app.locking import LockBusy, exclusive
+
+    spec = grid.spec_for(str(tmp_path), grid.TASKS["wordnet"], grid.Setting(8), METHOD["lora"], 0.01, (), 0,
+                         "select")
+    runner = FakeRunner()
+    with running.run_lock(spec.run_dir):
+        with pytest.raises(LockBusy):
+            with exclusive(f"{spec.run_dir}.lock", wait=False):
+                pass
+        assert running.execute(spec, runner, log=lambda _: None, wait=False) is None
+    assert runner.calls == []
+    assert running.execute(spec, runner, log=lambda _: None, wait=False) is not None  # free now: trained
+    assert runner.calls == [spec.run_dir]

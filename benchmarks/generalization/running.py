@@ -10,7 +10,7 @@ import shutil
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from peft_tsrs.app.locking import exclusive
+from peft_tsrs.app.locking import LockBusy, exclusive
 
 from .. import ROOT
 from ..ledger import Ledger
@@ -38,19 +38,21 @@ def default_runner(spec: RunSpec, keep_adapter: bool = False) -> dict[str, Any]:
     return metrics
 
 
-def run_lock(run_dir: str) -> contextlib.AbstractContextManager[None]:
+def run_lock(run_dir: str, wait: bool = True) -> contextlib.AbstractContextManager[None]:
     """The exclusive lock of one run folder (``<run_dir>.lock``) against other processes sharing ``--runs``: two
     calls split with ``--seeds`` both need seed 0, and without the lock both would train it into the same folder, or
     one would delete the other's unfinished folder as an interrupted run."""
-    return exclusive(f"{run_dir}.lock")
+    return exclusive(f"{run_dir}.lock", wait=wait)
 
 
 def execute(spec: RunSpec, runner: Optional[Callable[[RunSpec], dict[str, Any]]] = default_runner,
-            log: Callable[[str], None] = print, ledger: Optional[Ledger] = None) -> Optional[dict[str, Any]]:
+            log: Callable[[str], None] = print, ledger: Optional[Ledger] = None,
+            wait: bool = True) -> Optional[dict[str, Any]]:
     """The metrics of ``spec``: read from its folder if it finished before (resume), else from ``ledger`` (the
     committed record, for a machine without the folder), else run it with ``runner`` (``None``: report only, an
     unfinished run gives ``None``). A run another process is training is waited for (:func:`run_lock`) and then
-    read, not run twice. A finished run is recorded in ``ledger``."""
+    read, not run twice (``wait=False``: skipped, ``None``, so a grid shard can train another run meanwhile). A
+    finished run is recorded in ``ledger``."""
     metrics = load_metrics(spec.run_dir)
     if metrics is None and ledger is not None:
         metrics = ledger.get(spec.run_dir)
@@ -58,8 +60,11 @@ def execute(spec: RunSpec, runner: Optional[Callable[[RunSpec], dict[str, Any]]]
         ledger.add(spec.run_dir, metrics)  # finished before the ledger knew it
     if metrics is not None or runner is None:
         return metrics
-    with run_lock(spec.run_dir):
-        metrics = _run_locked(spec, runner, log)
+    try:
+        with run_lock(spec.run_dir, wait=wait):
+            metrics = _run_locked(spec, runner, log)
+    except LockBusy:
+        return None
     if ledger is not None:
         ledger.add(spec.run_dir, metrics)
     return metrics

@@ -7,11 +7,15 @@ import os
 from typing import Iterator
 
 
+class LockBusy(Exception):
+    """Raised by ``exclusive(path, wait=False)`` when another process holds the lock."""
+
+
 @contextlib.contextmanager
-def exclusive(path: str | os.PathLike) -> Iterator[None]:
+def exclusive(path: str | os.PathLike, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive ``flock`` on the file ``path`` (created if missing) for the block. Another process (or
-    thread) asking for it waits; the lock is released when the block ends or the process dies. No-op where ``fcntl``
-    is missing (Windows)."""
+    thread) asking for it waits (``wait=False``: gets :class:`LockBusy` at once instead); the lock is released when
+    the block ends or the process dies. No-op where ``fcntl`` is missing (Windows)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
@@ -19,7 +23,10 @@ def exclusive(path: str | os.PathLike) -> Iterator[None]:
         return
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LockBusy(str(path)) from None
         try:
             yield
         finally:
