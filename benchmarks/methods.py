@@ -208,6 +208,10 @@ EVIDENCE_METHODS: tuple[Method, ...] = (
     # "RLRR ≥ LoRA at equal parameters" (LoRA r8 trains about 5× RLRR's parameters)
     *(replace(_G["lora"], key=f"lora-r{r}", label=f"LoRA r{r}", overrides=(f"adapter.r={r}", f"adapter.lora_alpha={2 * r}"))
       for r in (1, 2)),
+    # RLRR as the official ViT code runs it: SSF scale/shift after every LayerNorm and the patch embedding, or the
+    # official Kaiming init of L and R (step 0 is not the pretrained model)
+    replace(_G["rlrr"], key="rlrr+ssf", label="RLRR r1 + SSF", overrides=("adapter.ssf=true",)),
+    replace(_G["rlrr"], key="rlrr-kaiming", label="RLRR r1, Kaiming init", overrides=("adapter.init_weights=kaiming",)),
     replace(_G["pace"], hparams=pace_grid("adapter.sigma")),
     Method("lora+pace", "LoRA + PACE", ("lora_pace.yaml",), counterpart="lora",
            hparams=pace_grid("regularizers.pace_sigma"),

@@ -335,9 +335,10 @@ def test_an_ablation_trains_the_final_seeds_at_its_methods_choice_with_one_term_
     group = evidence.run_ablation("wordnet", setting, ablation, 30, runner=runner, runs=str(tmp_path))
     assert [s.seed for s in runner.calls] == list(evidence.FINAL_SEEDS)
     assert group["selected"] == {"lr": chosen.lr, "hparams": list(chosen.hparams)} and group["counterpart"] == parent.key
-    full = load_recipe(list(evidence.spec("wordnet", setting, parent, chosen, 10, 30).files),
-                       list(evidence.spec("wordnet", setting, parent, chosen, 10, 30).overrides)).regularizers
-    off = load_recipe(list(runner.calls[0].files), list(runner.calls[0].overrides)).regularizers
+    parent_spec = evidence.spec("wordnet", setting, parent, chosen, 10, 30)
+    full = load_recipe(list(parent_spec.files), list(parent_spec.overrides))
+    off = load_recipe(list(runner.calls[0].files), list(runner.calls[0].overrides))
+    full, off = full.regularizers, off.regularizers
     changed = {f for f in vars(full) if getattr(full, f) != getattr(off, f)}
     assert changed == {o.split("=")[0].split(".")[1] for o in ablation.overrides}
     assert all(getattr(off, f) in (0, None) for f in changed) and all(getattr(full, f) not in (0, None) for f in changed)
@@ -352,6 +353,28 @@ def test_an_ablation_is_compared_with_its_method_and_the_methods_counterpart(tmp
              for c in json.loads((tmp_path / "evidence.json").read_text())["comparisons"]}
     assert pairs == {("full+tsrs", "full"): 0.1, ("full+tsrs-no-bss", "full+tsrs"): -0.05,
                      ("full+tsrs-no-bss", "full"): 0.05}
+
+
+def test_rlrr_as_the_official_vit_code_runs_it_is_searched_like_a_base_and_compared_with_rlrr_and_lora(tmp_path):
+    from peft_tsrs.app.recipes import load_recipe
+
+    fmnist_clean = [(s.key, k) for t, s, k in evidence.PLAN if t == "fmnist" and k in ("rlrr+ssf", "rlrr-kaiming")]
+    assert fmnist_clean == [(s, k) for s in ("8shot-noise0", "32shot-noise0") for k in ("rlrr+ssf", "rlrr-kaiming")]
+    rlrr, ssf, kaiming = (EVIDENCE_BY_KEY[k] for k in ("rlrr", "rlrr+ssf", "rlrr-kaiming"))
+    assert evidence.configs("fmnist", ssf) == evidence.configs("fmnist", rlrr)  # the same 9 learning rates
+    for method, option in ((ssf, {"ssf": True}), (kaiming, {"init_weights": "kaiming"})):
+        s = evidence.spec("fmnist", CLEAN, method, evidence.configs("fmnist", method)[0], 10, 40)
+        plain = evidence.spec("fmnist", CLEAN, rlrr, evidence.configs("fmnist", rlrr)[0], 10, 40)
+        options, base = (load_recipe(list(x.files), list(x.overrides)).adapter.options for x in (s, plain))
+        assert {k: v for k, v in options.items() if base.get(k) != v} == option
+    groups = [_group("lora", None, [0.6] * 5), _group("lora-r1", None, [0.58] * 5), _group("rlrr", None, [0.5] * 5),
+              _group("rlrr+ssf", None, [0.55] * 5)]
+    evidence.write(groups, out=str(tmp_path))
+    pairs = {(c["method"], c["counterpart"]): round(c["diff_mean"], 6)
+             for c in json.loads((tmp_path / "evidence.json").read_text())["comparisons"]}
+    assert pairs[("rlrr+ssf", "rlrr")] == 0.05 and pairs[("rlrr+ssf", "lora")] == -0.05
+    assert pairs[("rlrr+ssf", "lora-r1")] == -0.03
+
 
 
 def test_a_top_edge_choice_is_checked_one_grid_step_further_without_changing_the_selection(tmp_path):
