@@ -97,3 +97,20 @@ def test_a_new_machine_rebuilds_the_committed_budget_from_the_ledger_alone(tmp_p
     budget.write(rows, data["target_train_accuracy"], out=str(tmp_path))
     with open(committed, "rb") as fh:
         assert (tmp_path / "budget.json").read_bytes() == fh.read()
+
+
+def test_a_call_for_one_task_keeps_the_other_tasks_budgets(tmp_path, monkeypatch):
+    """`budget --tasks wordnet` rewrites budget.json: Fashion-MNIST's finished ladders (read from the ledger) stay in
+    it, so the evidence grid keeps their budgets."""
+    from benchmarks.ledger import _OPEN
+
+    committed = os.path.join(budget.OUT, "budget.json")
+    monkeypatch.setattr(budget, "RUNS", str(tmp_path / "runs"))
+    monkeypatch.setattr(budget, "OUT", str(tmp_path / "out"))
+    _OPEN.clear()
+    with open(committed) as fh:
+        data = json.load(fh)
+    budget.restore_ledger(committed)
+    assert budget.main(["--tasks", "wordnet", "--report"]) == 0
+    written = json.loads((tmp_path / "out" / "budget.json").read_text())
+    assert written["budgets"] == data["budgets"] and written["runs"] == data["runs"]

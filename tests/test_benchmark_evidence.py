@@ -358,8 +358,9 @@ def test_an_ablation_is_compared_with_its_method_and_the_methods_counterpart(tmp
 def test_rlrr_as_the_official_vit_code_runs_it_is_searched_like_a_base_and_compared_with_rlrr_and_lora(tmp_path):
     from peft_tsrs.app.recipes import load_recipe
 
-    fmnist_clean = [(s.key, k) for t, s, k in evidence.PLAN if t == "fmnist" and k in ("rlrr+ssf", "rlrr-kaiming")]
-    assert fmnist_clean == [(s, k) for s in ("8shot-noise0", "32shot-noise0") for k in ("rlrr+ssf", "rlrr-kaiming")]
+    official = [(t, s.key, k) for t, s, k in evidence.PLAN if k in ("rlrr+ssf", "rlrr-kaiming")]
+    assert official == [("wordnet", "8shot-noise0", "rlrr-kaiming")] + [
+        ("fmnist", s, k) for s in ("8shot-noise0", "32shot-noise0") for k in ("rlrr+ssf", "rlrr-kaiming")]
     rlrr, ssf, kaiming = (EVIDENCE_BY_KEY[k] for k in ("rlrr", "rlrr+ssf", "rlrr-kaiming"))
     assert evidence.configs("fmnist", ssf) == evidence.configs("fmnist", rlrr)  # the same 9 learning rates
     for method, option in ((ssf, {"ssf": True}), (kaiming, {"init_weights": "kaiming"})):
