@@ -21,7 +21,7 @@ from peft_tsrs.app.recipes import deep_merge, parse_override
 
 from . import CONFIGS
 from .budget import SCHEDULE, V2_TASKS
-from .evidence import OUT
+from .evidence import BASE_COMPARISONS, OUT
 from .methods import EVIDENCE_BY_KEY, Method
 
 RECOMMENDED = os.path.join(CONFIGS, "methods", "recommended")
@@ -62,8 +62,9 @@ def _expectations(task: str, key: str, comparisons: Sequence[dict[str, Any]],
         test, _ = s["test_accuracy"]
         lines.append(f"#   {s['setting']}, {s['epochs']} epochs: test {100 * test:.1f} ± "
                      f"{100 * s['test_accuracy'][1]:.1f}%, {s['seconds_per_step'][0]:.3f} s/step (one thread)")
-        for c in comparisons:
-            if (c["task"], c["setting"], c["method"], c["counterpart"]) == (task, s["setting"], key, s["counterpart"]):
+        for c in comparisons:  # against its counterpart, and a base against the bases it is compared with
+            if (c["task"], c["setting"], c["method"]) == (task, s["setting"], key) and (
+                    c["counterpart"] == s["counterpart"] or (key, c["counterpart"]) in BASE_COMPARISONS):
                 lines.append(f"#     vs {c['counterpart']}: {100 * c['diff_mean']:+.1f} ± {100 * c['diff_std']:.1f} "
                              f"points (p {c['p_t']:.2f}, {c['wins']} wins / {c['losses']} losses)")
     return lines

@@ -446,3 +446,17 @@ def test_what_to_expect_lists_each_method_against_its_counterpart_with_gain_regi
     table = recommend.expectations(json.loads((tmp_path / "evidence.json").read_text()))
     rows = [line for line in table.splitlines() if line.startswith("| wordnet")]
     assert rows == ["| wordnet | 8shot-noise0 | lora+pace | lora | -2.0 ± 3.2 | 0.230 | 1 / 3 | 98.0 | 1.50 |"]
+
+
+def test_a_bases_recommended_recipe_names_its_comparisons_with_the_other_bases(tmp_path):
+    from benchmarks import recommend
+
+    groups = [_group("lora", None, [0.6] * 5), _group("rlrr", None, [0.5] * 5),
+              _group("rlrr-kaiming", None, [0.55, 0.56, 0.57, 0.58, 0.59])]
+    for g in groups:
+        g["selection"] = [{"lr": 0.01, "hparams": [], "validation_accuracy": 0.5}]
+    evidence.write(groups, out=str(tmp_path))
+    recommend.write(json.loads((tmp_path / "evidence.json").read_text()), str(tmp_path / "recommended"))
+    text = (tmp_path / "recommended" / "wordnet" / recommend.file_name("rlrr-kaiming")).read_text()
+    assert "#     vs rlrr: +7.0 ± 1.6 points" in text and "#     vs lora: -3.0 ± 1.6 points" in text
+    assert "adapter:\n  init_weights: kaiming" in text
