@@ -65,7 +65,8 @@ PLAN: tuple[tuple[str, Setting, str], ...] = tuple(
 # full fine-tuning, and RLRR against LoRA at ranks 1 and 2, which bracket its trainable parameter count; the summary
 # gives each one's)
 BASE_COMPARISONS = (("rlrr", "lora"), ("rlrr", "full"), ("lora", "full"), ("rlrr", "lora-r1"), ("rlrr", "lora-r2"),
-                    *((variant, other) for variant in _OFFICIAL_RLRR["fmnist"] for other in ("rlrr", "lora", "lora-r1")))
+                    *((variant, other) for variant in _OFFICIAL_RLRR["fmnist"]
+                      for other in ("rlrr", "lora", "lora-r1", "lora-r2")))
 
 
 @dataclass(frozen=True)
