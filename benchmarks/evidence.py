@@ -219,13 +219,15 @@ def run_group(task: str, setting: Setting, method: Method, epochs: int, shard: t
 def edge_check(task: str, setting: Setting, method: Method, group: dict[str, Any], epochs: int,
                shard: tuple[int, int], runner: Optional[Callable[[RunSpec], dict[str, Any]]],
                runs: str) -> Optional[dict[str, Any]]:
-    """When the selected learning rate is the top of the grid: the selection seeds one grid step further up, at the
-    selected knob point. A diagnosis only (the selection keeps the equal budget): it says whether the method's
-    optimum lay beyond the searched range. ``None`` when not at the top edge, or while its runs are unfinished."""
-    if lr_edge(group) != "high":
+    """When the selected learning rate is an edge of the grid: the selection seeds one grid step beyond it (up from
+    the top, down from the bottom), at the selected knob point. A diagnosis only (the selection keeps the equal
+    budget): it says whether the method's optimum lay beyond the searched range. ``None`` for an interior choice,
+    or while its runs are unfinished."""
+    edge = lr_edge(group)
+    if edge is None:
         return None
     lrs = sorted({r["lr"] for r in group["selection"]})
-    beyond = float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}")
+    beyond = float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}" if edge == "high" else f"{lrs[0] * lrs[0] / lrs[1]:.3g}")
     chosen = Config(group["selected"]["lr"], tuple(group["selected"]["hparams"]))
     specs = [spec(task, setting, method, replace(chosen, lr=beyond), seed, epochs, runs) for seed in SELECT_SEEDS]
     results = _run_all(specs, shard, runner, runs)
@@ -336,8 +338,9 @@ def markdown(summaries: Sequence[dict[str, Any]], comparisons: Sequence[dict[str
                      f"{s['peak_memory_mb'][0]:.0f} |")
     checked = [s for s in summaries if s.get("edge_check")]
     if checked:
-        lines += ["", "Edge checks (↑ groups): the selection seeds one grid step above the top, at the selected knob "
-                  "point — whether the optimum lay beyond the range (a diagnosis; the selection is not changed):", "",
+        lines += ["", "Edge checks (↑ / ↓ groups): the selection seeds one grid step beyond the edge, at the selected "
+                  "knob point — whether the optimum lay beyond the range (a diagnosis; the selection is not changed):",
+                  "",
                   "| task | setting | method | selected lr | val acc there | next lr | val acc there |",
                   "|---|---|---|---|---|---|---|"]
         for s in checked:

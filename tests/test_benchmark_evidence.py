@@ -116,7 +116,7 @@ def test_selection_uses_the_mean_of_both_seeds_then_trains_the_fresh_seeds_once(
 def test_two_shards_split_the_runs_and_a_read_only_call_waits_for_none(tmp_path):
     method = EVIDENCE_BY_KEY["rlrr+tsrs"]
     assert evidence.run_group("wordnet", CLEAN, method, 20, runner=None, runs=str(tmp_path)) is None
-    first = Runner(lambda s: 0.5)
+    first = Runner(lambda s: 0.6 if s.lr == evidence.centre_lr("wordnet", method) else 0.5)  # no edge check
     evidence._run_all([evidence.spec("wordnet", CLEAN, method, c, seed, 20, str(tmp_path))
                        for c in evidence.configs("wordnet", method) for seed in evidence.SELECT_SEEDS], (0, 2), None,
                       str(tmp_path))
@@ -377,8 +377,7 @@ def test_rlrr_as_the_official_vit_code_runs_it_is_searched_like_a_base_and_compa
     assert pairs[("rlrr+ssf", "lora-r1")] == -0.03
 
 
-
-def test_a_top_edge_choice_is_checked_one_grid_step_further_without_changing_the_selection(tmp_path):
+def test_an_edge_choice_is_checked_one_grid_step_further_without_changing_the_selection(tmp_path):
     method = EVIDENCE_BY_KEY["rlrr+tsrs"]
     candidates = evidence.configs("wordnet", method)
     top = max(c.lr for c in candidates)
@@ -394,6 +393,12 @@ def test_a_top_edge_choice_is_checked_one_grid_step_further_without_changing_the
     evidence.write([group], out=str(tmp_path / "out"))
     assert f"| wordnet | 8shot-noise0 | rlrr+tsrs | {top:.3g} | 80.0 | {beyond:.3g} | 95.0 |" in \
         (tmp_path / "out" / "evidence.md").read_text()
+    # a bottom-edge choice is checked one step further down
+    low = Runner(lambda s: 0.9 if s.lr == min(c.lr for c in candidates) else 0.3)
+    group = evidence.run_group("wordnet", CLEAN, method, 20, runner=low, runs=str(tmp_path / "low"))
+    lrs = sorted({c.lr for c in candidates})
+    assert group["edge_check"]["lr"] == pytest.approx(lrs[0] * lrs[0] / lrs[1], rel=1e-2)
+    assert len(low.calls) == 23 + 2
     # an interior choice is not checked
     inner = Runner(lambda s: 0.9 if s.lr == candidates[1].lr else 0.3)
     assert "edge_check" not in evidence.run_group("wordnet", CLEAN, method, 20, runner=inner, runs=str(tmp_path / "b"))
