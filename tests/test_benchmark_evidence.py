@@ -91,8 +91,10 @@ class Runner:
         self.calls.append(spec)
         metrics = _metrics(self.val(spec), 0.5 + 0.01 * spec.seed)
         os.makedirs(spec.run_dir, exist_ok=True)
-        with open(os.path.join(spec.run_dir, "metrics.json"), "w") as fh:
+        path = os.path.join(spec.run_dir, "metrics.json")
+        with open(f"{path}.tmp", "w") as fh:  # whole or absent, as a real run folder appears (renamed when done)
             json.dump(metrics, fh)
+        os.replace(f"{path}.tmp", path)
         return metrics
 
 
