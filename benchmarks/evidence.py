@@ -65,7 +65,7 @@ PLAN: tuple[tuple[str, Setting, str], ...] = tuple(
 # full fine-tuning, and RLRR against LoRA at ranks 1 and 2, which bracket its trainable parameter count; the summary
 # gives each one's)
 BASE_COMPARISONS = (("rlrr", "lora"), ("rlrr", "full"), ("lora", "full"), ("rlrr", "lora-r1"), ("rlrr", "lora-r2"),
-                    *((variant, other) for variant in _OFFICIAL_RLRR["fmnist"]
+                    *((variant, other) for variant in dict.fromkeys(v for vs in _OFFICIAL_RLRR.values() for v in vs)
                       for other in ("rlrr", "lora", "lora-r1", "lora-r2")))
 
 
@@ -227,7 +227,8 @@ def edge_check(task: str, setting: Setting, method: Method, group: dict[str, Any
     if edge is None:
         return None
     lrs = sorted({r["lr"] for r in group["selection"]})
-    beyond = float(f"{lrs[-1] * lrs[-1] / lrs[-2]:.3g}" if edge == "high" else f"{lrs[0] * lrs[0] / lrs[1]:.3g}")
+    end, next_in = (lrs[-1], lrs[-2]) if edge == "high" else (lrs[0], lrs[1])
+    beyond = float(f"{end * end / next_in:.3g}")  # one grid step past the edge
     chosen = Config(group["selected"]["lr"], tuple(group["selected"]["hparams"]))
     specs = [spec(task, setting, method, replace(chosen, lr=beyond), seed, epochs, runs) for seed in SELECT_SEEDS]
     results = _run_all(specs, shard, runner, runs)
