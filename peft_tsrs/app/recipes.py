@@ -306,7 +306,7 @@ class TrainSpec:
 
     epochs: float = 10.0
     batch_size: int = 16
-    eval_batch_size: int = 128
+    eval_batch_size: int = 64
     learning_rate: float = 1e-2  # chosen on WordNet validation among 1e-3, 5e-3, 1e-2, 2e-2 (RLRR, 8 shots)
     weight_decay: float = 0.0
     warmup_ratio: float = 0.1

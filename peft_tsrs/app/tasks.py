@@ -39,6 +39,7 @@ from .data import (
     minilm_path,
     pretrained_fmnist_vit,
     smollm2_path,
+    sort_by_length,
     tokenize_chat,
     tokenize_dataset,
 )
@@ -110,6 +111,8 @@ def build_wordnet(recipe: Recipe) -> TaskData:
     with _loading(recipe, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(path, **load_kwargs(recipe))
     splits = tokenize_dataset(splits, tokenizer, max_length=task.max_length, padding=False)
+    for name in ("validation", "test"):  # evaluation 2-3x faster, same metrics; the training order is the sampler's
+        splits[name] = sort_by_length(splits[name])
     return TaskData(splits, names, DataCollatorWithPadding(tokenizer), path, tokenizer,
                     model_id=base_model_id(recipe, path))
 

@@ -4,7 +4,8 @@ Fashion-MNIST (images), few-shot splits, label noise, and the Fashion-MNIST ViT 
 from .fashion_mnist import FASHION_MNIST_CLASSES, load_fashion_mnist, read_fashion_mnist
 from .splits import encode_labels, few_shot_split, flip_labels
 from .chat import IGNORE_INDEX, ChatCollator, ChatFormat, tokenize_chat
-from .text import SMOLLM2_GGUF, load_smollm2, minilm_path, smollm2_path, tokenize_dataset, trainable_gguf
+from .text import (SMOLLM2_GGUF, load_smollm2, minilm_path, smollm2_path, sort_by_length, tokenize_dataset,
+                   trainable_gguf)
 from .vit_pretrain import pretrained_fmnist_vit
 from .wordnet import NOUN_CATEGORIES, category_name, load_wordnet_nouns
 
@@ -23,6 +24,7 @@ __all__ = [
     "load_wordnet_nouns",
     "minilm_path",
     "smollm2_path",
+    "sort_by_length",
     "load_smollm2",
     "trainable_gguf",
     "pretrained_fmnist_vit",

