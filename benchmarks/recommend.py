@@ -82,10 +82,10 @@ def render(task: str, method: Method, groups: Sequence[dict[str, Any]], evidence
         "# What to expect (5 fresh seeds at each setting's own selected configuration;",
         "# benchmarks/results/v2/evidence.md):",
         *_expectations(task, method.key, evidence["comparisons"], evidence["summaries"]),
-        "# Run it with the setting's epoch budget (above):",
+        f"# Run it with your setting's epoch budget (above; here {groups[0]['setting']}'s):",
         f"#   peft-tsrs train configs/tasks/{task_spec.file} \\",
         f"#     configs/methods/recommended/{task}/{file_name(method.key)} \\",
-        "#     --override training.epochs=80" + "".join(f" {o}" for o in task_spec.overrides),
+        f"#     --override training.epochs={groups[0]['epochs']}" + "".join(f" {o}" for o in task_spec.overrides),
     ]
     body = yaml.safe_dump(recipe_dict(task, method, lr, hparams), sort_keys=False, default_flow_style=False)
     return "\n".join(header) + "\n" + body

@@ -410,7 +410,7 @@ def test_an_edge_choice_is_checked_one_grid_step_further_without_changing_the_se
 def _finished(method, lr_val):
     """A finished group of ``method`` on wordnet, 8 shots clean, whose selection runs score ``lr_val(config)``."""
     return {"task": "wordnet", "setting": "8shot-noise0", "method": method.key, "counterpart": method.counterpart,
-            "selection": [{"lr": c.lr, "hparams": list(c.hparams), "validation_accuracy": lr_val(c)}
+            "epochs": 20, "selection": [{"lr": c.lr, "hparams": list(c.hparams), "validation_accuracy": lr_val(c)}
                           for c in evidence.configs("wordnet", method) for _ in evidence.SELECT_SEEDS]}
 
 
@@ -432,6 +432,7 @@ def test_the_recommended_recipe_is_the_best_mean_validation_over_settings_and_re
         "select_seeds": [0, 1], "summaries": [], "comparisons": []}))
     # the file stands in for the method's files: same adapter, regularizers, learning rate and schedule as the grid
     # run at that configuration (its base path resolves from configs/methods/recommended/<task>/)
+    assert "--override training.epochs=20" in path.read_text()  # the task's budget, not another task's
     text = path.read_text().replace("base: ../../", f"base: {os.path.join(evidence.ROOT, 'configs', 'methods')}/")
     path.write_text(text)
     s = evidence.spec("wordnet", CLEAN, method, b, 10, 20, runs="/tmp/unused")
