@@ -340,7 +340,8 @@ def test_wordnet_task_sorts_the_evaluation_splits_only():
     for name in ("validation", "test"):
         lengths = [len(ids) for ids in data.splits[name]["input_ids"]]
         assert lengths == sorted(lengths) and len(set(lengths)) > 1
-        rows = zip(data.processor(list(splits[name]["text"]), truncation=True, max_length=64)["input_ids"],
+        rows = zip(data.processor(list(splits[name]["text"]), truncation=True,
+                                  max_length=recipe.task.max_length)["input_ids"],
                    splits[name]["label"])
         assert sorted(zip(map(tuple, data.splits[name]["input_ids"]), data.splits[name]["label"])) == sorted(
             (tuple(ids), label) for ids, label in rows)  # same rows
